@@ -1,0 +1,196 @@
+//! The one error type of the crate.
+//!
+//! Every error says *what* was wrong and *what was expected*: the variable and its value, the fd
+//! number, the address, the path of the new binary. The kinds are private so that cases can be
+//! added without breaking users; [`Error::kind`] gives a coarse, stable classification.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::io;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+/// An error from acquiring listeners, serving, or restarting.
+///
+/// Convert it into an [`io::Error`] with `From` when a function of yours returns `io::Result`.
+#[derive(Debug)]
+pub struct Error {
+    inner: Inner,
+}
+
+/// A coarse classification of an [`Error`], stable across versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A `LISTEN_*` variable, or another variable of the systemd protocols, is malformed.
+    Environment,
+    /// An inherited file descriptor is not what the protocol promised (not open, not a
+    /// socket, not listening, wrong type or family).
+    InheritedFd,
+    /// Binding the configured address failed.
+    Bind,
+    /// Registering a signal handler failed (for example a forbidden signal like `SIGKILL`).
+    Signal,
+    /// Any other I/O error.
+    Io,
+}
+
+#[derive(Debug)]
+pub(crate) enum Inner {
+    /// An environment variable has a value that cannot be used.
+    BadVar {
+        var: &'static str,
+        value: OsString,
+        expected: &'static str,
+    },
+    /// The fd named by `LISTEN_FDS` is unusable.
+    BadFd {
+        fd: RawFd,
+        name: String,
+        problem: String,
+    },
+    Bind {
+        addr: String,
+        source: io::Error,
+    },
+    Signal {
+        signal: i32,
+        source: io::Error,
+    },
+    Io {
+        context: &'static str,
+        source: io::Error,
+    },
+}
+
+/// Why a restart did not hand over. Not an [`Error`]: a failed restart is logged and reported
+/// in `STATUS=`, and serving carries on.
+#[derive(Debug)]
+pub(crate) enum RestartFailure {
+    /// `execve` (or the preparation around it) failed: missing, not executable, ...
+    Spawn { exe: PathBuf, source: io::Error },
+    /// The child exited before it reported `READY=1`.
+    Exited { pid: u32, status: String },
+    /// The child did not report `READY=1` in time.
+    Timeout { pid: u32, after: std::time::Duration },
+    /// A close signal arrived while the child was starting.
+    Cancelled { pid: u32 },
+    /// Something around the hand-off itself failed (socket, pidfd, ...).
+    Io {
+        context: &'static str,
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn new(inner: Inner) -> Error {
+        Error { inner }
+    }
+
+    pub(crate) fn bad_var(var: &'static str, value: impl Into<OsString>, expected: &'static str) -> Error {
+        Error::new(Inner::BadVar {
+            var,
+            value: value.into(),
+            expected,
+        })
+    }
+
+    pub(crate) fn io(context: &'static str, source: io::Error) -> Error {
+        Error::new(Inner::Io { context, source })
+    }
+
+    /// The coarse kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self.inner {
+            Inner::BadVar { .. } => ErrorKind::Environment,
+            Inner::BadFd { .. } => ErrorKind::InheritedFd,
+            Inner::Bind { .. } => ErrorKind::Bind,
+            Inner::Signal { .. } => ErrorKind::Signal,
+            Inner::Io { .. } => ErrorKind::Io,
+        }
+    }
+
+    /// The environment variable this error is about, if any.
+    pub fn variable(&self) -> Option<&'static str> {
+        match self.inner {
+            Inner::BadVar { var, .. } => Some(var),
+            _ => None,
+        }
+    }
+
+    /// The inherited file descriptor this error is about, if any.
+    pub fn fd(&self) -> Option<RawFd> {
+        match self.inner {
+            Inner::BadFd { fd, .. } => Some(fd),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.inner {
+            Inner::BadVar {
+                var,
+                value,
+                expected,
+            } => write!(f, "{var}={value:?} is malformed: expected {expected}"),
+            Inner::BadFd { fd, name, problem } => write!(
+                f,
+                "inherited fd {fd} (LISTEN_FDNAMES name {name:?}) {problem}"
+            ),
+            Inner::Bind { addr, source } => write!(f, "could not bind {addr}: {source}"),
+            Inner::Signal { signal, source } => {
+                write!(f, "could not listen for signal {signal}: {source}")
+            }
+            Inner::Io { context, source } => write!(f, "{context}: {source}"),
+        }
+    }
+}
+
+impl fmt::Display for RestartFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RestartFailure::Spawn { exe, source } => {
+                write!(f, "could not execute the new binary {}: {source}", exe.display())
+            }
+            RestartFailure::Exited { pid, status } => {
+                write!(f, "new process {pid} {status} before it reported READY=1")
+            }
+            RestartFailure::Timeout { pid, after } => write!(
+                f,
+                "new process {pid} did not report READY=1 within {after:?}; it was killed"
+            ),
+            RestartFailure::Cancelled { pid } => write!(
+                f,
+                "a close signal arrived while new process {pid} was starting; it was killed"
+            ),
+            RestartFailure::Io { context, source } => write!(f, "{context}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.inner {
+            Inner::Bind { source, .. } | Inner::Signal { source, .. } | Inner::Io { source, .. } => {
+                Some(source)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(err: Error) -> io::Error {
+        let kind = match err.kind() {
+            ErrorKind::Environment | ErrorKind::InheritedFd => io::ErrorKind::InvalidInput,
+            ErrorKind::Bind => match &err.inner {
+                Inner::Bind { source, .. } => source.kind(),
+                _ => io::ErrorKind::Other,
+            },
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, err)
+    }
+}

@@ -1,0 +1,66 @@
+//! Zero-downtime restarts and graceful shutdown for tokio/hyper servers, the systemd way.
+//!
+//! `handover` serves any `tower` service (an `axum::Router`, a `tower::service_fn`) over
+//! HTTP/1.1 and HTTP/2 on listeners it gets through systemd's socket-activation protocol
+//! (`LISTEN_FDS`), or binds itself when there are none. It tells the service manager what it is
+//! doing with `sd_notify` (`READY=1`, `RELOADING=1`, `STOPPING=1`, `MAINPID=`, `STATUS=`).
+//!
+//! - **Shutdown** (`SIGINT`, `SIGTERM`; configurable): stop accepting, run the shutdown hooks in
+//!   registration order, let in-flight requests finish, and return only once the last
+//!   connection is closed (or cut at the deadline, 5 s by default).
+//! - **Restart** (`SIGUSR1`, `SIGUSR2`; configurable): start the new binary with the very same
+//!   listening sockets, passed by the same `LISTEN_FDS` protocol systemd uses; keep serving
+//!   until it reports `READY=1`; then drain and exit. If the new binary is missing, crashes or
+//!   never becomes ready, it is killed and reaped and nothing changes for clients.
+//!
+//! # Example
+//! ```no_run
+//! use std::convert::Infallible;
+//!
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     // First, while the process has one thread: take the inherited listeners (or bind).
+//!     let listeners = handover::Listeners::from_env_or_bind("127.0.0.1:8877".parse()?)?;
+//!     let app = tower::service_fn(|_req| async {
+//!         Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
+//!             bytes::Bytes::from("Hello world"),
+//!         )))
+//!     });
+//!     let runtime = tokio::runtime::Runtime::new()?;
+//!     let shutdown = runtime.block_on(handover::serve(listeners, app).into_future())?;
+//!     eprintln!("server closed: {:?}", shutdown.reason);
+//!     Ok(())
+//! }
+//! # use std::future::IntoFuture;
+//! ```
+//!
+//! # Modules, in lifecycle order
+//! [`Listeners`] (acquire) → [`serve`] (accept, signals, notify) → restart (hand-off) →
+//! drain → hooks → [`Shutdown`] (exit). All `unsafe` code lives in one private module, `sys`.
+
+#![cfg(target_os = "linux")]
+
+mod drain;
+mod error;
+mod hooks;
+mod listen;
+mod notify;
+mod restart;
+mod serve;
+mod signals;
+mod startup;
+mod sys;
+
+pub use error::{Error, ErrorKind};
+pub use hooks::HooksReport;
+pub use listen::{Listener, Listeners, Origin};
+pub use serve::{Reason, Serve, Shutdown, serve};
+
+/// Signal numbers, for [`Serve::close_signals`] and [`Serve::restart_signals`].
+pub mod signal {
+    pub use signal_hook::consts::signal::{
+        SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH,
+    };
+}
+
+/// The error type services and bodies may return.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;

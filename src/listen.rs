@@ -1,0 +1,510 @@
+//! Acquire listeners: inherited through the `LISTEN_FDS` protocol, or bound.
+//!
+//! # The protocol, and where handover departs from `sd_listen_fds(3)`
+//! - `LISTEN_FDS=N`: the fds `3 .. 3+N` are listening sockets handed to us.
+//! - `LISTEN_PID`: if set, the variables are for that pid only; if it is not ours they are
+//!   ignored (they were meant for a parent that did not clear them). If it is **unset** the fds
+//!   are accepted, as the `listenfd` crate does, so that `systemfd --no-pid` works; systemd
+//!   itself always sets it.
+//! - `LISTEN_FDNAMES=a:b:...`: one name per fd (systemd's `FileDescriptorName=`). Unset means
+//!   every fd is named `unknown`, as in systemd.
+//! - `LISTEN_FDS_FIRST_FD`: an extension of `systemfd`; the first fd if not 3.
+//!
+//! Every fd in the range is set close-on-exec before anything else, so none leaks into
+//! programs the application starts, and each one is checked (open, a socket, `SOCK_STREAM`,
+//! listening, family INET/INET6/UNIX) before it is used. A malformed variable or a wrong fd is
+//! an [`Error`] naming the variable or fd and what was expected; nothing panics.
+//!
+//! The `listenfd` crate reads the same variables, but it ignores `LISTEN_FDNAMES`, removes the
+//! variables even when other threads exist, and does not check that a socket is listening;
+//! this module is the small part of it handover needs, done to those rules.
+
+use std::ffi::OsStr;
+use std::fmt;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+
+use crate::error::{Error, Inner};
+use crate::startup;
+use crate::sys::{self, StreamFamily};
+
+/// One listening socket: TCP (IPv4 or IPv6) or Unix stream.
+///
+/// A listener knows where it came from ([`Listener::origin`]) and its name (the
+/// `LISTEN_FDNAMES` entry, or the address it was bound to), which a restart passes on to the
+/// new process in `LISTEN_FDNAMES`.
+pub struct Listener {
+    pub(crate) socket: Socket,
+    name: String,
+    origin: Origin,
+}
+
+pub(crate) enum Socket {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// Where a [`Listener`] came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Origin {
+    /// Inherited through `LISTEN_FDS` (from systemd, systemfd, or a handover parent) at this fd.
+    Inherited {
+        /// The fd number it was inherited at.
+        fd: RawFd,
+    },
+    /// Bound by this process.
+    Bound,
+}
+
+impl Listener {
+    /// The name of the listener: its `LISTEN_FDNAMES` entry when inherited (`unknown` if the
+    /// manager gave none), otherwise the address it was bound to.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Where the listener came from.
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+
+    /// Renames the listener; the name is what a restart passes on in `LISTEN_FDNAMES`.
+    pub fn with_name(mut self, name: impl Into<String>) -> Listener {
+        self.name = name.into();
+        self
+    }
+
+    /// The local address, as `http://IP:PORT` or `unix:PATH`, for logs and `STATUS=`.
+    pub fn url(&self) -> String {
+        match &self.socket {
+            Socket::Tcp(l) => match l.local_addr() {
+                Ok(addr) => format!("http://{addr}"),
+                Err(_) => "http://?".to_string(),
+            },
+            Socket::Unix(l) => match l.local_addr() {
+                Ok(addr) => match addr.as_pathname() {
+                    Some(p) => format!("unix:{}", p.display()),
+                    None => "unix:(unnamed)".to_string(),
+                },
+                Err(_) => "unix:?".to_string(),
+            },
+        }
+    }
+
+    /// The local TCP address, if this is a TCP listener.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match &self.socket {
+            Socket::Tcp(l) => l.local_addr().ok(),
+            Socket::Unix(_) => None,
+        }
+    }
+
+    fn from_tcp(listener: TcpListener, origin: Origin) -> Result<Listener, Error> {
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::io("could not make a TCP listener non-blocking", e))?;
+        let name = match listener.local_addr() {
+            Ok(addr) => addr.to_string(),
+            Err(_) => "tcp".to_string(),
+        };
+        Ok(Listener {
+            socket: Socket::Tcp(listener),
+            name,
+            origin,
+        })
+    }
+
+    fn from_unix(listener: UnixListener, origin: Origin) -> Result<Listener, Error> {
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::io("could not make a Unix listener non-blocking", e))?;
+        let name = listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+            .unwrap_or_else(|| "unix".to_string());
+        Ok(Listener {
+            socket: Socket::Unix(listener),
+            name,
+            origin,
+        })
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match &self.socket {
+            Socket::Tcp(l) => l.as_fd(),
+            Socket::Unix(l) => l.as_fd(),
+        }
+    }
+}
+
+impl fmt::Debug for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Listener")
+            .field("url", &self.url())
+            .field("name", &self.name)
+            .field("origin", &self.origin)
+            .field("fd", &self.as_fd().as_raw_fd())
+            .finish()
+    }
+}
+
+impl TryFrom<TcpListener> for Listener {
+    type Error = Error;
+    /// Wraps a listener the application bound itself (made non-blocking here).
+    fn try_from(listener: TcpListener) -> Result<Listener, Error> {
+        Listener::from_tcp(listener, Origin::Bound)
+    }
+}
+
+impl TryFrom<UnixListener> for Listener {
+    type Error = Error;
+    /// Wraps a listener the application bound itself (made non-blocking here).
+    fn try_from(listener: UnixListener) -> Result<Listener, Error> {
+        Listener::from_unix(listener, Origin::Bound)
+    }
+}
+
+/// The set of listeners a server serves, and a restart hands over.
+///
+/// # Example
+/// ```no_run
+/// // Before the tokio runtime starts, so the LISTEN_* variables can be removed safely.
+/// let listeners = handover::Listeners::from_env_or_bind("127.0.0.1:8877".parse().unwrap())?;
+/// for l in listeners.iter() {
+///     println!("listening on {} ({:?})", l.url(), l.origin());
+/// }
+/// # Ok::<(), handover::Error>(())
+/// ```
+#[derive(Debug, Default)]
+pub struct Listeners {
+    list: Vec<Listener>,
+}
+
+impl Listeners {
+    /// Takes the listeners this process inherited through `LISTEN_FDS` (empty if none).
+    ///
+    /// Call it first thing in `main`, before a tokio runtime (or any thread) exists: then the
+    /// `LISTEN_*`, `NOTIFY_SOCKET` and `WATCHDOG_*` variables are also removed from the
+    /// environment, so programs the application starts do not misread them. Called later it
+    /// still works, but leaves the environment as it is (removing variables while other
+    /// threads run is unsound).
+    ///
+    /// The inherited fds can be taken once per process; later calls return an empty set.
+    ///
+    /// # Errors
+    /// A malformed `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES` or `LISTEN_FDS_FIRST_FD`, or an
+    /// inherited fd that is not a listening stream socket.
+    pub fn from_env() -> Result<Listeners, Error> {
+        let startup = startup::get();
+        if !startup.take_fds() {
+            return Ok(Listeners::default());
+        }
+        let Some(fds) = parse_env(&EnvValues {
+            fds: startup.listen_fds.as_deref(),
+            pid: startup.listen_pid.as_deref(),
+            names: startup.listen_fdnames.as_deref(),
+            first_fd: startup.listen_fds_first_fd.as_deref(),
+            our_pid: startup.pid,
+        })?
+        else {
+            return Ok(Listeners::default());
+        };
+        // Close-on-exec on the whole range first, so that an error on one fd leaks none.
+        for (fd, _) in &fds {
+            let _ = sys::set_cloexec_raw(*fd);
+        }
+        let mut list = Vec::with_capacity(fds.len());
+        for (fd, name) in fds {
+            let (owned, family) = sys::adopt_inherited(fd).map_err(|problem| {
+                Error::new(Inner::BadFd {
+                    fd,
+                    name: name.clone(),
+                    problem,
+                })
+            })?;
+            let origin = Origin::Inherited { fd };
+            let listener = match family {
+                StreamFamily::Inet => Listener::from_tcp(TcpListener::from(owned), origin)?,
+                StreamFamily::Unix => Listener::from_unix(UnixListener::from(owned), origin)?,
+            };
+            tracing::info!(fd, name = %name, url = %listener.url(), "inherited listener");
+            list.push(listener.with_name(name));
+        }
+        Ok(Listeners { list })
+    }
+
+    /// Binds a TCP listener on `addr`.
+    ///
+    /// # Errors
+    /// The error names the address and the reason (for example "Address already in use").
+    pub fn bind(addr: SocketAddr) -> Result<Listeners, Error> {
+        // Capture start-up state now, in case this is the first handover call.
+        let _ = startup::get();
+        let listener = TcpListener::bind(addr).map_err(|source| {
+            Error::new(Inner::Bind {
+                addr: addr.to_string(),
+                source,
+            })
+        })?;
+        let listener = Listener::from_tcp(listener, Origin::Bound)?;
+        tracing::info!(url = %listener.url(), "bound listener");
+        Ok(Listeners::from(listener))
+    }
+
+    /// Binds a Unix stream listener at `path`.
+    ///
+    /// # Errors
+    /// The error names the path and the reason.
+    pub fn bind_unix(path: impl AsRef<Path>) -> Result<Listeners, Error> {
+        let _ = startup::get();
+        let path = path.as_ref();
+        let listener = UnixListener::bind(path).map_err(|source| {
+            Error::new(Inner::Bind {
+                addr: format!("unix:{}", path.display()),
+                source,
+            })
+        })?;
+        let listener = Listener::from_unix(listener, Origin::Bound)?;
+        tracing::info!(url = %listener.url(), "bound listener");
+        Ok(Listeners::from(listener))
+    }
+
+    /// The inherited listeners if there are any, otherwise a TCP listener bound on `addr`:
+    /// the behaviour of the Go original's `ListenAndServe(addr)`, socket-activation aware.
+    ///
+    /// # Errors
+    /// As [`Listeners::from_env`] and [`Listeners::bind`].
+    pub fn from_env_or_bind(addr: SocketAddr) -> Result<Listeners, Error> {
+        let inherited = Listeners::from_env()?;
+        if inherited.is_empty() {
+            Listeners::bind(addr)
+        } else {
+            Ok(inherited)
+        }
+    }
+
+    /// Removes and returns the first listener named `name` (see [`Listener::name`]).
+    pub fn take(&mut self, name: &str) -> Option<Listener> {
+        let index = self.list.iter().position(|l| l.name == name)?;
+        Some(self.list.remove(index))
+    }
+
+    /// Adds a listener.
+    pub fn push(&mut self, listener: Listener) {
+        self.list.push(listener);
+    }
+
+    /// The listeners, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Listener> {
+        self.list.iter()
+    }
+
+    /// How many listeners there are.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    pub(crate) fn into_vec(self) -> Vec<Listener> {
+        self.list
+    }
+}
+
+impl From<Listener> for Listeners {
+    fn from(listener: Listener) -> Listeners {
+        Listeners {
+            list: vec![listener],
+        }
+    }
+}
+
+impl IntoIterator for Listeners {
+    type Item = Listener;
+    type IntoIter = std::vec::IntoIter<Listener>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.list.into_iter()
+    }
+}
+
+/// The raw values of the protocol variables, and our pid.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EnvValues<'a> {
+    pub(crate) fds: Option<&'a OsStr>,
+    pub(crate) pid: Option<&'a OsStr>,
+    pub(crate) names: Option<&'a OsStr>,
+    pub(crate) first_fd: Option<&'a OsStr>,
+    pub(crate) our_pid: u32,
+}
+
+/// Most fds the protocol may hand us; far above any real use, it bounds the work done on a
+/// hostile value.
+const MAX_LISTEN_FDS: u32 = 4096;
+
+/// Reads the protocol variables. `Ok(None)`: nothing is meant for us. `Ok(Some(list))`: the fd
+/// numbers and their names.
+pub(crate) fn parse_env(env: &EnvValues<'_>) -> Result<Option<Vec<(RawFd, String)>>, Error> {
+    let Some(fds_raw) = env.fds else {
+        return Ok(None);
+    };
+    if let Some(pid_raw) = env.pid {
+        let pid = parse_decimal(pid_raw)
+            .filter(|&p| p > 0)
+            .ok_or_else(|| Error::bad_var("LISTEN_PID", pid_raw, "a process id: decimal digits, > 0"))?;
+        if pid != env.our_pid {
+            tracing::info!(
+                listen_pid = pid,
+                our_pid = env.our_pid,
+                "LISTEN_PID is not our pid: the LISTEN_FDS fds are not meant for us; ignoring them"
+            );
+            return Ok(None);
+        }
+    }
+    let count = parse_decimal(fds_raw)
+        .filter(|&n| n <= MAX_LISTEN_FDS)
+        .ok_or_else(|| {
+            Error::bad_var("LISTEN_FDS", fds_raw, "a count of fds: decimal digits, at most 4096")
+        })?;
+    let first = match env.first_fd {
+        None => 3,
+        Some(raw) => parse_decimal(raw)
+            .filter(|&f| (3..=65536).contains(&f))
+            .ok_or_else(|| {
+                Error::bad_var(
+                    "LISTEN_FDS_FIRST_FD",
+                    raw,
+                    "an fd number from 3 (0-2 are stdio) to 65536",
+                )
+            })?,
+    };
+    let names: Vec<String> = match env.names {
+        None => vec!["unknown".to_string(); count as usize],
+        Some(raw) => {
+            let text = raw.to_str().ok_or_else(|| {
+                Error::bad_var("LISTEN_FDNAMES", raw, "colon-separated UTF-8 names")
+            })?;
+            let names: Vec<String> = if count == 0 && text.is_empty() {
+                Vec::new()
+            } else {
+                text.split(':').map(str::to_string).collect()
+            };
+            if names.len() != count as usize {
+                return Err(Error::bad_var(
+                    "LISTEN_FDNAMES",
+                    raw,
+                    "one colon-separated name per fd in LISTEN_FDS",
+                ));
+            }
+            names
+        }
+    };
+    if count == 0 {
+        return Ok(None);
+    }
+    // first <= 65536 and count <= 4096, so these fit in an i32.
+    let fds = (0..count).map(|i| (first + i) as RawFd);
+    Ok(Some(fds.zip(names).collect()))
+}
+
+/// Strict decimal: ASCII digits only (no sign, no space, no empty string), fitting in u32.
+fn parse_decimal(raw: &OsStr) -> Option<u32> {
+    let text = raw.to_str()?;
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// A listener that is currently open, as the raw fd the hand-off passes on.
+pub(crate) fn raw_fds(listeners: &[Listener]) -> Vec<(RawFd, String)> {
+    listeners
+        .iter()
+        .map(|l| (l.as_fd().as_raw_fd(), l.name.clone()))
+        .collect()
+}
+
+impl From<Socket> for OwnedFd {
+    fn from(socket: Socket) -> OwnedFd {
+        match socket {
+            Socket::Tcp(l) => l.into(),
+            Socket::Unix(l) => l.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(
+        fds: Option<&'a str>,
+        pid: Option<&'a str>,
+        names: Option<&'a str>,
+        first: Option<&'a str>,
+    ) -> EnvValues<'a> {
+        EnvValues {
+            fds: fds.map(OsStr::new),
+            pid: pid.map(OsStr::new),
+            names: names.map(OsStr::new),
+            first_fd: first.map(OsStr::new),
+            our_pid: 42,
+        }
+    }
+
+    #[test]
+    fn accepted_values() {
+        let got = |e| parse_env(&e).expect("valid");
+        assert_eq!(got(env(None, None, None, None)), None);
+        assert_eq!(got(env(Some("0"), Some("42"), None, None)), None);
+        assert_eq!(
+            got(env(Some("2"), Some("42"), None, None)),
+            Some(vec![(3, "unknown".into()), (4, "unknown".into())])
+        );
+        assert_eq!(
+            got(env(Some("2"), Some("42"), Some("http:admin"), None)),
+            Some(vec![(3, "http".into()), (4, "admin".into())])
+        );
+        // systemfd --no-pid: no LISTEN_PID, fds accepted.
+        assert_eq!(
+            got(env(Some("1"), None, None, Some("5"))),
+            Some(vec![(5, "unknown".into())])
+        );
+        // Meant for another process: ignored, not an error.
+        assert_eq!(got(env(Some("1"), Some("41"), None, None)), None);
+        // Another process's LISTEN_PID wins even over a malformed LISTEN_FDS.
+        assert_eq!(got(env(Some("x"), Some("41"), None, None)), None);
+    }
+
+    #[test]
+    fn malformed_values_name_the_variable() {
+        let cases = [
+            (env(Some(""), Some("42"), None, None), "LISTEN_FDS"),
+            (env(Some("-1"), Some("42"), None, None), "LISTEN_FDS"),
+            (env(Some(" 1"), Some("42"), None, None), "LISTEN_FDS"),
+            (env(Some("1x"), Some("42"), None, None), "LISTEN_FDS"),
+            (env(Some("99999999999"), Some("42"), None, None), "LISTEN_FDS"),
+            (env(Some("5000"), Some("42"), None, None), "LISTEN_FDS"),
+            (env(Some("1"), Some("abc"), None, None), "LISTEN_PID"),
+            (env(Some("1"), Some("0"), None, None), "LISTEN_PID"),
+            (env(Some("1"), Some(""), None, None), "LISTEN_PID"),
+            (env(Some("2"), Some("42"), Some("one"), None), "LISTEN_FDNAMES"),
+            (env(Some("1"), Some("42"), Some("a:b"), None), "LISTEN_FDNAMES"),
+            (env(Some("1"), Some("42"), None, Some("2")), "LISTEN_FDS_FIRST_FD"),
+            (env(Some("1"), Some("42"), None, Some("x")), "LISTEN_FDS_FIRST_FD"),
+        ];
+        for (values, var) in cases {
+            let err = parse_env(&values).expect_err(&format!("{values:?} must be rejected"));
+            assert_eq!(err.variable(), Some(var), "{values:?}: {err}");
+            assert!(err.to_string().contains("expected"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Talk to the service manager with `sd_notify(3)` datagrams.
+//!
+//! Messages are formatted with the `sd-notify` crate's [`NotifyState`]; they are sent here
+//! rather than with `sd_notify::notify` because that function re-reads `NOTIFY_SOCKET` from the
+//! environment on every call (handover removes it at start-up), cannot reach an abstract
+//! (`@name`) socket, and blocks when the manager's queue is full.
+//!
+//! Where the messages go:
+//! - normally, to `NOTIFY_SOCKET` (systemd), or nowhere when it is unset;
+//! - in a process started by a handover restart, `NOTIFY_SOCKET` is the *parent's* hand-off
+//!   socket and `HANDOVER_NOTIFY_SOCKET` the service manager's. Everything up to and including
+//!   `READY=1` goes to the parent (which then tells the manager `MAINPID=` + `READY=1`, since
+//!   only the main pid may speak under `NotifyAccess=main`); everything after goes to the
+//!   manager, so the new process can do its own next restart.
+
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::Mutex;
+
+pub(crate) use sd_notify::NotifyState;
+
+use crate::error::Error;
+use crate::startup::Startup;
+
+/// Where notifications go, and whether the hand-off to our parent is still pending.
+#[derive(Debug)]
+pub(crate) struct Notifier {
+    /// The service manager's socket (systemd's `NOTIFY_SOCKET`), if any.
+    upstream: Option<Target>,
+    /// The parent's hand-off socket, until `READY=1` has been sent there.
+    parent: Mutex<Option<Target>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Target {
+    /// The value as given, for messages.
+    name: OsString,
+    addr: SocketAddr,
+    socket: UnixDatagram,
+}
+
+impl Target {
+    pub(crate) fn name(&self) -> &OsStr {
+        &self.name
+    }
+}
+
+impl Notifier {
+    /// Builds the notifier from the start-up capture. Malformed values are logged (naming the
+    /// variable and what was expected) and disable notifications to that target; serving goes
+    /// on.
+    pub(crate) fn from_startup(startup: &Startup) -> Notifier {
+        let open = |var: &'static str, value: &Option<OsString>| match value {
+            None => None,
+            Some(v) => match Target::parse(v) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::error!(
+                        error = %e,
+                        "{var} is unusable; sd_notify messages to it are disabled"
+                    );
+                    None
+                }
+            },
+        };
+        match &startup.upstream_notify_socket {
+            // Started by a handover parent: NOTIFY_SOCKET is the parent's.
+            Some(_) => Notifier {
+                upstream: open(
+                    crate::startup::UPSTREAM_NOTIFY_VAR,
+                    &startup.upstream_notify_socket,
+                ),
+                parent: Mutex::new(open("NOTIFY_SOCKET", &startup.notify_socket)),
+            },
+            None => Notifier {
+                upstream: open("NOTIFY_SOCKET", &startup.notify_socket),
+                parent: Mutex::new(None),
+            },
+        }
+    }
+
+    /// The service manager's socket address as given, to pass on to a restart child.
+    pub(crate) fn upstream_name(&self) -> Option<&OsStr> {
+        self.upstream.as_ref().map(Target::name)
+    }
+
+    /// Sends `states` to whoever should hear them now. Failures are logged, never fatal.
+    pub(crate) fn notify(&self, states: &[NotifyState<'_>]) {
+        let msg = format_states(states);
+        let parent = self.parent.lock().unwrap_or_else(|p| p.into_inner());
+        let target = match parent.as_ref() {
+            Some(p) => Some(p),
+            None => self.upstream.as_ref(),
+        };
+        if let Some(target) = target {
+            send(target, &msg);
+        }
+    }
+
+    /// Reports readiness: to the parent if a hand-off is pending (and from then on to the
+    /// service manager), otherwise to the service manager.
+    pub(crate) fn ready(&self, status: &str) {
+        let states = [NotifyState::Ready, NotifyState::Status(status)];
+        let mut parent = self.parent.lock().unwrap_or_else(|p| p.into_inner());
+        match parent.take() {
+            Some(p) => {
+                tracing::info!("reporting READY=1 to the parent process, which hands over to us");
+                send(&p, &format_states(&states));
+            }
+            None => {
+                drop(parent);
+                self.notify(&states);
+            }
+        }
+    }
+
+    /// Sends to the service manager only, never to a parent: for what the *main* process says
+    /// on behalf of a child (`MAINPID=`).
+    pub(crate) fn notify_upstream(&self, states: &[NotifyState<'_>]) {
+        if let Some(t) = &self.upstream {
+            send(t, &format_states(states));
+        }
+    }
+}
+
+pub(crate) fn format_states(states: &[NotifyState<'_>]) -> String {
+    let mut msg = String::new();
+    for s in states {
+        msg.push_str(&s.to_string());
+        msg.push('\n');
+    }
+    msg
+}
+
+fn send(target: &Target, msg: &str) {
+    match target.socket.send_to_addr(msg.as_bytes(), &target.addr) {
+        Ok(_) => tracing::trace!(to = ?target.name, msg, "sd_notify"),
+        Err(e) => tracing::warn!(
+            to = ?target.name,
+            error = %e,
+            message = msg.trim_end(),
+            "sd_notify message could not be sent"
+        ),
+    }
+}
+
+impl Target {
+    /// Parses a `NOTIFY_SOCKET` value: an absolute path, or `@name` for the abstract namespace.
+    pub(crate) fn parse(value: &OsStr) -> Result<Target, Error> {
+        const EXPECTED: &str =
+            "an absolute path (/run/...) or an abstract socket name (@name) of at most 107 bytes";
+        let bytes = value.as_bytes();
+        let addr = match bytes.first() {
+            Some(b'/') => SocketAddr::from_pathname(value),
+            Some(b'@') if bytes.len() > 1 => SocketAddr::from_abstract_name(&bytes[1..]),
+            _ => return Err(Error::bad_var("NOTIFY_SOCKET", value, EXPECTED)),
+        }
+        .map_err(|_| Error::bad_var("NOTIFY_SOCKET", value, EXPECTED))?;
+        let socket = UnixDatagram::unbound()
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .map_err(|e| Error::io("could not create the sd_notify socket", e))?;
+        Ok(Target {
+            name: value.to_owned(),
+            addr,
+            socket,
+        })
+    }
+}
+
+/// The current `CLOCK_MONOTONIC` time for `MONOTONIC_USEC=`, required with `RELOADING=1`.
+pub(crate) fn monotonic_now() -> io::Result<NotifyState<'static>> {
+    NotifyState::monotonic_usec_now()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_notify_socket_is_named() {
+        for bad in ["", "relative/path", "@", "vsock:2:1234", &format!("/{}", "x".repeat(200))] {
+            let err = Target::parse(OsStr::new(bad)).expect_err(bad);
+            assert_eq!(err.variable(), Some("NOTIFY_SOCKET"), "{bad:?}: {err}");
+        }
+        assert!(Target::parse(OsStr::new("/run/systemd/notify")).is_ok());
+        assert!(Target::parse(OsStr::new("@handover/1")).is_ok());
+    }
+}

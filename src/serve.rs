@@ -1,0 +1,515 @@
+//! Serve: accept on every listener, react to signals, restart, and shut down in order.
+//!
+//! The lifecycle, in the order data flows through the crate:
+//! 1. listeners ([`crate::Listeners`]) are registered with the runtime and accepted on;
+//! 2. `READY=1` is reported once they are;
+//! 3. close signals end serving; restart signals start a [`crate::restart`] hand-off, which
+//!    either hands over (and serving ends) or fails (and serving goes on untouched);
+//! 4. shutdown: stop accepting, `STOPPING=1` (not after a hand-off: the new process is the
+//!    service now), run the hooks in order, drain the connections, return.
+//!
+//! Hooks and drain share one deadline, [`Serve::drain_timeout`] after the shutdown started. A
+//! second close signal during shutdown cuts everything at once.
+
+use std::future::{Future, IntoFuture};
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::BoxError;
+use crate::drain::Connections;
+use crate::error::Error;
+use crate::hooks::{self, Hook, HooksReport};
+use crate::listen::{self, Listener, Listeners, Socket};
+use crate::notify::{NotifyState, Notifier};
+use crate::restart::Restarting;
+use crate::signals::{self, Event, SignalEvents};
+use crate::startup;
+
+/// Serves `service` on `listeners` until a close signal, or until a restart has handed the
+/// listeners to a new process; then drains and returns.
+///
+/// `service` is any `tower::Service` (an `axum::Router`, a `tower::service_fn`, ...) that can
+/// be cloned per connection. HTTP/1.1 and HTTP/2 (prior knowledge) are served on the same
+/// listeners. Configure with the builder methods of [`Serve`], then `.await` it.
+///
+/// # Example
+/// ```no_run
+/// use std::convert::Infallible;
+/// use std::time::Duration;
+///
+/// # async fn example(listeners: handover::Listeners) -> Result<(), handover::Error> {
+/// let app = tower::service_fn(|_req| async {
+///     Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
+///         bytes::Bytes::from("Hello world"),
+///     )))
+/// });
+/// let shutdown = handover::serve(listeners, app)
+///     .drain_timeout(Duration::from_secs(3))
+///     .on_shutdown(|| println!("closing the database"))
+///     .await?;
+/// println!("server closed: {:?}", shutdown.reason);
+/// # Ok(())
+/// # }
+/// ```
+pub fn serve<S>(listeners: impl Into<Listeners>, service: S) -> Serve<S> {
+    Serve {
+        listeners: listeners.into(),
+        service,
+        close_signals: vec![libc::SIGINT, libc::SIGTERM],
+        restart_signals: vec![libc::SIGUSR1, libc::SIGUSR2],
+        drain_timeout: Duration::from_secs(5),
+        ready_timeout: Duration::from_secs(10),
+        keep_alive_grace: Duration::from_millis(100),
+        header_read_timeout: Duration::from_secs(30),
+        hooks: Vec::new(),
+        shutdown_signal: None,
+    }
+}
+
+/// A server being configured; `.await` it to run. Made by [`serve`].
+#[must_use = "a Serve does nothing until it is awaited"]
+pub struct Serve<S> {
+    listeners: Listeners,
+    service: S,
+    close_signals: Vec<i32>,
+    restart_signals: Vec<i32>,
+    drain_timeout: Duration,
+    ready_timeout: Duration,
+    keep_alive_grace: Duration,
+    header_read_timeout: Duration,
+    hooks: Vec<Hook>,
+    shutdown_signal: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl<S> std::fmt::Debug for Serve<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serve")
+            .field("listeners", &self.listeners)
+            .field("close_signals", &self.close_signals)
+            .field("restart_signals", &self.restart_signals)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("ready_timeout", &self.ready_timeout)
+            .field("keep_alive_grace", &self.keep_alive_grace)
+            .field("hooks", &self.hooks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why serving ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Reason {
+    /// A close signal (its number) was received.
+    Signal(i32),
+    /// The future given to [`Serve::with_graceful_shutdown`] completed.
+    Requested,
+    /// A restart handed the listeners over to the new process with this pid.
+    HandedOver {
+        /// The pid of the new process, now serving.
+        pid: u32,
+    },
+}
+
+/// A graceful end: what the Go original calls `ErrServerClosed`, with what happened.
+///
+/// Returned only once draining is over, so returning from `main` after it loses nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Shutdown {
+    /// Why serving ended.
+    pub reason: Reason,
+    /// How the shutdown hooks went.
+    pub hooks: HooksReport,
+    /// Connections open when the drain started.
+    pub drained: usize,
+    /// Connections cut at the deadline (or by a second close signal) instead of finishing.
+    pub cut: usize,
+    /// Whether a second close signal forced the shutdown.
+    pub forced: bool,
+    /// From the start of the shutdown to the last connection closed.
+    pub elapsed: Duration,
+}
+
+impl<S> Serve<S> {
+    /// The signals that shut down (default `SIGINT`, `SIGTERM`). Replaces the previous set.
+    pub fn close_signals(mut self, signals: impl IntoIterator<Item = i32>) -> Self {
+        self.close_signals = signals.into_iter().collect();
+        self
+    }
+
+    /// The signals that restart (default `SIGUSR1`, `SIGUSR2`). Replaces the previous set;
+    /// an empty set disables restarts.
+    pub fn restart_signals(mut self, signals: impl IntoIterator<Item = i32>) -> Self {
+        self.restart_signals = signals.into_iter().collect();
+        self
+    }
+
+    /// How long the shutdown may take, hooks and drain together (default 5 s). At the end,
+    /// connections still open are cut, and counted in [`Shutdown::cut`].
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// How long a restarted process has to report `READY=1` (default 10 s) before it is killed
+    /// and this one carries on.
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    /// How long an HTTP/1 keep-alive connection that is idle when draining starts is kept open,
+    /// in case its client is sending a request right now (default 100 ms). Busy connections
+    /// are closed after their next response instead, which carries `Connection: close`.
+    pub fn keep_alive_grace(mut self, grace: Duration) -> Self {
+        self.keep_alive_grace = grace;
+        self
+    }
+
+    /// How long a client may take to send a request head (default 30 s); a slow client
+    /// cannot hold a connection open longer than this, nor a drain longer than its deadline.
+    pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
+        self.header_read_timeout = timeout;
+        self
+    }
+
+    /// Adds a shutdown hook. Hooks run in the order they were added, each to completion, after
+    /// the listeners stop accepting and before the connections are drained.
+    pub fn on_shutdown(mut self, hook: impl FnOnce() + Send + 'static) -> Self {
+        self.hooks.push(Hook::sync(hook));
+        self
+    }
+
+    /// Adds an async shutdown hook; see [`Serve::on_shutdown`].
+    pub fn on_shutdown_async<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.hooks.push(Hook::future(hook));
+        self
+    }
+
+    /// Also shut down when `signal` completes, as with axum's `with_graceful_shutdown`.
+    pub fn with_graceful_shutdown(
+        mut self,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> Self {
+        self.shutdown_signal = Some(Box::pin(signal));
+        self
+    }
+}
+
+impl<S, B> IntoFuture for Serve<S>
+where
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Shutdown, Error>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<Shutdown, Error>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.run())
+    }
+}
+
+impl<S, B> Serve<S>
+where
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    async fn run(self) -> Result<Shutdown, Error> {
+        let Serve {
+            listeners,
+            service,
+            close_signals,
+            restart_signals,
+            drain_timeout,
+            ready_timeout,
+            keep_alive_grace,
+            header_read_timeout,
+            hooks,
+            shutdown_signal,
+        } = self;
+        let startup = startup::get();
+        let listeners = listeners.into_vec();
+        if listeners.is_empty() {
+            return Err(Error::io(
+                "nothing to serve",
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "no listeners were given"),
+            ));
+        }
+        let mut signals = SignalEvents::new(&close_signals, &restart_signals)?;
+        let notifier = Arc::new(Notifier::from_startup(startup));
+
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout);
+        builder.http2().timer(TokioTimer::new());
+        let builder = Arc::new(builder);
+        let connections = Arc::new(Connections::new(keep_alive_grace));
+
+        // Accept loops work on duplicates of the listening fds, so that `listeners` keeps the
+        // originals open for a restart until serving ends, whatever the loops do.
+        let stop_accepting = CancellationToken::new();
+        let mut accepting = Vec::with_capacity(listeners.len());
+        for listener in &listeners {
+            let acceptor = Acceptor::new(listener)?;
+            accepting.push(tokio::spawn(accept_loop(
+                acceptor,
+                service.clone(),
+                Arc::clone(&builder),
+                Arc::clone(&connections),
+                stop_accepting.clone(),
+            )));
+        }
+        let urls: Vec<String> = listeners.iter().map(Listener::url).collect();
+        for url in &urls {
+            tracing::info!(url, pid = startup.pid, "accepting");
+        }
+        notifier.ready(&format!("Listening on {}", urls.join(", ")));
+
+        // Serve until a close signal, a requested shutdown, or a hand-off.
+        let mut restart: Option<Restarting> = None;
+        let mut requested = shutdown_signal;
+        let reason = loop {
+            tokio::select! {
+                event = signals.next() => match event {
+                    Some(Event::Close(sig)) => {
+                        tracing::info!(signal = %signals::name(sig), "close signal received; shutting down");
+                        if let Some(r) = restart.take() {
+                            if let Ok(h) = r.cancel().await {
+                                // The child became ready just as the signal came: it serves now.
+                                break Reason::HandedOver { pid: h.pid };
+                            }
+                        }
+                        break Reason::Signal(sig);
+                    }
+                    Some(Event::Restart(sig)) => {
+                        if restart.is_some() {
+                            tracing::info!(signal = %signals::name(sig), "restart signal received while a restart is in progress; coalesced");
+                        } else {
+                            tracing::info!(signal = %signals::name(sig), "restart signal received");
+                            restart = Some(Restarting::start(
+                                listen::raw_fds(&listeners),
+                                Arc::clone(&notifier),
+                                ready_timeout,
+                            ));
+                        }
+                    }
+                    None => {
+                        return Err(Error::io("signal handling stopped", std::io::Error::other("the signal stream ended")));
+                    }
+                },
+                outcome = restart_outcome(&mut restart) => {
+                    restart = None;
+                    match outcome {
+                        Ok(h) => break Reason::HandedOver { pid: h.pid },
+                        Err(_) => tracing::info!(pid = startup.pid, "still serving after the failed restart"),
+                    }
+                }
+                () = requested_shutdown(&mut requested) => {
+                    tracing::info!("shutdown requested");
+                    if let Some(r) = restart.take() {
+                        if let Ok(h) = r.cancel().await {
+                            break Reason::HandedOver { pid: h.pid };
+                        }
+                    }
+                    break Reason::Requested;
+                }
+            }
+        };
+
+        // Shut down: stop accepting, hooks, drain; a second close signal forces.
+        let started = Instant::now();
+        let deadline = started + drain_timeout;
+        stop_accepting.cancel();
+        for task in accepting {
+            let _ = task.await;
+        }
+        drop(listeners);
+        let handed_over = matches!(reason, Reason::HandedOver { .. });
+        if handed_over {
+            tracing::info!("stopped accepting; the new process accepts now");
+        } else {
+            let status = format!("Stopping: draining {} connections", connections.open());
+            notifier.notify(&[NotifyState::Stopping, NotifyState::Status(&status)]);
+            tracing::info!("stopped accepting");
+        }
+
+        let force = connections.force().clone();
+        let progress_notifier = Arc::clone(&notifier);
+        let sequence = async {
+            let hooks = hooks::run(hooks, deadline, &force).await;
+            let drained = connections
+                .drain(deadline, |open| {
+                    tracing::info!(open, "draining");
+                    if !handed_over {
+                        let status = format!("Stopping: draining {open} connections");
+                        progress_notifier.notify(&[NotifyState::Status(&status)]);
+                    }
+                })
+                .await;
+            (hooks, drained)
+        };
+        let mut sequence = pin!(sequence);
+        let mut forced = false;
+        let mut signals_open = true;
+        let (hooks, drained) = loop {
+            tokio::select! {
+                out = &mut sequence => break out,
+                event = signals.next(), if signals_open => match event {
+                    Some(Event::Close(sig)) => {
+                        tracing::warn!(signal = %signals::name(sig), "second close signal: cutting all connections now");
+                        forced = true;
+                        force.cancel();
+                    }
+                    Some(Event::Restart(sig)) => {
+                        tracing::info!(signal = %signals::name(sig), "restart signal ignored: shutting down");
+                    }
+                    None => signals_open = false,
+                },
+            }
+        };
+        let elapsed = started.elapsed();
+        tracing::info!(
+            drained = drained.open_at_start,
+            cut = drained.cut,
+            ?elapsed,
+            "server closed"
+        );
+        Ok(Shutdown {
+            reason,
+            hooks,
+            drained: drained.open_at_start,
+            cut: drained.cut,
+            forced,
+            elapsed,
+        })
+    }
+}
+
+async fn restart_outcome(
+    restart: &mut Option<Restarting>,
+) -> Result<crate::restart::HandedOver, crate::error::RestartFailure> {
+    match restart {
+        Some(r) => r.outcome().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn requested_shutdown(signal: &mut Option<Pin<Box<dyn Future<Output = ()> + Send>>>) {
+    match signal {
+        Some(s) => s.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The runtime side of one listener.
+enum Acceptor {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Acceptor {
+    fn new(listener: &Listener) -> Result<Acceptor, Error> {
+        let register = |e| Error::io("could not register a listener with the runtime", e);
+        Ok(match &listener.socket {
+            Socket::Tcp(l) => {
+                let dup = l.try_clone().map_err(register)?;
+                Acceptor::Tcp(tokio::net::TcpListener::from_std(dup).map_err(register)?)
+            }
+            Socket::Unix(l) => {
+                let dup = l.try_clone().map_err(register)?;
+                Acceptor::Unix(tokio::net::UnixListener::from_std(dup).map_err(register)?)
+            }
+        })
+    }
+}
+
+/// Accepts until `stop`, handing each connection to `connections`. Errors that concern one
+/// connection are skipped; others (EMFILE, ENFILE, ENOBUFS, ...) back off instead of spinning.
+async fn accept_loop<S, B>(
+    acceptor: Acceptor,
+    service: S,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    connections: Arc<Connections>,
+    stop: CancellationToken,
+) where
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            accepted = accept(&acceptor) => accepted,
+        };
+        match accepted {
+            Ok(stream) => {
+                backoff = Duration::from_millis(5);
+                match stream {
+                    Stream::Tcp(s) => {
+                        let _ = s.set_nodelay(true);
+                        connections.spawn(s, service.clone(), &builder);
+                    }
+                    Stream::Unix(s) => connections.spawn(s, service.clone(), &builder),
+                }
+            }
+            Err(e) if is_per_connection(&e) => {
+                tracing::debug!(error = %e, "accept: connection failed before it was accepted");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, ?backoff, "accept failed; backing off");
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(acceptor: &Acceptor) -> std::io::Result<Stream> {
+    match acceptor {
+        Acceptor::Tcp(l) => l.accept().await.map(|(s, _)| Stream::Tcp(s)),
+        Acceptor::Unix(l) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
+    }
+}
+
+fn is_per_connection(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+    ) || matches!(e.raw_os_error(), Some(libc::EPROTO | libc::EPERM))
+}

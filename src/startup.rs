@@ -1,0 +1,132 @@
+//! What the process was given when it started, captured once.
+//!
+//! The systemd protocols speak through process-global state: environment variables
+//! (`LISTEN_*`, `NOTIFY_SOCKET`, `WATCHDOG_*`) and inherited file descriptors. This module
+//! reads all of it exactly once, the first time any part of handover needs it, and keeps the
+//! values here so the rest of the crate never touches the environment again.
+//!
+//! It also records what a restart needs to start "the same program again": the path of the
+//! executable, the arguments and the working directory, *as they were at start-up*, because a
+//! deploy may replace the file (then `/proc/self/exe` names "... (deleted)") and the application
+//! may change directory.
+//!
+//! Removing the variables keeps them from leaking into programs the application starts, but
+//! `remove_var` is only sound while the process has a single thread. So the variables are removed
+//! only when that is true (the usual case when [`crate::Listeners::from_env`] is the first thing
+//! `main` calls); otherwise they are left in place and handover's own children get a clean,
+//! explicitly built environment anyway.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::sys;
+
+/// Environment variables that belong to the service-manager protocols. They are consumed at
+/// start-up and never passed on as they were.
+pub(crate) const PROTOCOL_VARS: &[&str] = &[
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "LISTEN_FDS_FIRST_FD",
+    "LISTEN_PIDFDID",
+    "NOTIFY_SOCKET",
+    UPSTREAM_NOTIFY_VAR,
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
+/// Set by a handover parent for its restart child: the service manager's own `NOTIFY_SOCKET`,
+/// which the child uses once it has reported `READY=1` to its parent on `NOTIFY_SOCKET`.
+pub(crate) const UPSTREAM_NOTIFY_VAR: &str = "HANDOVER_NOTIFY_SOCKET";
+
+/// Everything captured at start-up.
+#[derive(Debug)]
+pub(crate) struct Startup {
+    pub(crate) pid: u32,
+    /// The program to execute on restart; `Err` holds why it could not be determined.
+    pub(crate) exe: Result<PathBuf, String>,
+    pub(crate) args: Vec<OsString>,
+    pub(crate) cwd: Option<PathBuf>,
+    pub(crate) listen_fds: Option<OsString>,
+    pub(crate) listen_pid: Option<OsString>,
+    pub(crate) listen_fdnames: Option<OsString>,
+    pub(crate) listen_fds_first_fd: Option<OsString>,
+    pub(crate) notify_socket: Option<OsString>,
+    pub(crate) upstream_notify_socket: Option<OsString>,
+    pub(crate) watchdog_usec: Option<OsString>,
+    pub(crate) watchdog_pid: Option<OsString>,
+    /// Whether the protocol variables were removed from the process environment.
+    pub(crate) scrubbed: bool,
+    /// Whether the inherited fds have been taken (they can be taken once per process).
+    fds_taken: AtomicBool,
+}
+
+static STARTUP: OnceLock<Startup> = OnceLock::new();
+
+/// The start-up capture, made on first use.
+pub(crate) fn get() -> &'static Startup {
+    STARTUP.get_or_init(capture)
+}
+
+impl Startup {
+    /// Returns `true` exactly once per process: the caller now owns the inherited fds.
+    pub(crate) fn take_fds(&self) -> bool {
+        !self.fds_taken.swap(true, Ordering::AcqRel)
+    }
+}
+
+fn capture() -> Startup {
+    let var = |name: &str| std::env::var_os(name);
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let cwd = std::env::current_dir().ok();
+    let exe = resolve_exe(args.first().map(OsString::as_os_str), cwd.as_deref());
+    let startup = Startup {
+        pid: std::process::id(),
+        exe,
+        args,
+        cwd,
+        listen_fds: var("LISTEN_FDS"),
+        listen_pid: var("LISTEN_PID"),
+        listen_fdnames: var("LISTEN_FDNAMES"),
+        listen_fds_first_fd: var("LISTEN_FDS_FIRST_FD"),
+        notify_socket: var("NOTIFY_SOCKET"),
+        upstream_notify_socket: var(UPSTREAM_NOTIFY_VAR),
+        watchdog_usec: var("WATCHDOG_USEC"),
+        watchdog_pid: var("WATCHDOG_PID"),
+        scrubbed: sys::remove_vars_if_single_threaded(PROTOCOL_VARS),
+        fds_taken: AtomicBool::new(false),
+    };
+    if !startup.scrubbed {
+        tracing::debug!(
+            "other threads exist, so the LISTEN_*/NOTIFY_SOCKET/WATCHDOG_* variables stay in \
+             the environment; call handover::Listeners::from_env() before starting a runtime to \
+             remove them"
+        );
+    }
+    startup
+}
+
+/// The executable to run on restart.
+///
+/// `argv[0]` is preferred when it names this very file (same device and inode as
+/// `/proc/self/exe`), made absolute against the start-up directory: it keeps symlinks, so a
+/// deploy that swaps a `current -> release-N` link is picked up. Otherwise the resolved
+/// `current_exe()` is used. Both are fixed now, at start-up.
+fn resolve_exe(argv0: Option<&OsStr>, cwd: Option<&Path>) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot resolve /proc/self/exe: {e}"))?;
+    let Some(argv0) = argv0.filter(|a| a.as_bytes().contains(&b'/')) else {
+        return Ok(exe);
+    };
+    let candidate = match cwd {
+        Some(cwd) => cwd.join(argv0),
+        None => PathBuf::from(argv0),
+    };
+    if candidate.is_absolute() && sys::same_file(&candidate, Path::new("/proc/self/exe")) {
+        Ok(candidate)
+    } else {
+        Ok(exe)
+    }
+}

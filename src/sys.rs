@@ -1,0 +1,447 @@
+//! All `unsafe` and raw-fd work of the crate, in one place.
+//!
+//! Three things need it:
+//! - adopting the fds a service manager handed us by number ([`adopt_inherited`]);
+//! - removing environment variables, sound only while the process has one thread;
+//! - starting the restart child with the listeners at fds 3.. and `LISTEN_PID` set to the
+//!   child's *own* pid ([`spawn`]), which has to happen between `fork` and `execve`, where only
+//!   async-signal-safe calls are allowed.
+//!
+//! Everything else in the crate works with `OwnedFd`/`BorrowedFd` and safe wrappers.
+
+use std::ffi::{CString, OsStr, OsString, c_char, c_int};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use rustix::fs::FileType;
+use rustix::net::{AddressFamily, SocketType, sockopt};
+
+/// Removes `vars` from the environment if, and only if, this process has exactly one thread.
+/// Returns whether it did.
+pub(crate) fn remove_vars_if_single_threaded(vars: &[&str]) -> bool {
+    // /proc/self/task has one entry per thread. If it cannot be read we cannot prove the
+    // process is single-threaded, so we leave the environment alone.
+    let threads = match std::fs::read_dir("/proc/self/task") {
+        Ok(dir) => dir.count(),
+        Err(_) => return false,
+    };
+    if threads != 1 {
+        return false;
+    }
+    for var in vars {
+        // SAFETY: `remove_var` is unsound only when another thread may read or write the
+        // environment at the same time. We just counted the threads of this process: there is
+        // one, the caller, and no thread can be created while it is busy here.
+        unsafe { std::env::remove_var(var) };
+    }
+    true
+}
+
+/// Whether two paths name the same file (same device and inode, symlinks followed).
+pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Sets close-on-exec on a raw fd number that may or may not be open.
+///
+/// Used at start-up on every fd the protocol says we inherited, including ones we will not
+/// take, so none of them leaks into programs the application starts.
+pub(crate) fn set_cloexec_raw(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl(F_GETFD/F_SETFD) on an integer touches no memory of ours; on an fd number
+    // that is not open it fails with EBADF, which we report.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if flags & libc::FD_CLOEXEC == 0 {
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Registers an owned fd (a pidfd) with the tokio reactor for readability.
+pub(crate) fn register_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd is open for as long as it lives and always returns the same number
+    // from as_raw_fd; the AsyncFd owns it until it is dropped.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into())
+}
+
+/// What kind of listening socket an inherited fd is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamFamily {
+    Inet,
+    Unix,
+}
+
+/// Takes ownership of an inherited fd after checking that it is an open, listening stream
+/// socket of family INET, INET6 or UNIX. On error the fd is left as it was (open, and
+/// close-on-exec), and the message says what it is instead.
+///
+/// The caller must own the fd number: [`crate::startup::Startup::take_fds`] guarantees that
+/// only one caller per process adopts the `LISTEN_FDS` range.
+pub(crate) fn adopt_inherited(fd: RawFd) -> Result<(OwnedFd, StreamFamily), String> {
+    set_cloexec_raw(fd).map_err(|e| match e.raw_os_error() {
+        Some(libc::EBADF) => "is not open".to_string(),
+        _ => format!("cannot be inspected: {e}"),
+    })?;
+    // SAFETY: the fd is open (F_GETFD just succeeded) and stays open for the lifetime of this
+    // borrow: the inherited range belongs to this one caller, and nothing else closes it.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let stat = rustix::fs::fstat(borrowed).map_err(|e| format!("cannot be inspected: {e}"))?;
+    let file_type = FileType::from_raw_mode(stat.st_mode);
+    if file_type != FileType::Socket {
+        return Err(format!(
+            "is a {}, not a socket; expected a listening TCP or Unix stream socket",
+            describe_file_type(file_type)
+        ));
+    }
+    let socket_type = sockopt::socket_type(borrowed).map_err(|e| format!("SO_TYPE failed: {e}"))?;
+    if socket_type != SocketType::STREAM {
+        return Err(format!(
+            "is a {} socket; expected a stream (SOCK_STREAM) socket",
+            match socket_type {
+                SocketType::DGRAM => "datagram (UDP or SOCK_DGRAM)",
+                SocketType::SEQPACKET => "SOCK_SEQPACKET",
+                _ => "non-stream",
+            }
+        ));
+    }
+    let family = rustix::net::getsockname(borrowed)
+        .map_err(|e| format!("getsockname failed: {e}"))?
+        .address_family();
+    let family = match family {
+        AddressFamily::INET | AddressFamily::INET6 => StreamFamily::Inet,
+        AddressFamily::UNIX => StreamFamily::Unix,
+        other => {
+            return Err(format!(
+                "has address family {}; expected AF_INET, AF_INET6 or AF_UNIX",
+                other.as_raw()
+            ));
+        }
+    };
+    let listening =
+        sockopt::socket_acceptconn(borrowed).map_err(|e| format!("SO_ACCEPTCONN failed: {e}"))?;
+    if !listening {
+        return Err("is a stream socket that is not listening (a connected socket, as with \
+                    Accept=yes?); expected a listening socket (Accept=no)"
+            .to_string());
+    }
+    // SAFETY: the fd is open and owned by this caller alone (see above); from here on the
+    // OwnedFd is its only owner and closes it on drop.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok((owned, family))
+}
+
+fn describe_file_type(t: FileType) -> &'static str {
+    match t {
+        FileType::RegularFile => "regular file",
+        FileType::Directory => "directory",
+        FileType::Fifo => "pipe (FIFO)",
+        FileType::CharacterDevice => "character device",
+        FileType::BlockDevice => "block device",
+        FileType::Symlink => "symlink",
+        _ => "non-socket file",
+    }
+}
+
+/// How to start the restart child, prepared entirely before `fork` so that the child needs no
+/// allocation between `fork` and `execve`.
+pub(crate) struct ExecPlan {
+    path: CString,
+    // The CStrings own the bytes the pointer arrays point into.
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const c_char>,
+    _env: Vec<Vec<u8>>,
+    envp_ptrs: Vec<*const c_char>,
+    /// Points at the first digit of the `LISTEN_PID=` entry, which has room for any pid.
+    listen_pid_digits: *mut u8,
+    /// The listeners, in order: child fd 3 + i gets `fds[i]`.
+    fds: Vec<RawFd>,
+    /// Room for the temporary copies of `fds` made in the child.
+    scratch: Vec<RawFd>,
+    cwd: Option<CString>,
+}
+
+// SAFETY: the raw pointers point into heap buffers owned by this same struct (`_argv`, `env`);
+// moving the struct to another thread does not move or free those buffers.
+unsafe impl Send for ExecPlan {}
+
+impl std::fmt::Debug for ExecPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecPlan")
+            .field("path", &self.path)
+            .field("fds", &self.fds)
+            .finish_non_exhaustive()
+    }
+}
+
+const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+
+impl ExecPlan {
+    /// Prepares `execve(path, args, env + LISTEN_PID=<child pid>)` with `fds` at 3, 4, ...
+    ///
+    /// `env` must not contain `LISTEN_PID`; it is added here. The fds must stay open until
+    /// [`spawn`] returns.
+    pub(crate) fn new(
+        path: &Path,
+        args: &[OsString],
+        env: Vec<(OsString, OsString)>,
+        fds: Vec<RawFd>,
+        cwd: Option<&Path>,
+    ) -> io::Result<ExecPlan> {
+        let nul = |s: &OsStr| {
+            CString::new(s.as_bytes()).map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidInput, format!("{s:?} contains a NUL byte"))
+            })
+        };
+        let path = nul(path.as_os_str())?;
+        let argv: Vec<CString> = args.iter().map(|a| nul(a)).collect::<Result<_, _>>()?;
+        let mut argv_ptrs: Vec<*const c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+
+        let mut env: Vec<Vec<u8>> = env
+            .into_iter()
+            .map(|(k, v)| {
+                let mut entry = Vec::with_capacity(k.len() + v.len() + 2);
+                entry.extend_from_slice(k.as_bytes());
+                entry.push(b'=');
+                entry.extend_from_slice(v.as_bytes());
+                nul(OsStr::from_bytes(&entry)).map(CString::into_bytes_with_nul)
+            })
+            .collect::<Result<_, _>>()?;
+        // "LISTEN_PID=" + room for 20 digits + NUL, all NUL for now.
+        let mut pid_entry = LISTEN_PID_PREFIX.to_vec();
+        pid_entry.resize(LISTEN_PID_PREFIX.len() + 21, 0);
+        env.push(pid_entry);
+        let last = env.len() - 1;
+        // Vec::as_mut_ptr/as_ptr do not create references, so this pointer stays valid next to
+        // the ones in envp_ptrs; the heap buffer never moves (no push after this point).
+        let listen_pid_digits = env[last][LISTEN_PID_PREFIX.len()..].as_mut_ptr();
+        let mut envp_ptrs: Vec<*const c_char> =
+            env.iter().map(|e| e.as_ptr().cast::<c_char>()).collect();
+        envp_ptrs.push(std::ptr::null());
+
+        let cwd = cwd.map(|c| nul(c.as_os_str())).transpose()?;
+        let scratch = vec![-1; fds.len()];
+        Ok(ExecPlan {
+            path,
+            _argv: argv,
+            argv_ptrs,
+            _env: env,
+            envp_ptrs,
+            listen_pid_digits,
+            fds,
+            scratch,
+            cwd,
+        })
+    }
+}
+
+/// A started child: its pid and a pidfd to wait for it or signal it without pid-reuse races.
+#[derive(Debug)]
+pub(crate) struct Spawned {
+    pub(crate) pid: u32,
+    pub(crate) pidfd: OwnedFd,
+}
+
+/// Forks and executes `plan`. Returns once `execve` has succeeded in the child, or the error
+/// it failed with (the child is then already reaped). Blocks until then: call it from a
+/// blocking thread.
+pub(crate) fn spawn(mut plan: ExecPlan) -> io::Result<Spawned> {
+    let n = plan.fds.len();
+    let floor = c_int::try_from(3 + n)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many listeners"))?;
+
+    // A close-on-exec pipe reports execve's errno back to us: EOF means exec succeeded. Its
+    // write end is moved to >= 3 + n so the child's dup2 onto 3..3+n cannot clobber it.
+    let (read_end, write_end) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    let write_end = {
+        let low = write_end;
+        rustix::io::fcntl_dupfd_cloexec(&low, floor)?
+        // `low` closes here: only the moved copy may stay open, or EOF never comes.
+    };
+
+    // SAFETY: fork() is safe to call; what matters is what the child does before execve. In a
+    // multi-threaded parent the child may only use async-signal-safe functions: `exec_child`
+    // only makes raw syscalls (sigprocmask, signal, fcntl, dup2, close_range, chdir, getpid,
+    // execve, write, _exit) and writes into memory prepared before the fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: we are the child of the fork above; `plan` is our private copy.
+        unsafe { exec_child(&mut plan, write_end.as_raw_fd(), floor) }
+    }
+    drop(write_end);
+
+    let mut errno = [0u8; 4];
+    let mut got = 0;
+    while got < errno.len() {
+        match rustix::io::read(&read_end, &mut errno[got..]) {
+            Ok(0) => break,
+            Ok(k) => got += k,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // pid > 0 here, so the conversion cannot fail.
+    let child = rustix::process::Pid::from_raw(pid).ok_or_else(|| io::Error::other("bad pid"))?;
+    if got > 0 {
+        // The child wrote execve's errno and exited: reap it so it does not stay a zombie.
+        let _ = rustix::process::waitpid(Some(child), rustix::process::WaitOptions::empty());
+        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
+    }
+    // The child is ours and only we reap it (we never wait for "any child"), so its pid cannot
+    // be reused before this call.
+    let pidfd = match rustix::process::pidfd_open(child, rustix::process::PidfdFlags::empty()) {
+        Ok(fd) => fd,
+        Err(e) => {
+            let _ = rustix::process::kill_process(child, rustix::process::Signal::KILL);
+            let _ = rustix::process::waitpid(Some(child), rustix::process::WaitOptions::empty());
+            return Err(io::Error::new(
+                e.kind(),
+                format!("pidfd_open failed (Linux >= 5.3 is required): {e}"),
+            ));
+        }
+    };
+    Ok(Spawned {
+        pid: pid as u32,
+        pidfd,
+    })
+}
+
+/// The child side of [`spawn`]: between `fork` and `execve`.
+///
+/// # Safety
+/// Must only be called in the child of `fork`, with `err_fd` the write end of the report pipe
+/// placed at or above `floor` = 3 + number of listeners.
+unsafe fn exec_child(plan: &mut ExecPlan, err_fd: RawFd, floor: c_int) -> ! {
+    // SAFETY (whole function): only async-signal-safe syscalls; every pointer passed points into
+    // `plan`, which was fully built before the fork and is not reallocated here.
+    unsafe {
+        // A clean signal state for the new program: nothing blocked, SIGPIPE at its default
+        // (the Rust runtime ignores it; an ignored disposition would survive execve).
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+
+        // The listeners must end up at 3, 4, ... but a source may sit on another's target (or
+        // on its own). First copy every source above all targets, then dup2 the copies down:
+        // dup2 clears close-on-exec on the target only, so exactly the listeners survive
+        // execve; the copies are close-on-exec and vanish.
+        for (i, &src) in plan.fds.iter().enumerate() {
+            let tmp = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, floor);
+            if tmp < 0 {
+                fail(err_fd);
+            }
+            *plan.scratch.as_mut_ptr().add(i) = tmp;
+        }
+        for i in 0..plan.fds.len() {
+            if libc::dup2(*plan.scratch.as_ptr().add(i), 3 + i as c_int) < 0 {
+                fail(err_fd);
+            }
+        }
+        // Anything else this process holds above the listeners (fds a parent of ours leaked
+        // to us without close-on-exec) must not reach the child either. Errors are ignored:
+        // kernels before 5.11 lack CLOSE_RANGE_CLOEXEC, and every fd handover makes is
+        // close-on-exec already.
+        libc::syscall(
+            libc::SYS_close_range,
+            floor as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
+        );
+
+        if let Some(cwd) = &plan.cwd {
+            if libc::chdir(cwd.as_ptr()) < 0 {
+                fail(err_fd);
+            }
+        }
+
+        // LISTEN_PID is the pid of the process that will read it: ours, which execve keeps.
+        write_decimal(plan.listen_pid_digits, libc::getpid() as u32);
+
+        libc::execve(
+            plan.path.as_ptr(),
+            plan.argv_ptrs.as_ptr(),
+            plan.envp_ptrs.as_ptr(),
+        );
+        fail(err_fd)
+    }
+}
+
+/// Reports errno on the pipe and exits without running any destructor or atexit handler.
+///
+/// # Safety
+/// Child of `fork` only.
+unsafe fn fail(err_fd: RawFd) -> ! {
+    // SAFETY: errno location, write and _exit are async-signal-safe.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let bytes = errno.to_ne_bytes();
+        libc::write(err_fd, bytes.as_ptr().cast(), bytes.len());
+        libc::_exit(127)
+    }
+}
+
+/// Writes `n` in decimal followed by NUL at `out`, which has room for 21 bytes.
+///
+/// # Safety
+/// `out` must be valid for 21 bytes of writes.
+unsafe fn write_decimal(out: *mut u8, mut n: u32) {
+    let mut digits = [0u8; 10];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        // SAFETY: len <= 10 < 21, within the buffer the caller vouches for.
+        unsafe { *out.add(i) = digits[len - 1 - i] };
+    }
+    // SAFETY: as above.
+    unsafe { *out.add(len) = 0 };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_digits() {
+        for n in [0u32, 7, 10, 4_194_304, u32::MAX] {
+            let mut buf = [0xffu8; 21];
+            // SAFETY: buf has 21 bytes.
+            unsafe { write_decimal(buf.as_mut_ptr(), n) };
+            let end = buf.iter().position(|&b| b == 0).expect("NUL written");
+            assert_eq!(std::str::from_utf8(&buf[..end]).expect("ascii"), n.to_string());
+        }
+    }
+
+    #[test]
+    fn not_a_socket_is_named() {
+        let file = std::fs::File::open("/proc/self/status").expect("open");
+        let fd = file.as_raw_fd();
+        let err = adopt_inherited(fd).expect_err("a file is not a listener");
+        assert!(err.contains("regular file"), "{err}");
+        drop(file);
+    }
+}
