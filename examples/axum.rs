@@ -4,6 +4,8 @@
 //! `serve(listener, app).with_graceful_shutdown(..)`, plus restarts, socket activation and
 //! sd_notify. Listens on the inherited socket, or on ADDR (default `127.0.0.1:8877`).
 
+mod common;
+
 use std::net::SocketAddr;
 
 use axum::Router;
@@ -11,7 +13,7 @@ use axum::routing::get;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    common::init_tracing();
     let addr: SocketAddr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:8877".to_string())
@@ -23,7 +25,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("listen on: {}, pid: {}", l.url(), std::process::id());
     }
     let app = Router::new()
-        .route("/", get(|| async { "Hello world" }))
+        .route("/", get(common::hello))
         .route("/health", get(|| async { "ok" }));
     let shutdown = handover::serve(listeners, app)
         .on_shutdown_async(|| async { tracing::info!("flushing caches") })

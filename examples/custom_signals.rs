@@ -6,20 +6,15 @@
 //!
 //! Listens on the inherited socket, or on ADDR (default `127.0.0.1:8877`).
 
-use std::convert::Infallible;
+mod common;
+
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::Response;
-
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .init();
+    common::init_tracing();
     let addr: SocketAddr = match std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:8877".to_string())
@@ -41,10 +36,7 @@ fn main() -> ExitCode {
     for l in listeners.iter() {
         println!("listen on: {}, pid: {}", l.url(), std::process::id());
     }
-    let app = tower::service_fn(|_req| async {
-        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"Hello world"))))
-    });
-    let server = handover::serve(listeners, app)
+    let server = handover::serve(listeners, tower::service_fn(common::hello))
         .restart_signals([handover::signal::SIGUSR1])
         .close_signals([handover::signal::SIGINT])
         .drain_timeout(Duration::from_secs(3))

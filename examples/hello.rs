@@ -15,25 +15,14 @@
 //! carries `x-pid` (the pid that answered); `HANDOVER_DRAIN_TIMEOUT_MS` and
 //! `HANDOVER_READY_TIMEOUT_MS` override the drain and restart-readiness timeouts.
 
-use std::convert::Infallible;
+mod common;
+
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::Duration;
-
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response};
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-
+    common::init_tracing();
     let addr = std::env::args()
         .nth(1)
         .or_else(|| std::env::var("HANDOVER_ADDR").ok())
@@ -66,12 +55,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut server = handover::serve(listeners, tower::service_fn(hello));
-    if let Some(ms) = env_ms("HANDOVER_DRAIN_TIMEOUT_MS") {
-        server = server.drain_timeout(ms);
+    let mut server = handover::serve(listeners, tower::service_fn(common::hello));
+    if let Some(t) = common::env_ms("HANDOVER_DRAIN_TIMEOUT_MS") {
+        server = server.drain_timeout(t);
     }
-    if let Some(ms) = env_ms("HANDOVER_READY_TIMEOUT_MS") {
-        server = server.ready_timeout(ms);
+    if let Some(t) = common::env_ms("HANDOVER_READY_TIMEOUT_MS") {
+        server = server.ready_timeout(t);
     }
     match runtime.block_on(server.into_future()) {
         Ok(shutdown) => {
@@ -81,31 +70,6 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("server error: {e}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-async fn hello(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let sleep_ms = req
-        .uri()
-        .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("sleep_ms=")))
-        .and_then(|v| v.parse::<u64>().ok());
-    if let Some(ms) = sleep_ms {
-        tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
-    }
-    let mut response = Response::new(Full::new(Bytes::from_static(b"Hello world")));
-    response.headers_mut().insert("x-pid", std::process::id().into());
-    Ok(response)
-}
-
-fn env_ms(var: &str) -> Option<Duration> {
-    let value = std::env::var(var).ok()?;
-    match value.parse() {
-        Ok(ms) => Some(Duration::from_millis(ms)),
-        Err(_) => {
-            tracing::warn!("{var}={value:?} is not a number of milliseconds; ignored");
-            None
         }
     }
 }

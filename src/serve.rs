@@ -322,7 +322,10 @@ where
                 outcome = restart_outcome(&mut restart) => {
                     restart = None;
                     match outcome {
-                        Ok(h) => break Reason::HandedOver { pid: h.pid },
+                        Ok(h) => {
+                            tracing::info!(pid = h.pid, ready_after = ?h.ready_after, "handed over");
+                            break Reason::HandedOver { pid: h.pid };
+                        }
                         Err(_) => tracing::info!(pid = startup.pid, "still serving after the failed restart"),
                     }
                 }
