@@ -87,10 +87,17 @@ impl Connections {
     }
 
     /// Serves one accepted connection on a task of its own.
-    pub(crate) fn spawn<I, S, B>(&self, io: I, service: S, builder: &Arc<auto::Builder<hyper_util::rt::TokioExecutor>>)
-    where
+    pub(crate) fn spawn<I, S, B>(
+        &self,
+        io: I,
+        service: S,
+        builder: &Arc<auto::Builder<hyper_util::rt::TokioExecutor>>,
+    ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S: tower_service::Service<Request<Incoming>, Response = Response<B>>
+            + Clone
+            + Send
+            + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
         B: hyper::body::Body + Send + 'static,
@@ -140,12 +147,19 @@ impl Connections {
     /// Drains: stops keep-alive, sends GOAWAY, waits for the last connection to close, and cuts
     /// what is left at `deadline` (or when [`Connections::force`] is cancelled).
     /// `progress` is called about once a second with the number of connections left.
-    pub(crate) async fn drain(&self, deadline: Instant, mut progress: impl FnMut(usize)) -> Drained {
+    pub(crate) async fn drain(
+        &self,
+        deadline: Instant,
+        mut progress: impl FnMut(usize),
+    ) -> Drained {
         let open_at_start = self.tracker.len();
         self.shared.draining.store(true, Ordering::Relaxed);
         self.tracker.close();
         self.drain.cancel();
-        let mut tick = tokio::time::interval_at(Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
+        let mut tick = tokio::time::interval_at(
+            Instant::now() + Duration::from_secs(1),
+            Duration::from_secs(1),
+        );
         let mut wait = pin!(self.tracker.wait());
         loop {
             tokio::select! {
@@ -196,9 +210,8 @@ where
 {
     type Response = Response<B>;
     type Error = S::Error;
-    type Future = DrainAwareFuture<
-        hyper_util::service::TowerToHyperServiceFuture<S, Request<Incoming>>,
-    >;
+    type Future =
+        DrainAwareFuture<hyper_util::service::TowerToHyperServiceFuture<S, Request<Incoming>>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let http1 = req.version() < Version::HTTP_2;

@@ -72,7 +72,10 @@ pub(crate) enum RestartFailure {
     /// The child exited before it reported `READY=1`.
     Exited { pid: u32, status: String },
     /// The child did not report `READY=1` in time.
-    Timeout { pid: u32, after: std::time::Duration },
+    Timeout {
+        pid: u32,
+        after: std::time::Duration,
+    },
     /// A close signal arrived while the child was starting.
     Cancelled { pid: u32 },
     /// Something around the hand-off itself failed (socket, pidfd, ...).
@@ -87,7 +90,11 @@ impl Error {
         Error { inner }
     }
 
-    pub(crate) fn bad_var(var: &'static str, value: impl Into<OsString>, expected: &'static str) -> Error {
+    pub(crate) fn bad_var(
+        var: &'static str,
+        value: impl Into<OsString>,
+        expected: &'static str,
+    ) -> Error {
         Error::new(Inner::BadVar {
             var,
             value: value.into(),
@@ -152,7 +159,11 @@ impl fmt::Display for RestartFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RestartFailure::Spawn { exe, source } => {
-                write!(f, "could not execute the new binary {}: {source}", exe.display())
+                write!(
+                    f,
+                    "could not execute the new binary {}: {source}",
+                    exe.display()
+                )
             }
             RestartFailure::Exited { pid, status } => {
                 write!(f, "new process {pid} {status} before it reported READY=1")
@@ -173,9 +184,9 @@ impl fmt::Display for RestartFailure {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.inner {
-            Inner::Bind { source, .. } | Inner::Signal { source, .. } | Inner::Io { source, .. } => {
-                Some(source)
-            }
+            Inner::Bind { source, .. }
+            | Inner::Signal { source, .. }
+            | Inner::Io { source, .. } => Some(source),
             _ => None,
         }
     }

@@ -131,7 +131,9 @@ fn start(hook: Hook, position: usize) -> Pin<Box<dyn Future<Output = Outcome> + 
                     Err(e) => Outcome::Panicked(format!("could not start a thread: {e}")),
                     Ok(_) => match rx.await {
                         Ok(result) => outcome(result),
-                        Err(_) => Outcome::Panicked("the hook thread ended without a result".into()),
+                        Err(_) => {
+                            Outcome::Panicked("the hook thread ended without a result".into())
+                        }
                     },
                 }
             })

@@ -357,9 +357,9 @@ pub(crate) fn parse_env(env: &EnvValues<'_>) -> Result<Option<Vec<(RawFd, String
         return Ok(None);
     };
     if let Some(pid_raw) = env.pid {
-        let pid = parse_decimal(pid_raw)
-            .filter(|&p| p > 0)
-            .ok_or_else(|| Error::bad_var("LISTEN_PID", pid_raw, "a process id: decimal digits, > 0"))?;
+        let pid = parse_decimal(pid_raw).filter(|&p| p > 0).ok_or_else(|| {
+            Error::bad_var("LISTEN_PID", pid_raw, "a process id: decimal digits, > 0")
+        })?;
         if pid != env.our_pid {
             tracing::info!(
                 listen_pid = pid,
@@ -372,7 +372,11 @@ pub(crate) fn parse_env(env: &EnvValues<'_>) -> Result<Option<Vec<(RawFd, String
     let count = parse_decimal(fds_raw)
         .filter(|&n| n <= MAX_LISTEN_FDS)
         .ok_or_else(|| {
-            Error::bad_var("LISTEN_FDS", fds_raw, "a count of fds: decimal digits, at most 4096")
+            Error::bad_var(
+                "LISTEN_FDS",
+                fds_raw,
+                "a count of fds: decimal digits, at most 4096",
+            )
         })?;
     let first = match env.first_fd {
         None => 3,
@@ -491,15 +495,30 @@ mod tests {
             (env(Some("-1"), Some("42"), None, None), "LISTEN_FDS"),
             (env(Some(" 1"), Some("42"), None, None), "LISTEN_FDS"),
             (env(Some("1x"), Some("42"), None, None), "LISTEN_FDS"),
-            (env(Some("99999999999"), Some("42"), None, None), "LISTEN_FDS"),
+            (
+                env(Some("99999999999"), Some("42"), None, None),
+                "LISTEN_FDS",
+            ),
             (env(Some("5000"), Some("42"), None, None), "LISTEN_FDS"),
             (env(Some("1"), Some("abc"), None, None), "LISTEN_PID"),
             (env(Some("1"), Some("0"), None, None), "LISTEN_PID"),
             (env(Some("1"), Some(""), None, None), "LISTEN_PID"),
-            (env(Some("2"), Some("42"), Some("one"), None), "LISTEN_FDNAMES"),
-            (env(Some("1"), Some("42"), Some("a:b"), None), "LISTEN_FDNAMES"),
-            (env(Some("1"), Some("42"), None, Some("2")), "LISTEN_FDS_FIRST_FD"),
-            (env(Some("1"), Some("42"), None, Some("x")), "LISTEN_FDS_FIRST_FD"),
+            (
+                env(Some("2"), Some("42"), Some("one"), None),
+                "LISTEN_FDNAMES",
+            ),
+            (
+                env(Some("1"), Some("42"), Some("a:b"), None),
+                "LISTEN_FDNAMES",
+            ),
+            (
+                env(Some("1"), Some("42"), None, Some("2")),
+                "LISTEN_FDS_FIRST_FD",
+            ),
+            (
+                env(Some("1"), Some("42"), None, Some("x")),
+                "LISTEN_FDS_FIRST_FD",
+            ),
         ];
         for (values, var) in cases {
             let err = parse_env(&values).expect_err(&format!("{values:?} must be rejected"));

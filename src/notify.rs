@@ -181,7 +181,13 @@ mod tests {
 
     #[test]
     fn malformed_notify_socket_is_named() {
-        for bad in ["", "relative/path", "@", "vsock:2:1234", &format!("/{}", "x".repeat(200))] {
+        for bad in [
+            "",
+            "relative/path",
+            "@",
+            "vsock:2:1234",
+            &format!("/{}", "x".repeat(200)),
+        ] {
             let err = Target::parse(OsStr::new(bad)).expect_err(bad);
             assert_eq!(err.variable(), Some("NOTIFY_SOCKET"), "{bad:?}: {err}");
         }

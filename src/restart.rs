@@ -35,7 +35,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::RestartFailure;
-use crate::notify::{NotifyState, Notifier, monotonic_now};
+use crate::notify::{Notifier, NotifyState, monotonic_now};
 use crate::startup::{self, PROTOCOL_VARS, UPSTREAM_NOTIFY_VAR};
 use crate::sys::{self, ExecPlan};
 
@@ -92,6 +92,21 @@ async fn run(
     ready_timeout: Duration,
     cancel: CancellationToken,
 ) -> Result<HandedOver, RestartFailure> {
+    let result = attempt(listeners, notifier, ready_timeout, cancel).await;
+    if let Err(failure) = &result {
+        tracing::error!(error = %failure, "restart failed; this process keeps serving");
+    }
+    result
+}
+
+/// One restart attempt. Whatever fails after the child was started, the child is killed and
+/// reaped before this returns.
+async fn attempt(
+    listeners: Vec<(RawFd, String)>,
+    notifier: Arc<Notifier>,
+    ready_timeout: Duration,
+    cancel: CancellationToken,
+) -> Result<HandedOver, RestartFailure> {
     let started = Instant::now();
     let startup = startup::get();
     let exe = startup.exe.clone().map_err(|msg| RestartFailure::Io {
@@ -119,15 +134,23 @@ async fn run(
         env.push((UPSTREAM_NOTIFY_VAR.into(), upstream.to_owned()));
     }
     let fds = listeners.iter().map(|(fd, _)| *fd).collect();
-    let plan = ExecPlan::new(&exe, &startup.args, env, fds, startup.cwd.as_deref())
-        .map_err(|source| RestartFailure::Spawn { exe: exe.clone(), source })?;
+    let plan =
+        ExecPlan::new(&exe, &startup.args, env, fds, startup.cwd.as_deref()).map_err(|source| {
+            RestartFailure::Spawn {
+                exe: exe.clone(),
+                source,
+            }
+        })?;
     let spawned = tokio::task::spawn_blocking(move || sys::spawn(plan))
         .await
         .map_err(|e| RestartFailure::Io {
             context: "the spawning thread failed",
             source: io::Error::other(e.to_string()),
         })?
-        .map_err(|source| RestartFailure::Spawn { exe: exe.clone(), source })?;
+        .map_err(|source| RestartFailure::Spawn {
+            exe: exe.clone(),
+            source,
+        })?;
     let pid = spawned.pid;
     tracing::info!(pid, "restart: new process started; waiting for its READY=1");
     let child = Child::new(pid, spawned.pidfd)?;
@@ -148,17 +171,15 @@ async fn run(
                 NotifyState::Status(&status),
             ]);
             let ready_after = started.elapsed();
-            tracing::info!(pid, ?ready_after, "restart: new process is ready; handing over");
+            tracing::info!(
+                pid,
+                ?ready_after,
+                "restart: new process is ready; handing over"
+            );
             Ok(HandedOver { pid, ready_after })
         }
         Err(failure) => {
             child.kill_and_reap().await;
-            tracing::error!(error = %failure, "restart failed; the new process was stopped, this one keeps serving");
-            let status = format!(
-                "Restart failed: {failure}; still serving as pid {}",
-                std::process::id()
-            );
-            notifier.notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
             Err(failure)
         }
     }
@@ -176,10 +197,13 @@ fn bind_handshake() -> Result<(tokio::net::UnixDatagram, OsString), RestartFailu
     let name = format!("handover/{}/{seq}/{nanos:08x}", std::process::id());
     let addr = SocketAddr::from_abstract_name(name.as_bytes())
         .map_err(io_err("could not name the hand-off socket"))?;
-    let socket = UnixDatagram::bind_addr(&addr).map_err(io_err("could not bind the hand-off socket"))?;
+    let socket =
+        UnixDatagram::bind_addr(&addr).map_err(io_err("could not bind the hand-off socket"))?;
     rustix::net::sockopt::set_socket_passcred(&socket, true)
-        .map_err(|e| io::Error::from(e))
-        .map_err(io_err("could not enable SO_PASSCRED on the hand-off socket"))?;
+        .map_err(io::Error::from)
+        .map_err(io_err(
+            "could not enable SO_PASSCRED on the hand-off socket",
+        ))?;
     socket
         .set_nonblocking(true)
         .map_err(io_err("could not make the hand-off socket non-blocking"))?;
@@ -213,7 +237,10 @@ async fn wait_ready(socket: &tokio::net::UnixDatagram, pid: u32) -> Result<(), R
     }
 }
 
-fn recv_with_pid(socket: &tokio::net::UnixDatagram, buf: &mut [u8]) -> io::Result<(usize, Option<u32>)> {
+fn recv_with_pid(
+    socket: &tokio::net::UnixDatagram,
+    buf: &mut [u8],
+) -> io::Result<(usize, Option<u32>)> {
     let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let msg = rustix::net::recvmsg(
@@ -287,8 +314,15 @@ impl Child {
         }
         let _ = rustix::process::pidfd_send_signal(self.pidfd.get_ref(), Signal::KILL);
         match tokio::time::timeout(Duration::from_secs(5), self.exited()).await {
-            Ok(how) => tracing::info!(pid = self.pid, how, "restart: the new process was stopped and reaped"),
-            Err(_) => tracing::error!(pid = self.pid, "restart: the new process did not die within 5 s of SIGKILL"),
+            Ok(how) => tracing::info!(
+                pid = self.pid,
+                how,
+                "restart: the new process was stopped and reaped"
+            ),
+            Err(_) => tracing::error!(
+                pid = self.pid,
+                "restart: the new process did not die within 5 s of SIGKILL"
+            ),
         }
     }
 }

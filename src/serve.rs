@@ -28,7 +28,7 @@ use crate::drain::Connections;
 use crate::error::Error;
 use crate::hooks::{self, Hook, HooksReport};
 use crate::listen::{self, Listener, Listeners, Socket};
-use crate::notify::{NotifyState, Notifier};
+use crate::notify::{Notifier, NotifyState};
 use crate::restart::Restarting;
 use crate::signals::{self, Event, SignalEvents};
 use crate::startup;
@@ -326,7 +326,13 @@ where
                             tracing::info!(pid = h.pid, ready_after = ?h.ready_after, "handed over");
                             break Reason::HandedOver { pid: h.pid };
                         }
-                        Err(_) => tracing::info!(pid = startup.pid, "still serving after the failed restart"),
+                        Err(failure) => {
+                            // Reported only now that a new restart signal would be accepted, so
+                            // whoever waits for this message may restart again at once.
+                            let status = format!("Restart failed: {failure}; still serving as pid {}", startup.pid);
+                            notifier.notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                            tracing::info!(pid = startup.pid, "still serving after the failed restart");
+                        }
                     }
                 }
                 () = requested_shutdown(&mut requested) => {

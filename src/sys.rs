@@ -72,10 +72,8 @@ pub(crate) fn set_cloexec_raw(fd: RawFd) -> io::Result<()> {
 pub(crate) fn register_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
     // SAFETY: an OwnedFd is open for as long as it lives and always returns the same number
     // from as_raw_fd; the AsyncFd owns it until it is dropped.
-    unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-    }
-    .map_err(|e| e.into())
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into())
 }
 
 /// What kind of listening socket an inherited fd is.
@@ -134,9 +132,11 @@ pub(crate) fn adopt_inherited(fd: RawFd) -> Result<(OwnedFd, StreamFamily), Stri
     let listening =
         sockopt::socket_acceptconn(borrowed).map_err(|e| format!("SO_ACCEPTCONN failed: {e}"))?;
     if !listening {
-        return Err("is a stream socket that is not listening (a connected socket, as with \
+        return Err(
+            "is a stream socket that is not listening (a connected socket, as with \
                     Accept=yes?); expected a listening socket (Accept=no)"
-            .to_string());
+                .to_string(),
+        );
     }
     // SAFETY: the fd is open and owned by this caller alone (see above); from here on the
     // OwnedFd is its only owner and closes it on drop.
@@ -203,7 +203,10 @@ impl ExecPlan {
     ) -> io::Result<ExecPlan> {
         let nul = |s: &OsStr| {
             CString::new(s.as_bytes()).map_err(|_| {
-                io::Error::new(io::ErrorKind::InvalidInput, format!("{s:?} contains a NUL byte"))
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{s:?} contains a NUL byte"),
+                )
             })
         };
         let path = nul(path.as_os_str())?;
@@ -432,7 +435,10 @@ mod tests {
             // SAFETY: buf has 21 bytes.
             unsafe { write_decimal(buf.as_mut_ptr(), n) };
             let end = buf.iter().position(|&b| b == 0).expect("NUL written");
-            assert_eq!(std::str::from_utf8(&buf[..end]).expect("ascii"), n.to_string());
+            assert_eq!(
+                std::str::from_utf8(&buf[..end]).expect("ascii"),
+                n.to_string()
+            );
         }
     }
 

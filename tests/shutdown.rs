@@ -24,14 +24,20 @@ fn bound_address_serves_then_idle_server_exits_promptly_with_exact_notify_messag
     assert_eq!(addr, SocketAddr::from(([127, 0, 0, 1], port)));
 
     let ready = notify.wait_line("READY=1", SOON);
-    assert_eq!(ready.pid, server.pid, "READY=1 must come from the server itself");
+    assert_eq!(
+        ready.pid, server.pid,
+        "READY=1 must come from the server itself"
+    );
     assert_eq!(
         ready.text,
         format!("READY=1\nSTATUS=Listening on http://127.0.0.1:{port}\n")
     );
 
     let reply = get(addr, "/").expect("HTTP/1.1 request");
-    assert_eq!((reply.status, reply.body.as_str(), reply.pid), (200, "Hello world", server.pid));
+    assert_eq!(
+        (reply.status, reply.body.as_str(), reply.pid),
+        (200, "Hello world", server.pid)
+    );
     let reply = get_h2(addr, "/").expect("HTTP/2 request");
     assert_eq!((reply.status, reply.body.as_str()), (200, "Hello world"));
 
@@ -45,7 +51,10 @@ fn bound_address_serves_then_idle_server_exits_promptly_with_exact_notify_messag
     assert_eq!(all.len(), 2, "{all:#?}");
     assert_eq!(all[1].pid, server.pid);
     assert_eq!(all[1].lines()[0], "STOPPING=1");
-    assert!(all[1].lines()[1].starts_with("STATUS=Stopping: draining "), "{all:#?}");
+    assert!(
+        all[1].lines()[1].starts_with("STATUS=Stopping: draining "),
+        "{all:#?}"
+    );
     assert_none_left([server.pid]);
 }
 
@@ -60,21 +69,38 @@ fn in_flight_request_completes_and_hooks_run_in_order_before_the_drain() {
     server.lines.wait_for("slow request: sleeping", SOON);
 
     server.signal(Signal::INT);
-    let reply = slow.join().expect("client thread").expect("slow request must complete");
+    let reply = slow
+        .join()
+        .expect("client thread")
+        .expect("slow request must complete");
     assert_eq!((reply.status, reply.body.as_str()), (200, "Hello world"));
-    assert!(reply.connection_close, "a response sent while draining closes its connection");
+    assert!(
+        reply.connection_close,
+        "a response sent while draining closes its connection"
+    );
     assert_eq!(server.wait(SOON), Some(0), "exit code after SIGINT");
 
     let lines = server.lines.clone();
-    let at = |s: &str| lines.position(s).unwrap_or_else(|| panic!("no {s:?} in {:#?}", lines.all()));
+    let at = |s: &str| {
+        lines
+            .position(s)
+            .unwrap_or_else(|| panic!("no {s:?} in {:#?}", lines.all()))
+    };
     let stopped = at("stopped accepting");
     let hook1 = at("shutdown hook 1: closing the database");
     let hook2 = at("shutdown hook 2: flushing the logs");
     let closed = at("server closed");
-    assert!(stopped < hook1 && hook1 < hook2 && hook2 < closed, "{:#?}", lines.all());
+    assert!(
+        stopped < hook1 && hook1 < hook2 && hook2 < closed,
+        "{:#?}",
+        lines.all()
+    );
     // The drain waited for the slow request instead of cutting it.
     let summary = &lines.all()[closed];
-    assert!(summary.contains("drained=1") && summary.contains("cut=0"), "{summary}");
+    assert!(
+        summary.contains("drained=1") && summary.contains("cut=0"),
+        "{summary}"
+    );
     assert_none_left([server.pid]);
 }
 
@@ -86,7 +112,10 @@ fn http2_request_in_flight_is_drained() {
     let slow = get_in_background(addr, "/?sleep_ms=800", true);
     server.lines.wait_for("slow request: sleeping", SOON);
     server.signal(Signal::TERM);
-    let reply = slow.join().expect("client thread").expect("HTTP/2 request must complete");
+    let reply = slow
+        .join()
+        .expect("client thread")
+        .expect("HTTP/2 request must complete");
     assert_eq!((reply.status, reply.body.as_str()), (200, "Hello world"));
     assert_eq!(server.wait(SOON), Some(0));
     assert_none_left([server.pid]);
@@ -109,12 +138,21 @@ fn slowloris_and_silent_clients_cannot_hold_shutdown_past_the_timeout() {
     server.signal(Signal::TERM);
     assert_eq!(server.wait(SOON), Some(0));
     let took = sent.elapsed();
-    assert!(took < Duration::from_secs(4), "shutdown took {took:?} with a 1 s drain timeout");
-    assert!(too_slow.join().expect("client thread").is_err(), "the cut request fails");
+    assert!(
+        took < Duration::from_secs(4),
+        "shutdown took {took:?} with a 1 s drain timeout"
+    );
+    assert!(
+        too_slow.join().expect("client thread").is_err(),
+        "the cut request fails"
+    );
     let closed = server.lines.wait_for("server closed", SOON);
     // The slow request and the half-sent head are cut at the deadline; the silent connection
     // may already have been closed by the keep-alive grace.
-    assert!(closed.contains("cut=2") || closed.contains("cut=3"), "{closed}");
+    assert!(
+        closed.contains("cut=2") || closed.contains("cut=3"),
+        "{closed}"
+    );
     assert_none_left([server.pid]);
 }
 
@@ -142,7 +180,10 @@ fn socket_activated_by_systemd_socket_activate_with_fdname() {
     // systemd-socket-activate execs the program: same pid.
     assert_eq!(reply.pid, activator.pid);
     let inherited = activator.lines.wait_for("inherited listener", SOON);
-    assert!(inherited.contains("fd=3") && inherited.contains("name=web"), "{inherited}");
+    assert!(
+        inherited.contains("fd=3") && inherited.contains("name=web"),
+        "{inherited}"
+    );
     assert_eq!(notify.wait_line("READY=1", SOON).pid, activator.pid);
 
     activator.signal(Signal::TERM);
@@ -178,42 +219,115 @@ fn unlistening_tcp() -> OwnedFd {
 }
 
 fn regular_file() -> OwnedFd {
-    std::fs::File::open("/proc/self/status").expect("open").into()
+    std::fs::File::open("/proc/self/status")
+        .expect("open")
+        .into()
 }
 
 fn listening_tcp() -> OwnedFd {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("listen").into()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("listen")
+        .into()
 }
 
 #[test]
 fn malformed_environment_and_bad_inherited_fds() {
     let cases = [
-        Case { name: "LISTEN_FDS not a number", env: &[("LISTEN_FDS", "abc")], fd3: None,
-               error: Some(r#"LISTEN_FDS="abc" is malformed: expected a count of fds"#), log: None },
-        Case { name: "LISTEN_FDS negative", env: &[("LISTEN_FDS", "-1")], fd3: None,
-               error: Some(r#"LISTEN_FDS="-1" is malformed"#), log: None },
-        Case { name: "LISTEN_PID not a number", env: &[("LISTEN_FDS", "1"), ("LISTEN_PID", "12ab")], fd3: None,
-               error: Some(r#"LISTEN_PID="12ab" is malformed: expected a process id"#), log: None },
-        Case { name: "LISTEN_FDNAMES count mismatch", env: &[("LISTEN_FDS", "1"), ("LISTEN_FDNAMES", "a:b")],
-               fd3: Some(listening_tcp), error: Some(r#"LISTEN_FDNAMES="a:b" is malformed: expected one colon-separated name per fd"#), log: None },
-        Case { name: "LISTEN_FDS_FIRST_FD on stdio", env: &[("LISTEN_FDS", "1"), ("LISTEN_FDS_FIRST_FD", "1")], fd3: None,
-               error: Some(r#"LISTEN_FDS_FIRST_FD="1" is malformed"#), log: None },
-        Case { name: "fd 3 not open", env: &[("LISTEN_FDS", "1")], fd3: None,
-               error: Some("inherited fd 3 (LISTEN_FDNAMES name \"unknown\") is not open"), log: None },
-        Case { name: "fd 3 a regular file", env: &[("LISTEN_FDS", "1"), ("LISTEN_FDNAMES", "web")], fd3: Some(regular_file),
-               error: Some("inherited fd 3 (LISTEN_FDNAMES name \"web\") is a regular file, not a socket"), log: None },
-        Case { name: "fd 3 a UDP socket", env: &[("LISTEN_FDS", "1")], fd3: Some(udp_socket),
-               error: Some("is a datagram (UDP or SOCK_DGRAM) socket; expected a stream"), log: None },
-        Case { name: "fd 3 a TCP socket that is not listening", env: &[("LISTEN_FDS", "1")], fd3: Some(unlistening_tcp),
-               error: Some("not listening"), log: None },
-        Case { name: "LISTEN_PID of another process", env: &[("LISTEN_FDS", "1"), ("LISTEN_PID", "1")], fd3: None,
-               error: None, log: Some("LISTEN_PID is not our pid") },
-        Case { name: "NOTIFY_SOCKET relative", env: &[("NOTIFY_SOCKET", "run/notify")], fd3: None,
-               error: None, log: Some(r#"NOTIFY_SOCKET="run/notify" is malformed: expected an absolute path"#) },
-        Case { name: "NOTIFY_SOCKET unreachable", env: &[("NOTIFY_SOCKET", "/nonexistent/handover/notify")], fd3: None,
-               error: None, log: Some("sd_notify message could not be sent") },
-        Case { name: "NOTIFY_SOCKET vsock", env: &[("NOTIFY_SOCKET", "vsock:2:1234")], fd3: None,
-               error: None, log: Some("NOTIFY_SOCKET") },
+        Case {
+            name: "LISTEN_FDS not a number",
+            env: &[("LISTEN_FDS", "abc")],
+            fd3: None,
+            error: Some(r#"LISTEN_FDS="abc" is malformed: expected a count of fds"#),
+            log: None,
+        },
+        Case {
+            name: "LISTEN_FDS negative",
+            env: &[("LISTEN_FDS", "-1")],
+            fd3: None,
+            error: Some(r#"LISTEN_FDS="-1" is malformed"#),
+            log: None,
+        },
+        Case {
+            name: "LISTEN_PID not a number",
+            env: &[("LISTEN_FDS", "1"), ("LISTEN_PID", "12ab")],
+            fd3: None,
+            error: Some(r#"LISTEN_PID="12ab" is malformed: expected a process id"#),
+            log: None,
+        },
+        Case {
+            name: "LISTEN_FDNAMES count mismatch",
+            env: &[("LISTEN_FDS", "1"), ("LISTEN_FDNAMES", "a:b")],
+            fd3: Some(listening_tcp),
+            error: Some(
+                r#"LISTEN_FDNAMES="a:b" is malformed: expected one colon-separated name per fd"#,
+            ),
+            log: None,
+        },
+        Case {
+            name: "LISTEN_FDS_FIRST_FD on stdio",
+            env: &[("LISTEN_FDS", "1"), ("LISTEN_FDS_FIRST_FD", "1")],
+            fd3: None,
+            error: Some(r#"LISTEN_FDS_FIRST_FD="1" is malformed"#),
+            log: None,
+        },
+        Case {
+            name: "fd 3 not open",
+            env: &[("LISTEN_FDS", "1")],
+            fd3: None,
+            error: Some("inherited fd 3 (LISTEN_FDNAMES name \"unknown\") is not open"),
+            log: None,
+        },
+        Case {
+            name: "fd 3 a regular file",
+            env: &[("LISTEN_FDS", "1"), ("LISTEN_FDNAMES", "web")],
+            fd3: Some(regular_file),
+            error: Some(
+                "inherited fd 3 (LISTEN_FDNAMES name \"web\") is a regular file, not a socket",
+            ),
+            log: None,
+        },
+        Case {
+            name: "fd 3 a UDP socket",
+            env: &[("LISTEN_FDS", "1")],
+            fd3: Some(udp_socket),
+            error: Some("is a datagram (UDP or SOCK_DGRAM) socket; expected a stream"),
+            log: None,
+        },
+        Case {
+            name: "fd 3 a TCP socket that is not listening",
+            env: &[("LISTEN_FDS", "1")],
+            fd3: Some(unlistening_tcp),
+            error: Some("not listening"),
+            log: None,
+        },
+        Case {
+            name: "LISTEN_PID of another process",
+            env: &[("LISTEN_FDS", "1"), ("LISTEN_PID", "1")],
+            fd3: None,
+            error: None,
+            log: Some("LISTEN_PID is not our pid"),
+        },
+        Case {
+            name: "NOTIFY_SOCKET relative",
+            env: &[("NOTIFY_SOCKET", "run/notify")],
+            fd3: None,
+            error: None,
+            log: Some(r#"NOTIFY_SOCKET="run/notify" is malformed: expected an absolute path"#),
+        },
+        Case {
+            name: "NOTIFY_SOCKET unreachable",
+            env: &[("NOTIFY_SOCKET", "/nonexistent/handover/notify")],
+            fd3: None,
+            error: None,
+            log: Some("sd_notify message could not be sent"),
+        },
+        Case {
+            name: "NOTIFY_SOCKET vsock",
+            env: &[("NOTIFY_SOCKET", "vsock:2:1234")],
+            fd3: None,
+            error: None,
+            log: Some("NOTIFY_SOCKET"),
+        },
     ];
     let mut failures = Vec::new();
     for case in cases {
@@ -231,7 +345,10 @@ fn malformed_environment_and_bad_inherited_fds() {
                 let code = server.wait(SOON);
                 let log = server.lines.all().join("\n");
                 if code != Some(1) || !log.contains(text) {
-                    failures.push(format!("{}: exit {code:?}, wanted 1 and {text:?} in:\n{log}", case.name));
+                    failures.push(format!(
+                        "{}: exit {code:?}, wanted 1 and {text:?} in:\n{log}",
+                        case.name
+                    ));
                 }
                 if log.contains("panicked") {
                     failures.push(format!("{}: panicked:\n{log}", case.name));
@@ -264,7 +381,8 @@ fn address_in_use_is_a_clear_error() {
     let port = taken.local_addr().expect("addr").port();
     let mut server = hello_on(port).start();
     assert_eq!(server.wait(SOON), Some(1));
-    server
-        .lines
-        .wait_for(&format!("could not bind 127.0.0.1:{port}: Address already in use"), SOON);
+    server.lines.wait_for(
+        &format!("could not bind 127.0.0.1:{port}: Address already in use"),
+        SOON,
+    );
 }

@@ -7,6 +7,7 @@
 //! check its exit status like any other child.
 
 #![allow(dead_code)] // each test file uses a different part
+#![allow(unreachable_pub)] // a module shared by test crates, not an API
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -224,6 +225,9 @@ impl Spawn {
     }
 
     pub fn start(mut self) -> Proc {
+        // Not waited for through `Child`: `Proc` reaps it by pid (see `wait_exit`), including
+        // when it is dropped.
+        #[allow(clippy::zombie_processes)]
         let mut child = self.cmd.spawn().expect("spawn test process");
         let lines = Lines::default();
         lines.collect(child.stdout.take().expect("stdout"));
@@ -284,7 +288,10 @@ pub fn wait_exit(p: u32, timeout: Duration) -> Option<i32> {
         tv_sec: timeout.as_secs() as i64,
         tv_nsec: timeout.subsec_nanos() as i64,
     };
-    let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+    let mut fds = [rustix::event::PollFd::new(
+        &fd,
+        rustix::event::PollFlags::IN,
+    )];
     let ready = rustix::event::poll(&mut fds, Some(&ts)).expect("poll pidfd");
     if ready == 0 {
         panic!("process {p} did not exit within {timeout:?}");
@@ -304,7 +311,10 @@ pub fn alive(p: u32) -> bool {
     let Ok(fd) = rustix::process::pidfd_open(pid(p), rustix::process::PidfdFlags::empty()) else {
         return false;
     };
-    let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+    let mut fds = [rustix::event::PollFd::new(
+        &fd,
+        rustix::event::PollFlags::IN,
+    )];
     let zero = rustix::event::Timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -335,7 +345,9 @@ pub fn fds_of(p: u32) -> Vec<(u32, String)> {
     let dir = format!("/proc/{p}/fd");
     for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{dir}: {e}")) {
         let Ok(entry) = entry else { continue };
-        let Ok(fd) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         let target = std::fs::read_link(entry.path())
             .map(|t| t.to_string_lossy().into_owned())
             .unwrap_or_default();
@@ -405,7 +417,9 @@ impl NotifySocket {
                 }
                 let text = String::from_utf8_lossy(&buf[..msg.bytes]).into_owned();
                 let (m, cv) = &*g;
-                m.lock().unwrap_or_else(|p| p.into_inner()).push(Notice { pid, text });
+                m.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(Notice { pid, text });
                 cv.notify_all();
             }
         });
@@ -428,7 +442,10 @@ impl NotifySocket {
             }
             let now = Instant::now();
             if now >= deadline {
-                panic!("timed out waiting for sd_notify message #{n}; got: {:#?}", *got);
+                panic!(
+                    "timed out waiting for sd_notify message #{n}; got: {:#?}",
+                    *got
+                );
             }
             got = cv
                 .wait_timeout(got, deadline - now)
@@ -496,7 +513,10 @@ pub async fn send(
         .header("host", addr.to_string())
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
-    let resp = sender.send_request(req).await.map_err(|e| format!("request: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
     reply(resp).await
 }
 
@@ -542,7 +562,10 @@ pub fn get_h2(addr: SocketAddr, path: &str) -> Result<Reply, String> {
         let req = hyper::Request::get(format!("http://{addr}{path}"))
             .body(Empty::<Bytes>::new())
             .map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| format!("request: {e}"))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
         if resp.version() != hyper::Version::HTTP_2 {
             return Err(format!("expected HTTP/2, got {:?}", resp.version()));
         }
@@ -551,9 +574,19 @@ pub fn get_h2(addr: SocketAddr, path: &str) -> Result<Reply, String> {
 }
 
 /// Starts a GET on a thread and returns its handle (for requests in flight across a signal).
-pub fn get_in_background(addr: SocketAddr, path: &str, h2: bool) -> std::thread::JoinHandle<Result<Reply, String>> {
+pub fn get_in_background(
+    addr: SocketAddr,
+    path: &str,
+    h2: bool,
+) -> std::thread::JoinHandle<Result<Reply, String>> {
     let path = path.to_string();
-    std::thread::spawn(move || if h2 { get_h2(addr, &path) } else { get(addr, &path) })
+    std::thread::spawn(move || {
+        if h2 {
+            get_h2(addr, &path)
+        } else {
+            get(addr, &path)
+        }
+    })
 }
 
 /// Raw TCP: sends `bytes` and keeps the connection open (slowloris and friends).
@@ -589,7 +622,12 @@ pub struct Load {
 type Seen = Arc<(Mutex<BTreeSet<u32>>, Condvar)>;
 
 impl Load {
-    pub fn start(addr: SocketAddr, connections: usize, path: &'static str, max_time: Duration) -> Load {
+    pub fn start(
+        addr: SocketAddr,
+        connections: usize,
+        path: &'static str,
+        max_time: Duration,
+    ) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let seen: Seen = Default::default();
         let (s, seen2) = (stop.clone(), seen.clone());
@@ -629,8 +667,14 @@ impl Load {
         let mut seen = m.lock().unwrap_or_else(|p| p.into_inner());
         while !seen.contains(&pid) {
             let now = Instant::now();
-            assert!(now < deadline, "no response from pid {pid} within {timeout:?}");
-            seen = cv.wait_timeout(seen, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            assert!(
+                now < deadline,
+                "no response from pid {pid} within {timeout:?}"
+            );
+            seen = cv
+                .wait_timeout(seen, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -651,7 +695,10 @@ async fn client(
 ) -> LoadReport {
     let mut report = LoadReport::default();
     let mut sent = 0u64;
-    'outer: while !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < deadline && sent < MAX_PER_CONN {
+    'outer: while !stop.load(Ordering::Relaxed)
+        && tokio::time::Instant::now() < deadline
+        && sent < MAX_PER_CONN
+    {
         let stream = match tokio::net::TcpStream::connect(addr).await {
             Ok(s) => s,
             Err(e) => {
@@ -663,7 +710,8 @@ async fn client(
         };
         let _ = stream.set_nodelay(true);
         let (mut sender, conn) =
-            match hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await {
+            match hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await
+            {
                 Ok(x) => x,
                 Err(e) => {
                     report.failed += 1;
@@ -673,7 +721,10 @@ async fn client(
             };
         tokio::spawn(conn);
         report.reconnects += 1;
-        while !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < deadline && sent < MAX_PER_CONN {
+        while !stop.load(Ordering::Relaxed)
+            && tokio::time::Instant::now() < deadline
+            && sent < MAX_PER_CONN
+        {
             // A connection the server closed cleanly is not ready: reconnect, nothing was sent.
             if sender.ready().await.is_err() {
                 continue 'outer;
@@ -683,7 +734,10 @@ async fn client(
                 Ok(r) if r.status == 200 && r.body == "Hello world" => {
                     report.ok += 1;
                     if report.pids.insert(r.pid) {
-                        seen.0.lock().unwrap_or_else(|p| p.into_inner()).insert(r.pid);
+                        seen.0
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(r.pid);
                         seen.1.notify_all();
                     }
                     if r.connection_close {
@@ -746,8 +800,13 @@ pub fn pid_in(line: &str) -> u32 {
 
 /// Parses `http://IP:PORT` out of a `listen on:` line.
 pub fn addr_in(line: &str) -> SocketAddr {
-    let start = line.find("http://").unwrap_or_else(|| panic!("no address in {line:?}")) + 7;
+    let start = line
+        .find("http://")
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        + 7;
     let rest = &line[start..];
     let end = rest.find(',').unwrap_or(rest.len());
-    rest[..end].parse().unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"))
+    rest[..end]
+        .parse()
+        .unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"))
 }

@@ -1,0 +1,425 @@
+//! Zero-downtime restart: the hand-off of the listeners to a new process, its readiness
+//! handshake, rollback, and what systemd is told. Real processes, real signals, loopback only.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rustix::process::Signal;
+use support::*;
+
+const RESTARTS: usize = 5;
+
+fn mainpid(notice: &Notice) -> u32 {
+    notice
+        .lines()
+        .iter()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no MAINPID in {notice:?}"))
+}
+
+/// Restarts the server `RESTARTS` times under a keep-alive load and checks every request was
+/// answered, each restart moved to a new pid, and one server is left, then none.
+fn restart_under_load(notify: &NotifySocket, server: Proc, addr: SocketAddr) {
+    let mut pids = vec![server.pid];
+    let load = Load::start(addr, 16, "/", Duration::from_secs(120));
+    load.wait_pid(server.pid, SOON);
+    let mut first = Some(server);
+    for i in 1..=RESTARTS {
+        let old = *pids.last().expect("a pid");
+        signal(old, Signal::USR1);
+        let handed = notify.wait_nth(i, SOON, |n| n.has("READY=1") && n.text.contains("MAINPID="));
+        assert_eq!(
+            handed.pid, old,
+            "the old main process announces its successor"
+        );
+        let new = mainpid(&handed);
+        assert_ne!(new, old);
+        load.wait_pid(new, SOON);
+        // The old process drains and exits 0; only then is the next restart sent.
+        let code = match first.as_mut() {
+            Some(p) => p.wait(SOON),
+            None => wait_exit(old, SOON),
+        };
+        first = None;
+        assert_eq!(code, Some(0), "old process {old} exit code");
+        pids.push(new);
+    }
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "failed requests: {:?}", report.errors);
+    assert!(report.ok > 0);
+    let last = *pids.last().expect("a pid");
+    for p in &pids {
+        assert!(
+            report.pids.contains(p),
+            "pid {p} never answered: {report:?}"
+        );
+    }
+    // Exactly one server process is left: the last one.
+    assert!(alive(last));
+    assert_none_left(pids[..pids.len() - 1].iter().copied());
+    signal(last, Signal::TERM);
+    assert_eq!(wait_exit(last, SOON), Some(0));
+    assert_none_left(pids);
+}
+
+#[test]
+fn restarts_on_a_bound_address_under_load_lose_no_request() {
+    let notify = NotifySocket::new();
+    let port = free_port();
+    let server = Spawn::new(example("hello"))
+        .arg(format!("127.0.0.1:{port}"))
+        .env("NOTIFY_SOCKET", &notify.path)
+        .start();
+    let addr = addr_in(&server.listen_line());
+    notify.wait_line("READY=1", SOON);
+    restart_under_load(&notify, server, addr);
+}
+
+#[test]
+fn restarts_under_systemd_socket_activate_under_load_lose_no_request() {
+    let notify = NotifySocket::new();
+    let port = free_port();
+    let server = Spawn::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--fdname=web")
+        .arg("-E")
+        .arg(format!("NOTIFY_SOCKET={}", notify.path.display()))
+        .arg("-E")
+        .arg("RUST_LOG=info")
+        .arg(example("hello"))
+        .arg(format!("127.0.0.1:{port}"))
+        .start();
+    server.lines.wait_for("Listening on", SOON);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    // The first connection starts the program.
+    assert_eq!(get(addr, "/").expect("activation request").pid, server.pid);
+    notify.wait_line("READY=1", SOON);
+    restart_under_load(&notify, server, addr);
+}
+
+#[test]
+fn slow_request_started_before_the_restart_completes_on_the_old_process() {
+    let notify = NotifySocket::new();
+    let port = free_port();
+    let mut server = Spawn::new(example("hello"))
+        .arg(format!("127.0.0.1:{port}"))
+        .env("NOTIFY_SOCKET", &notify.path)
+        .start();
+    let addr = addr_in(&server.listen_line());
+    let slow = get_in_background(addr, "/?sleep_ms=1000", false);
+    server.lines.wait_for("slow request: sleeping", SOON);
+    server.signal(Signal::USR1);
+    let new = mainpid(&notify.wait_nth(1, SOON, |n| n.text.contains("MAINPID=")));
+    let reply = get(addr, "/").expect("request after the hand-off");
+    assert_eq!(reply.pid, new, "new connections go to the new process");
+    let slow = slow.join().expect("client thread").expect("slow request");
+    assert_eq!(
+        (slow.status, slow.body.as_str(), slow.pid),
+        (200, "Hello world", server.pid)
+    );
+    assert_eq!(server.wait(SOON), Some(0));
+    signal(new, Signal::TERM);
+    assert_eq!(wait_exit(new, SOON), Some(0));
+    assert_none_left([server.pid, new]);
+}
+
+#[test]
+fn sd_notify_messages_of_a_restart_in_order_with_sender_pids() {
+    let notify = NotifySocket::new();
+    let port = free_port();
+    let mut server = Spawn::new(example("hello"))
+        .arg(format!("127.0.0.1:{port}"))
+        .env("NOTIFY_SOCKET", &notify.path)
+        .start();
+    server.listen_line();
+    notify.wait_line("READY=1", SOON);
+    server.signal(Signal::USR1);
+    let handed = notify.wait_nth(1, SOON, |n| n.text.contains("MAINPID="));
+    let new = mainpid(&handed);
+    assert_eq!(server.wait(SOON), Some(0));
+    signal(new, Signal::TERM);
+    assert_eq!(wait_exit(new, SOON), Some(0));
+
+    let all = notify.all();
+    let old = server.pid;
+    let shape: Vec<(u32, Vec<String>)> = all
+        .iter()
+        .map(|n| {
+            (
+                n.pid,
+                n.lines()
+                    .iter()
+                    .map(|l| match l.split_once('=') {
+                        Some(("MONOTONIC_USEC", v)) => {
+                            assert!(v.parse::<u64>().is_ok(), "{l}");
+                            "MONOTONIC_USEC=<now>".to_string()
+                        }
+                        Some(("STATUS", _)) => "STATUS=<text>".to_string(),
+                        _ => l.to_string(),
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    let expected: Vec<(u32, Vec<String>)> = vec![
+        (old, vec!["READY=1".into(), "STATUS=<text>".into()]),
+        (
+            old,
+            vec![
+                "RELOADING=1".into(),
+                "MONOTONIC_USEC=<now>".into(),
+                "STATUS=<text>".into(),
+            ],
+        ),
+        // One datagram: systemd authorises it against the main pid before applying MAINPID.
+        (
+            old,
+            vec![
+                format!("MAINPID={new}"),
+                "READY=1".into(),
+                "STATUS=<text>".into(),
+            ],
+        ),
+        // The new process speaks for itself from now on; the old one never says STOPPING=1.
+        (new, vec!["STOPPING=1".into(), "STATUS=<text>".into()]),
+    ];
+    assert_eq!(shape, expected, "{all:#?}");
+    assert_none_left([old, new]);
+}
+
+#[test]
+fn failed_restarts_roll_back_and_the_old_process_keeps_serving() {
+    let notify = NotifySocket::new();
+    let dir = scratch_dir("rollback");
+    let exe = deploy_copy("hello", &dir);
+    let port = free_port();
+    let mut server = Spawn::new(&exe)
+        .arg(format!("127.0.0.1:{port}"))
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env("HANDOVER_READY_TIMEOUT_MS", "1000")
+        .start();
+    let addr = addr_in(&server.listen_line());
+    notify.wait_line("READY=1", SOON);
+
+    type Break = fn(&std::path::Path);
+    let cases: [(&str, Break, &str); 6] = [
+        (
+            "binary deleted",
+            |p| std::fs::remove_file(p).expect("rm"),
+            "No such file or directory",
+        ),
+        (
+            "binary not executable",
+            |p| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).expect("chmod")
+            },
+            "Permission denied",
+        ),
+        (
+            "binary exits 1",
+            |p| replace_with_script(p, "exit 1"),
+            "exited with status 1",
+        ),
+        (
+            "binary never ready",
+            |p| replace_with_script(p, "exec sleep 30"),
+            "did not report READY=1 within 1s",
+        ),
+        (
+            "binary crashes (SIGSEGV)",
+            |p| replace_with_script(p, "kill -SEGV $$"),
+            "killed by signal 11",
+        ),
+        (
+            "binary aborts after a ready-less start",
+            |p| replace_with_script(p, "sleep 0.2; kill -ABRT $$"),
+            "killed by signal 6",
+        ),
+    ];
+    let mut children = Vec::new();
+    for (i, (name, breaks, why)) in cases.iter().enumerate() {
+        restore_binary("hello", &exe);
+        breaks(&exe);
+        server.signal(Signal::USR1);
+        let failed = notify.wait_nth(i + 1, SOON, |n| n.text.contains("STATUS=Restart failed"));
+        assert_eq!(failed.pid, server.pid, "{name}");
+        assert!(failed.has("READY=1"), "{name}: the reload ends: {failed:?}");
+        assert!(failed.text.contains(why), "{name}: {failed:?}");
+        assert!(
+            failed
+                .text
+                .contains(&format!("still serving as pid {}", server.pid)),
+            "{name}: {failed:?}"
+        );
+        let reply = get(addr, "/").unwrap_or_else(|e| panic!("{name}: not serving: {e}"));
+        assert_eq!((reply.status, reply.pid), (200, server.pid), "{name}");
+        for line in server.lines.all() {
+            if let Some(rest) = line.split("waiting for its READY=1 pid=").nth(1) {
+                children.push(rest.trim().parse::<u32>().expect("child pid"));
+            }
+        }
+    }
+    // Every failed child was killed and reaped by the server: none is left, not even a zombie
+    // (a zombie of the server would still have a /proc entry).
+    for child in &children {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{child}")).exists(),
+            "failed child {child} left behind"
+        );
+    }
+    assert_none_left(children.iter().copied());
+
+    // A later restart with a good binary succeeds.
+    restore_binary("hello", &exe);
+    server.signal(Signal::USR1);
+    let new = mainpid(&notify.wait_nth(1, SOON, |n| n.text.contains("MAINPID=")));
+    assert_eq!(server.wait(SOON), Some(0));
+    assert_eq!(get(addr, "/").expect("new process serves").pid, new);
+    signal(new, Signal::TERM);
+    assert_eq!(wait_exit(new, SOON), Some(0));
+    assert_none_left([server.pid, new]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_storm_of_restart_signals_starts_exactly_one_child() {
+    let notify = NotifySocket::new();
+    let port = free_port();
+    let mut server = Spawn::new(example("hello"))
+        .arg(format!("127.0.0.1:{port}"))
+        .env("NOTIFY_SOCKET", &notify.path)
+        .start();
+    let addr = addr_in(&server.listen_line());
+    notify.wait_line("READY=1", SOON);
+    for _ in 0..50 {
+        server.signal(Signal::USR1);
+    }
+    let new = mainpid(&notify.wait_nth(1, SOON, |n| n.text.contains("MAINPID=")));
+    assert_eq!(server.wait(SOON), Some(0));
+    assert_eq!(get(addr, "/").expect("served").pid, new);
+    let started = server
+        .lines
+        .all()
+        .iter()
+        .filter(|l| l.contains("restart: starting the new process"))
+        .count();
+    assert_eq!(started, 1, "{:#?}", server.lines.all());
+    let mainpids = notify
+        .all()
+        .iter()
+        .filter(|n| n.text.contains("MAINPID="))
+        .count();
+    assert_eq!(mainpids, 1);
+    signal(new, Signal::TERM);
+    assert_eq!(wait_exit(new, SOON), Some(0));
+    assert_none_left([server.pid, new]);
+}
+
+#[test]
+fn close_signal_during_a_restart_kills_the_child_and_leaves_nothing() {
+    let dir = scratch_dir("close-during-restart");
+    let exe = deploy_copy("hello", &dir);
+    let port = free_port();
+    let mut server = Spawn::new(&exe).arg(format!("127.0.0.1:{port}")).start();
+    server.listen_line();
+    replace_with_script(&exe, "exec sleep 30");
+    server.signal(Signal::USR1);
+    let line = server.lines.wait_for("waiting for its READY=1 pid=", SOON);
+    let child: u32 = line
+        .rsplit("pid=")
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .expect("child pid");
+    assert!(alive(child));
+    server.signal(Signal::TERM);
+    assert_eq!(server.wait(SOON), Some(0));
+    server
+        .lines
+        .wait_for("a close signal arrived while new process", SOON);
+    assert_none_left([server.pid, child]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn the_child_inherits_only_stdio_and_the_listeners() {
+    let notify = NotifySocket::new();
+    let port = free_port();
+    let mut server = Spawn::new(example("hello"))
+        .arg(format!("127.0.0.1:{port}"))
+        .env("NOTIFY_SOCKET", &notify.path)
+        .start();
+    server.listen_line();
+    notify.wait_line("READY=1", SOON);
+    let parent_fds = fds_of(server.pid);
+    server.signal(Signal::USR1);
+    let new = mainpid(&notify.wait_nth(1, SOON, |n| n.text.contains("MAINPID=")));
+    let child_fds = fds_of(new);
+    assert_eq!(server.wait(SOON), Some(0));
+
+    // The listening socket: what the child has at fd 3.
+    let listener = child_fds
+        .iter()
+        .find(|(fd, _)| *fd == 3)
+        .map(|(_, t)| t.clone())
+        .expect("the child has fd 3");
+    assert!(listener.starts_with("socket:"), "fd 3 is {listener}");
+    assert!(
+        parent_fds.iter().any(|(_, t)| *t == listener),
+        "child fd 3 ({listener}) is the parent's listener: {parent_fds:?}"
+    );
+    // Stdio is shared; apart from that and the listener, nothing the parent holds.
+    // Sockets and pipes have an identity (their inode) in the link; anonymous inodes
+    // (epoll, eventfd) and /dev/null do not, and are the child's own.
+    for (fd, target) in &child_fds {
+        let identifiable = target.starts_with("socket:") || target.starts_with("pipe:");
+        if *fd <= 2 || *target == listener || !identifiable {
+            continue;
+        }
+        assert!(
+            !parent_fds.iter().any(|(_, t)| t == target),
+            "child fd {fd} ({target}) leaked from the parent; parent: {parent_fds:?}, child: {child_fds:?}"
+        );
+    }
+    signal(new, Signal::TERM);
+    assert_eq!(wait_exit(new, SOON), Some(0));
+    assert_none_left([server.pid, new]);
+}
+
+#[test]
+fn fd_count_is_flat_after_50_failed_restarts() {
+    let notify = NotifySocket::new();
+    let dir = scratch_dir("fd-count");
+    let exe = deploy_copy("hello", &dir);
+    let port = free_port();
+    let mut server = Spawn::new(&exe)
+        .arg(format!("127.0.0.1:{port}"))
+        .env("NOTIFY_SOCKET", &notify.path)
+        .start();
+    let addr = addr_in(&server.listen_line());
+    notify.wait_line("READY=1", SOON);
+    replace_with_script(&exe, "exit 1");
+    // One failed restart first, so lazily created fds (the blocking pool's) exist before counting.
+    server.signal(Signal::USR1);
+    notify.wait_nth(1, SOON, |n| n.text.contains("Restart failed"));
+    let before = fds_of(server.pid);
+    for i in 2..=51 {
+        server.signal(Signal::USR1);
+        notify.wait_nth(i, SOON, |n| n.text.contains("Restart failed"));
+    }
+    let after = fds_of(server.pid);
+    assert_eq!(
+        before.len(),
+        after.len(),
+        "before: {before:?}\nafter: {after:?}"
+    );
+    assert_eq!(get(addr, "/").expect("still serving").pid, server.pid);
+    server.signal(Signal::TERM);
+    assert_eq!(server.wait(SOON), Some(0));
+    assert_none_left([server.pid]);
+    let _ = std::fs::remove_dir_all(dir);
+}
