@@ -1,0 +1,2 @@
+//! Benchmark harness (see README, "Benchmarks"). Placeholder until written.
+fn main() {}
