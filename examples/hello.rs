@@ -13,7 +13,8 @@
 //!
 //! For experiments and the tests: `?sleep_ms=N` delays the answer by N ms; every response
 //! carries `x-pid` (the pid that answered); `HANDOVER_DRAIN_TIMEOUT_MS` and
-//! `HANDOVER_READY_TIMEOUT_MS` override the drain and restart-readiness timeouts.
+//! `HANDOVER_READY_TIMEOUT_MS` override the drain and restart-readiness timeouts;
+//! `HANDOVER_FD_STORE=1` hands the bound listener to systemd's fd store.
 
 mod common;
 
@@ -61,6 +62,9 @@ fn main() -> ExitCode {
     }
     if let Some(t) = common::env_ms("HANDOVER_READY_TIMEOUT_MS") {
         server = server.ready_timeout(t);
+    }
+    if std::env::var_os("HANDOVER_FD_STORE").is_some_and(|v| v == "1") {
+        server = server.fd_store(true);
     }
     match runtime.block_on(server.into_future()) {
         Ok(shutdown) => {

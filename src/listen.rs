@@ -61,7 +61,8 @@ pub enum Origin {
 
 impl Listener {
     /// The name of the listener: its `LISTEN_FDNAMES` entry when inherited (`unknown` if the
-    /// manager gave none), otherwise the address it was bound to.
+    /// manager gave none), otherwise the address it was bound to, with `:` (which the protocol
+    /// uses as separator) written as `_`: `127.0.0.1_8877`.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -71,9 +72,11 @@ impl Listener {
         self.origin
     }
 
-    /// Renames the listener; the name is what a restart passes on in `LISTEN_FDNAMES`.
+    /// Renames the listener; the name is what a restart passes on in `LISTEN_FDNAMES`, and
+    /// the `FDNAME=` of [`crate::Serve::fd_store`]. Characters systemd does not allow in a
+    /// name (`:`, control characters, non-ASCII) are replaced by `_`; at most 255 are kept.
     pub fn with_name(mut self, name: impl Into<String>) -> Listener {
-        self.name = name.into();
+        self.name = fd_name(&name.into());
         self
     }
 
@@ -107,7 +110,7 @@ impl Listener {
             .set_nonblocking(true)
             .map_err(|e| Error::io("could not make a TCP listener non-blocking", e))?;
         let name = match listener.local_addr() {
-            Ok(addr) => addr.to_string(),
+            Ok(addr) => fd_name(&addr.to_string()),
             Err(_) => "tcp".to_string(),
         };
         Ok(Listener {
@@ -124,7 +127,7 @@ impl Listener {
         let name = listener
             .local_addr()
             .ok()
-            .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+            .and_then(|a| a.as_pathname().map(|p| fd_name(&p.display().to_string())))
             .unwrap_or_else(|| "unix".to_string());
         Ok(Listener {
             socket: Socket::Unix(listener),
@@ -334,6 +337,21 @@ impl IntoIterator for Listeners {
     fn into_iter(self) -> Self::IntoIter {
         self.list.into_iter()
     }
+}
+
+/// A name as systemd accepts it in `FileDescriptorName=`/`FDNAME=`: printable ASCII without
+/// `:`, at most 255 characters.
+pub(crate) fn fd_name(name: &str) -> String {
+    name.chars()
+        .take(255)
+        .map(|c| {
+            if c.is_ascii_graphic() && c != ':' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// The raw values of the protocol variables, and our pid.

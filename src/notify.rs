@@ -14,11 +14,15 @@
 //!   manager, so the new process can do its own next restart.
 
 use std::ffi::{OsStr, OsString};
-use std::io;
-use std::os::linux::net::SocketAddrExt;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::os::unix::net::UnixDatagram;
 use std::sync::Mutex;
+use std::time::Duration;
+
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix};
 
 pub(crate) use sd_notify::NotifyState;
 
@@ -38,7 +42,7 @@ pub(crate) struct Notifier {
 pub(crate) struct Target {
     /// The value as given, for messages.
     name: OsString,
-    addr: SocketAddr,
+    addr: SocketAddrUnix,
     socket: UnixDatagram,
 }
 
@@ -126,6 +130,79 @@ impl Notifier {
     }
 }
 
+impl Notifier {
+    /// Hands `fds` to the service manager's fd store (`FDSTORE=1`, one message per fd so each
+    /// keeps its own `FDNAME=`). Only the service manager is asked, never a parent.
+    pub(crate) fn store_fds(&self, fds: &[(BorrowedFd<'_>, &str)]) {
+        let Some(target) = &self.upstream else {
+            return;
+        };
+        for (fd, name) in fds {
+            let msg = format!("FDSTORE=1\nFDNAME={name}\n");
+            tracing::info!(
+                name,
+                "handing the listener to the service manager's fd store"
+            );
+            send_with_fds(target, &msg, std::slice::from_ref(fd));
+        }
+    }
+}
+
+/// The watchdog interval asked of this process (`WATCHDOG_USEC`, for us if `WATCHDOG_PID` is
+/// unset or ours). Malformed values are logged and disable the watchdog.
+pub(crate) fn watchdog_usec(startup: &Startup) -> Option<u64> {
+    let raw = startup.watchdog_usec.as_ref()?;
+    let usec = raw
+        .to_str()
+        .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|t| t.parse::<u64>().ok())
+        .filter(|&u| u > 0);
+    let Some(usec) = usec else {
+        tracing::error!(
+            "{}",
+            Error::bad_var("WATCHDOG_USEC", raw, "microseconds: decimal digits, > 0")
+        );
+        return None;
+    };
+    if let Some(pid_raw) = &startup.watchdog_pid {
+        match pid_raw.to_str().and_then(|t| t.parse::<u32>().ok()) {
+            Some(pid) if pid == startup.pid => {}
+            Some(pid) => {
+                tracing::debug!(
+                    pid,
+                    "WATCHDOG_PID is another process: the watchdog is not ours"
+                );
+                return None;
+            }
+            None => {
+                tracing::error!(
+                    "{}",
+                    Error::bad_var("WATCHDOG_PID", pid_raw, "a process id: decimal digits")
+                );
+                return None;
+            }
+        }
+    }
+    Some(usec)
+}
+
+/// Pings the watchdog at half its interval until dropped. It runs as a task of the runtime
+/// that serves, so a runtime that stops making progress stops the pings, and systemd notices.
+pub(crate) fn spawn_watchdog(
+    notifier: std::sync::Arc<Notifier>,
+    usec: u64,
+) -> tokio::task::JoinHandle<()> {
+    let period = Duration::from_micros(usec / 2).max(Duration::from_millis(1));
+    tracing::info!(?period, "watchdog enabled: pinging at half WATCHDOG_USEC");
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            notifier.notify(&[NotifyState::Watchdog]);
+        }
+    })
+}
+
 pub(crate) fn format_states(states: &[NotifyState<'_>]) -> String {
     let mut msg = String::new();
     for s in states {
@@ -136,7 +213,26 @@ pub(crate) fn format_states(states: &[NotifyState<'_>]) -> String {
 }
 
 fn send(target: &Target, msg: &str) {
-    match target.socket.send_to_addr(msg.as_bytes(), &target.addr) {
+    send_with_fds(target, msg, &[]);
+}
+
+/// Sends one datagram, with `fds` attached (`SCM_RIGHTS`) if any. Never blocks: a full queue
+/// drops the message with a warning rather than stalling the server.
+fn send_with_fds(target: &Target, msg: &str, fds: &[BorrowedFd<'_>]) {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        tracing::error!("too many fds for one sd_notify message");
+        return;
+    }
+    let sent = rustix::net::sendmsg_addr(
+        &target.socket,
+        &target.addr,
+        &[IoSlice::new(msg.as_bytes())],
+        &mut control,
+        SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+    );
+    match sent {
         Ok(_) => tracing::trace!(to = ?target.name, msg, "sd_notify"),
         Err(e) => tracing::warn!(
             to = ?target.name,
@@ -154,8 +250,8 @@ impl Target {
             "an absolute path (/run/...) or an abstract socket name (@name) of at most 107 bytes";
         let bytes = value.as_bytes();
         let addr = match bytes.first() {
-            Some(b'/') => SocketAddr::from_pathname(value),
-            Some(b'@') if bytes.len() > 1 => SocketAddr::from_abstract_name(&bytes[1..]),
+            Some(b'/') if bytes.len() < 108 => SocketAddrUnix::new(value),
+            Some(b'@') if bytes.len() > 1 => SocketAddrUnix::new_abstract_name(&bytes[1..]),
             _ => return Err(Error::bad_var("NOTIFY_SOCKET", value, EXPECTED)),
         }
         .map_err(|_| Error::bad_var("NOTIFY_SOCKET", value, EXPECTED))?;

@@ -60,9 +60,16 @@ impl Restarting {
         listeners: Vec<(RawFd, String)>,
         notifier: Arc<Notifier>,
         ready_timeout: Duration,
+        watchdog_usec: Option<u64>,
     ) -> Restarting {
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(run(listeners, notifier, ready_timeout, cancel.clone()));
+        let plan = Plan {
+            listeners,
+            notifier,
+            ready_timeout,
+            watchdog_usec,
+        };
+        let task = tokio::spawn(run(plan, cancel.clone()));
         Restarting { cancel, task }
     }
 
@@ -86,13 +93,17 @@ impl Restarting {
 
 static HANDSHAKE_SEQ: AtomicU64 = AtomicU64::new(0);
 
-async fn run(
+/// What a restart hands over, and how long it waits.
+struct Plan {
     listeners: Vec<(RawFd, String)>,
     notifier: Arc<Notifier>,
     ready_timeout: Duration,
-    cancel: CancellationToken,
-) -> Result<HandedOver, RestartFailure> {
-    let result = attempt(listeners, notifier, ready_timeout, cancel).await;
+    /// The watchdog duty passes to the child with the listeners.
+    watchdog_usec: Option<u64>,
+}
+
+async fn run(plan: Plan, cancel: CancellationToken) -> Result<HandedOver, RestartFailure> {
+    let result = attempt(plan, cancel).await;
     if let Err(failure) = &result {
         tracing::error!(error = %failure, "restart failed; this process keeps serving");
     }
@@ -101,12 +112,13 @@ async fn run(
 
 /// One restart attempt. Whatever fails after the child was started, the child is killed and
 /// reaped before this returns.
-async fn attempt(
-    listeners: Vec<(RawFd, String)>,
-    notifier: Arc<Notifier>,
-    ready_timeout: Duration,
-    cancel: CancellationToken,
-) -> Result<HandedOver, RestartFailure> {
+async fn attempt(plan: Plan, cancel: CancellationToken) -> Result<HandedOver, RestartFailure> {
+    let Plan {
+        listeners,
+        notifier,
+        ready_timeout,
+        watchdog_usec,
+    } = plan;
     let started = Instant::now();
     let startup = startup::get();
     let exe = startup.exe.clone().map_err(|msg| RestartFailure::Io {
@@ -123,7 +135,7 @@ async fn attempt(
     tracing::info!(exe = %exe.display(), listeners = listeners.len(), "restart: starting the new process");
 
     let (handshake, handshake_name) = bind_handshake()?;
-    let names: Vec<String> = listeners.iter().map(|(_, n)| n.replace(':', "_")).collect();
+    let names: Vec<&str> = listeners.iter().map(|(_, n)| n.as_str()).collect();
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| !PROTOCOL_VARS.iter().any(|v| k.as_bytes() == v.as_bytes()))
         .collect();
@@ -132,6 +144,10 @@ async fn attempt(
     env.push(("NOTIFY_SOCKET".into(), handshake_name.clone()));
     if let Some(upstream) = notifier.upstream_name() {
         env.push((UPSTREAM_NOTIFY_VAR.into(), upstream.to_owned()));
+    }
+    // No WATCHDOG_PID: the interval is for whoever reads it, the child.
+    if let Some(usec) = watchdog_usec {
+        env.push(("WATCHDOG_USEC".into(), usec.to_string().into()));
     }
     let fds = listeners.iter().map(|(fd, _)| *fd).collect();
     let plan =

@@ -69,6 +69,7 @@ pub fn serve<S>(listeners: impl Into<Listeners>, service: S) -> Serve<S> {
         ready_timeout: Duration::from_secs(10),
         keep_alive_grace: Duration::from_millis(100),
         header_read_timeout: Duration::from_secs(30),
+        fd_store: false,
         hooks: Vec::new(),
         shutdown_signal: None,
     }
@@ -85,6 +86,7 @@ pub struct Serve<S> {
     ready_timeout: Duration,
     keep_alive_grace: Duration,
     header_read_timeout: Duration,
+    fd_store: bool,
     hooks: Vec<Hook>,
     shutdown_signal: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
@@ -181,6 +183,16 @@ impl<S> Serve<S> {
         self
     }
 
+    /// Also hand the listeners this process bound itself to systemd's fd store (`FDSTORE=1`,
+    /// `FDNAME=` the listener's name), so that a `systemctl restart` or a crash does not close
+    /// them: the next start gets them back through `LISTEN_FDS`. Needs
+    /// `FileDescriptorStoreMax=` in the service. Inherited listeners are never stored: they
+    /// belong to a socket unit, or came out of the store already. Default off.
+    pub fn fd_store(mut self, enabled: bool) -> Self {
+        self.fd_store = enabled;
+        self
+    }
+
     /// Adds a shutdown hook. Hooks run in the order they were added, each to completion, after
     /// the listeners stop accepting and before the connections are drained.
     pub fn on_shutdown(mut self, hook: impl FnOnce() + Send + 'static) -> Self {
@@ -244,6 +256,7 @@ where
             ready_timeout,
             keep_alive_grace,
             header_read_timeout,
+            fd_store,
             hooks,
             shutdown_signal,
         } = self;
@@ -285,7 +298,18 @@ where
         for url in &urls {
             tracing::info!(url, pid = startup.pid, "accepting");
         }
+        if fd_store {
+            let bound: Vec<_> = listeners
+                .iter()
+                .filter(|l| l.origin() == crate::Origin::Bound)
+                .map(|l| (std::os::fd::AsFd::as_fd(l), l.name()))
+                .collect();
+            notifier.store_fds(&bound);
+        }
         notifier.ready(&format!("Listening on {}", urls.join(", ")));
+        let watchdog_usec = crate::notify::watchdog_usec(startup);
+        let watchdog = watchdog_usec
+            .map(|usec| WatchdogTask(crate::notify::spawn_watchdog(Arc::clone(&notifier), usec)));
 
         // Serve until a close signal, a requested shutdown, or a hand-off.
         let mut restart: Option<Restarting> = None;
@@ -312,6 +336,7 @@ where
                                 listen::raw_fds(&listeners),
                                 Arc::clone(&notifier),
                                 ready_timeout,
+                                watchdog_usec,
                             ));
                         }
                     }
@@ -357,6 +382,8 @@ where
         drop(listeners);
         let handed_over = matches!(reason, Reason::HandedOver { .. });
         if handed_over {
+            // The new process is the service now, and pings the watchdog itself.
+            drop(watchdog);
             tracing::info!("stopped accepting; the new process accepts now");
         } else {
             let status = format!("Stopping: draining {} connections", connections.open());
@@ -372,8 +399,16 @@ where
                 .drain(deadline, |open| {
                     tracing::info!(open, "draining");
                     if !handed_over {
+                        // Tell systemd how long we still need, so that neither a healthy drain
+                        // is killed at TimeoutStopSec nor a hung one waited on blindly.
+                        let left = deadline.saturating_duration_since(Instant::now())
+                            + Duration::from_secs(1);
+                        let extend = u32::try_from(left.as_micros()).unwrap_or(u32::MAX);
                         let status = format!("Stopping: draining {open} connections");
-                        progress_notifier.notify(&[NotifyState::Status(&status)]);
+                        progress_notifier.notify(&[
+                            NotifyState::ExtendTimeoutUsec(extend),
+                            NotifyState::Status(&status),
+                        ]);
                     }
                 })
                 .await;
@@ -413,6 +448,15 @@ where
             forced,
             elapsed,
         })
+    }
+}
+
+/// Stops the watchdog pings when dropped.
+struct WatchdogTask(tokio::task::JoinHandle<()>);
+
+impl Drop for WatchdogTask {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

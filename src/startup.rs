@@ -56,9 +56,7 @@ pub(crate) struct Startup {
     pub(crate) listen_fds_first_fd: Option<OsString>,
     pub(crate) notify_socket: Option<OsString>,
     pub(crate) upstream_notify_socket: Option<OsString>,
-    #[allow(dead_code)] // read by the watchdog, which is not wired up yet
     pub(crate) watchdog_usec: Option<OsString>,
-    #[allow(dead_code)]
     pub(crate) watchdog_pid: Option<OsString>,
     /// Whether the protocol variables were removed from the process environment.
     pub(crate) scrubbed: bool,

@@ -365,6 +365,8 @@ pub fn fds_of(p: u32) -> Vec<(u32, String)> {
 pub struct Notice {
     pub pid: u32,
     pub text: String,
+    /// How many fds came with it (`SCM_RIGHTS`); they are closed on receipt.
+    pub fds: usize,
 }
 
 impl Notice {
@@ -397,8 +399,8 @@ impl NotifySocket {
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
             while !s.load(Ordering::Relaxed) {
-                let mut space =
-                    [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1))];
+                let mut space = [std::mem::MaybeUninit::uninit();
+                    rustix::cmsg_space!(ScmCredentials(1), ScmRights(16))];
                 let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
                 let msg = match rustix::net::recvmsg(
                     &sock,
@@ -410,16 +412,23 @@ impl NotifySocket {
                     Err(_) => continue, // timeout: check `stop`
                 };
                 let mut pid = 0;
+                let mut fds = 0;
                 for c in control.drain() {
-                    if let rustix::net::RecvAncillaryMessage::ScmCredentials(cred) = c {
-                        pid = cred.pid.as_raw_nonzero().get() as u32;
+                    match c {
+                        rustix::net::RecvAncillaryMessage::ScmCredentials(cred) => {
+                            pid = cred.pid.as_raw_nonzero().get() as u32;
+                        }
+                        rustix::net::RecvAncillaryMessage::ScmRights(received) => {
+                            fds += received.count(); // each OwnedFd closes as it is dropped
+                        }
+                        _ => {}
                     }
                 }
                 let text = String::from_utf8_lossy(&buf[..msg.bytes]).into_owned();
                 let (m, cv) = &*g;
                 m.lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push(Notice { pid, text });
+                    .push(Notice { pid, text, fds });
                 cv.notify_all();
             }
         });
