@@ -131,6 +131,7 @@ fn bound_listeners_go_to_the_fd_store_once() {
     assert_eq!(stored.text, format!("FDSTORE=1\nFDNAME=127.0.0.1_{port}\n"));
     assert_eq!(stored.fds, 1, "the listening socket is attached");
     // Stored before READY=1, so a crash right after readiness cannot lose it.
+    notify.wait_line("READY=1", SOON);
     let all = notify.all();
     let ready = all.iter().position(|n| n.has("READY=1")).expect("ready");
     let fdstore = all.iter().position(|n| n.has("FDSTORE=1")).expect("stored");

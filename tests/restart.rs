@@ -326,7 +326,8 @@ fn close_signal_during_a_restart_kills_the_child_and_leaves_nothing() {
     let exe = deploy_copy("hello", &dir);
     let port = free_port();
     let mut server = Spawn::new(&exe).arg(format!("127.0.0.1:{port}")).start();
-    server.listen_line();
+    // Signal handlers are installed by `serve`, which logs "accepting" after them.
+    server.lines.wait_for("accepting", SOON);
     replace_with_script(&exe, "exec sleep 30");
     server.signal(Signal::USR1);
     let line = server.lines.wait_for("waiting for its READY=1 pid=", SOON);
