@@ -114,6 +114,8 @@ fn slow_request_started_before_the_restart_completes_on_the_old_process() {
     server.lines.wait_for("slow request: sleeping", SOON);
     server.signal(Signal::USR1);
     let new = mainpid(&notify.wait_nth(1, SOON, |n| n.text.contains("MAINPID=")));
+    // Both processes accept until the old one has seen the hand-off; after that only the new.
+    server.lines.wait_for("stopped accepting", SOON);
     let reply = get(addr, "/").expect("request after the hand-off");
     assert_eq!(reply.pid, new, "new connections go to the new process");
     let slow = slow.join().expect("client thread").expect("slow request");
