@@ -224,6 +224,24 @@ impl Spawn {
         self
     }
 
+    /// Sets the child's `RLIMIT_NOFILE` (to provoke `EMFILE`).
+    pub fn nofile(mut self, limit: u64) -> Spawn {
+        // SAFETY: setrlimit is a plain syscall, async-signal-safe.
+        unsafe {
+            self.cmd.pre_exec(move || {
+                let rl = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        self
+    }
+
     pub fn start(mut self) -> Proc {
         // Not waited for through `Child`: `Proc` reaps it by pid (see `wait_exit`), including
         // when it is dropped.
@@ -337,6 +355,19 @@ pub fn assert_none_left(pids: impl IntoIterator<Item = u32>) {
         }
     }
     assert!(left.is_empty(), "processes left behind: {left:?}");
+}
+
+/// CPU time (user + system) a process has used, from /proc/PID/stat.
+pub fn cpu_time(p: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).expect("read stat");
+    // Fields after the command (which is in parentheses and may contain spaces).
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / hz)
 }
 
 /// Open fds of a process, as `fd -> link target`.

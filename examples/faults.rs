@@ -1,0 +1,97 @@
+//! Run with: `HOOKS=ok,panic,hang,ok cargo run --example faults [ADDR]`
+//!
+//! The hello server with shutdown hooks that misbehave on purpose, to see (and test) what
+//! handover does with them: hooks run in order, a panicking hook is logged and the next one
+//! runs, a hook still running at the deadline is abandoned and the rest are skipped.
+//!
+//! `HOOKS` is a comma-separated list of: `ok`, `panic`, `hang` (sync hooks), `async-ok`,
+//! `async-panic`, `async-hang`, or `sleep:MS` (a sync hook that takes MS milliseconds).
+//! `HANDOVER_DRAIN_TIMEOUT_MS` sets the deadline (default 5000).
+
+mod common;
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+fn main() -> ExitCode {
+    common::init_tracing();
+    let addr: SocketAddr = match std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:8877".to_string())
+        .parse()
+    {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!("bad address: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let listeners = match handover::Listeners::from_env_or_bind(addr) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for l in listeners.iter() {
+        println!("listen on: {}, pid: {}", l.url(), std::process::id());
+    }
+    let mut server = handover::serve(listeners, tower::service_fn(common::hello));
+    if let Some(t) = common::env_ms("HANDOVER_DRAIN_TIMEOUT_MS") {
+        server = server.drain_timeout(t);
+    }
+    let hooks = std::env::var("HOOKS").unwrap_or_default();
+    for (i, kind) in hooks.split(',').filter(|k| !k.is_empty()).enumerate() {
+        let n = i + 1;
+        let kind = kind.to_string();
+        server = match kind.as_str() {
+            "ok" => server.on_shutdown(move || tracing::info!("hook {n} (ok) done")),
+            "panic" => server.on_shutdown(move || panic!("hook {n} panics on purpose")),
+            "hang" => server.on_shutdown(move || {
+                tracing::info!("hook {n} (hang) hangs");
+                std::thread::sleep(Duration::from_secs(3600));
+            }),
+            "async-ok" => server.on_shutdown_async(move || async move {
+                tracing::info!("hook {n} (async-ok) done");
+            }),
+            "async-panic" => server.on_shutdown_async(move || async move {
+                tokio::task::yield_now().await;
+                panic!("hook {n} panics on purpose");
+            }),
+            "async-hang" => server.on_shutdown_async(move || async move {
+                tracing::info!("hook {n} (async-hang) hangs");
+                std::future::pending::<()>().await;
+            }),
+            other => match other.strip_prefix("sleep:").and_then(|ms| ms.parse().ok()) {
+                Some(ms) => server.on_shutdown(move || {
+                    tracing::info!("hook {n} (sleep) sleeping {ms} ms");
+                    std::thread::sleep(Duration::from_millis(ms));
+                    tracing::info!("hook {n} (sleep) done");
+                }),
+                None => {
+                    tracing::error!("HOOKS: unknown hook kind {other:?}");
+                    return ExitCode::from(2);
+                }
+            },
+        };
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(server.into_future()) {
+        Ok(shutdown) => {
+            tracing::info!(?shutdown, "server closed");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("server error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Faults: hooks that panic or hang, signals at awkward moments, running out of fds.
+//! Each leaves the server serving, or shuts it down cleanly within its bound.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rustix::process::Signal;
+use support::*;
+
+fn faults(port: u16, hooks: &str) -> Spawn {
+    Spawn::new(example("faults"))
+        .arg(format!("127.0.0.1:{port}"))
+        .env("HOOKS", hooks)
+}
+
+fn position(lines: &Lines, needle: &str) -> usize {
+    lines
+        .position(needle)
+        .unwrap_or_else(|| panic!("no {needle:?} in {:#?}", lines.all()))
+}
+
+#[test]
+fn hooks_run_in_order_and_a_panicking_hook_does_not_stop_the_others() {
+    let port = free_port();
+    let mut server = faults(port, "ok,panic,async-ok,async-panic,ok").start();
+    server.lines.wait_for("accepting", SOON);
+    server.signal(Signal::TERM);
+    assert_eq!(server.wait(SOON), Some(0));
+    let lines = &server.lines;
+    let order = [
+        position(lines, "hook 1 (ok) done"),
+        position(lines, "shutdown hook panicked; running the next one hook=2"),
+        position(lines, "hook 3 (async-ok) done"),
+        position(lines, "shutdown hook panicked; running the next one hook=4"),
+        position(lines, "hook 5 (ok) done"),
+        position(lines, "server closed"),
+    ];
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "{order:?}: {:#?}",
+        lines.all()
+    );
+    let closed = lines.wait_for("reason: Signal(15)", SOON);
+    assert!(
+        closed.contains("completed: 3, panicked: 2, abandoned: 0, skipped: 0"),
+        "{closed}"
+    );
+}
+
+#[test]
+fn a_hanging_hook_is_abandoned_at_the_deadline() {
+    for hang in ["hang", "async-hang"] {
+        let port = free_port();
+        let mut server = faults(port, &format!("ok,{hang},ok"))
+            .env("HANDOVER_DRAIN_TIMEOUT_MS", "1000")
+            .start();
+        server.lines.wait_for("accepting", SOON);
+        let sent = Instant::now();
+        server.signal(Signal::TERM);
+        assert_eq!(server.wait(SOON), Some(0), "{hang}");
+        let took = sent.elapsed();
+        assert!(
+            took < Duration::from_secs(4),
+            "{hang}: took {took:?} with a 1 s deadline"
+        );
+        server.lines.wait_for("abandoned", SOON);
+        assert!(
+            server.lines.position("hook 3").is_none(),
+            "hook 3 must be skipped"
+        );
+        let closed = server.lines.wait_for("reason: Signal(15)", SOON);
+        assert!(
+            closed.contains("completed: 1, panicked: 0, abandoned: 1, skipped: 1"),
+            "{hang}: {closed}"
+        );
+        assert_none_left([server.pid]);
+    }
+}
+
+#[test]
+fn a_second_close_signal_during_the_drain_cuts_at_once() {
+    let port = free_port();
+    let mut server = Spawn::new(example("hello"))
+        .arg(format!("127.0.0.1:{port}"))
+        .start();
+    let addr = addr_in(&server.listen_line());
+    let slow = get_in_background(addr, "/?sleep_ms=20000", false);
+    server.lines.wait_for("slow request: sleeping", SOON);
+    server.signal(Signal::TERM);
+    server.lines.wait_for("stopped accepting", SOON);
+    let second = Instant::now();
+    server.signal(Signal::TERM);
+    assert_eq!(server.wait(SOON), Some(0));
+    let took = second.elapsed();
+    assert!(took < Duration::from_secs(2), "forced exit took {took:?}");
+    assert!(
+        slow.join().expect("client").is_err(),
+        "the cut request fails"
+    );
+    server
+        .lines
+        .wait_for("second close signal: cutting all connections now", SOON);
+    let closed = server.lines.wait_for("reason: Signal(15)", SOON);
+    assert!(
+        closed.contains("cut: 1") && closed.contains("forced: true"),
+        "{closed}"
+    );
+    assert_none_left([server.pid]);
+}
+
+#[test]
+fn a_second_close_signal_during_the_hooks_abandons_them() {
+    let port = free_port();
+    let mut server = faults(port, "sleep:20000,ok").start();
+    server.lines.wait_for("accepting", SOON);
+    server.signal(Signal::TERM);
+    server.lines.wait_for("hook 1 (sleep) sleeping", SOON);
+    let second = Instant::now();
+    server.signal(Signal::TERM);
+    assert_eq!(server.wait(SOON), Some(0));
+    assert!(
+        second.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        second.elapsed()
+    );
+    let closed = server.lines.wait_for("reason: Signal(15)", SOON);
+    assert!(
+        closed.contains("abandoned: 1, skipped: 1") && closed.contains("forced: true"),
+        "{closed}"
+    );
+    assert_none_left([server.pid]);
+}
+
+#[test]
+fn restart_signals_during_shutdown_are_ignored() {
+    let port = free_port();
+    let mut server = faults(port, "sleep:500").start();
+    server.lines.wait_for("accepting", SOON);
+    server.signal(Signal::TERM);
+    server.lines.wait_for("hook 1 (sleep) sleeping", SOON);
+    server.signal(Signal::USR1);
+    server.signal(Signal::USR2);
+    assert_eq!(server.wait(SOON), Some(0));
+    server
+        .lines
+        .wait_for("restart signal ignored: shutting down", SOON);
+    assert!(server.lines.position("restart: starting").is_none());
+    assert_none_left([server.pid]);
+}
+
+#[test]
+fn running_out_of_fds_backs_off_without_spinning_and_recovers() {
+    let port = free_port();
+    let mut server = Spawn::new(example("hello"))
+        .arg(format!("127.0.0.1:{port}"))
+        .nofile(48)
+        .start();
+    let addr: SocketAddr = addr_in(&server.listen_line());
+    server.lines.wait_for("accepting", SOON);
+    // Hold more connections than the server has fds for.
+    let held: Vec<_> = (0..80).map(|_| raw_connect(addr, b"")).collect();
+    server.lines.wait_for("accept failed; backing off", SOON);
+    let cpu_before = cpu_time(server.pid);
+    std::thread::sleep(Duration::from_secs(1)); // time is the point: is it spinning meanwhile?
+    let spent = cpu_time(server.pid) - cpu_before;
+    assert!(
+        spent < Duration::from_millis(300),
+        "{spent:?} of CPU in 1 s while out of fds"
+    );
+    drop(held);
+    let reply = get(addr, "/").expect("serves again once fds are free");
+    assert_eq!(reply.status, 200);
+    server.signal(Signal::TERM);
+    assert_eq!(server.wait(SOON), Some(0));
+    assert_none_left([server.pid]);
+}
