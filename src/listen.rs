@@ -466,6 +466,48 @@ impl From<Socket> for OwnedFd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use std::os::unix::ffi::OsStrExt;
+
+    fn any_value() -> impl Strategy<Value = Option<Vec<u8>>> {
+        prop_oneof![
+            Just(None),
+            "[0-9]{0,6}".prop_map(|s| Some(s.into_bytes())),
+            "[0-9a-z:, -]{0,16}".prop_map(|s| Some(s.into_bytes())),
+            proptest::collection::vec(any::<u8>(), 0..24).prop_map(Some),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn listen_env_parsing_never_panics_and_is_consistent(
+            fds in any_value(), pid in any_value(), names in any_value(), first in any_value(),
+        ) {
+            fn os(v: &Option<Vec<u8>>) -> Option<&OsStr> {
+                v.as_deref().map(OsStr::from_bytes)
+            }
+            let values = EnvValues { fds: os(&fds), pid: os(&pid), names: os(&names), first_fd: os(&first), our_pid: 42 };
+            match parse_env(&values) {
+                Ok(Some(list)) => {
+                    prop_assert!(!list.is_empty());
+                    let start = list[0].0;
+                    prop_assert!(start >= 3);
+                    for (i, (fd, _)) in list.iter().enumerate() {
+                        prop_assert_eq!(*fd, start + i as RawFd);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => prop_assert!(e.variable().is_some_and(|v| v.starts_with("LISTEN_"))),
+            }
+        }
+
+        #[test]
+        fn fd_names_are_valid_for_systemd(name in ".{0,300}") {
+            let n = fd_name(&name);
+            prop_assert!(n.chars().count() <= 255);
+            prop_assert!(n.chars().all(|c| c.is_ascii_graphic() && c != ':'));
+        }
+    }
 
     fn env<'a>(
         fds: Option<&'a str>,

@@ -151,39 +151,50 @@ impl Notifier {
 /// The watchdog interval asked of this process (`WATCHDOG_USEC`, for us if `WATCHDOG_PID` is
 /// unset or ours). Malformed values are logged and disable the watchdog.
 pub(crate) fn watchdog_usec(startup: &Startup) -> Option<u64> {
-    let raw = startup.watchdog_usec.as_ref()?;
-    let usec = raw
-        .to_str()
-        .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|t| t.parse::<u64>().ok())
-        .filter(|&u| u > 0);
-    let Some(usec) = usec else {
-        tracing::error!(
-            "{}",
-            Error::bad_var("WATCHDOG_USEC", raw, "microseconds: decimal digits, > 0")
-        );
-        return None;
-    };
-    if let Some(pid_raw) = &startup.watchdog_pid {
-        match pid_raw.to_str().and_then(|t| t.parse::<u32>().ok()) {
-            Some(pid) if pid == startup.pid => {}
-            Some(pid) => {
-                tracing::debug!(
-                    pid,
-                    "WATCHDOG_PID is another process: the watchdog is not ours"
-                );
-                return None;
-            }
-            None => {
-                tracing::error!(
-                    "{}",
-                    Error::bad_var("WATCHDOG_PID", pid_raw, "a process id: decimal digits")
-                );
-                return None;
-            }
+    match parse_watchdog(
+        startup.watchdog_usec.as_deref(),
+        startup.watchdog_pid.as_deref(),
+        startup.pid,
+    ) {
+        Ok(usec) => usec,
+        Err(e) => {
+            tracing::error!("{e}; the watchdog is disabled");
+            None
         }
     }
-    Some(usec)
+}
+
+/// `Ok(None)`: no watchdog for us. `Ok(Some(usec))`: ping within `usec`.
+pub(crate) fn parse_watchdog(
+    usec: Option<&OsStr>,
+    pid: Option<&OsStr>,
+    our_pid: u32,
+) -> Result<Option<u64>, Error> {
+    let Some(raw) = usec else {
+        return Ok(None);
+    };
+    let usec = decimal(raw)
+        .filter(|&u| u > 0)
+        .ok_or_else(|| Error::bad_var("WATCHDOG_USEC", raw, "microseconds: decimal digits, > 0"))?;
+    if let Some(pid_raw) = pid {
+        let pid = decimal(pid_raw).filter(|&p| p > 0).ok_or_else(|| {
+            Error::bad_var("WATCHDOG_PID", pid_raw, "a process id: decimal digits")
+        })?;
+        if pid != u64::from(our_pid) {
+            tracing::debug!(
+                pid,
+                "WATCHDOG_PID is another process: the watchdog is not ours"
+            );
+            return Ok(None);
+        }
+    }
+    Ok(Some(usec))
+}
+
+fn decimal(raw: &OsStr) -> Option<u64> {
+    raw.to_str()
+        .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|t| t.parse().ok())
 }
 
 /// Pings the watchdog at half its interval until dropped. It runs as a task of the runtime
@@ -274,6 +285,58 @@ pub(crate) fn monotonic_now() -> io::Result<NotifyState<'static>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn notify_socket_parsing_never_panics(value in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let value = OsStr::from_bytes(&value);
+            if let Ok(target) = Target::parse(value) {
+                let first = value.as_bytes()[0];
+                prop_assert!(first == b'/' || first == b'@');
+                prop_assert_eq!(target.name(), value);
+            }
+        }
+
+        #[test]
+        fn watchdog_parsing_never_panics(
+            usec in proptest::option::of("[0-9a-z -]{0,24}"),
+            pid in proptest::option::of("[0-9a-z -]{0,12}"),
+        ) {
+            let got = parse_watchdog(usec.as_deref().map(OsStr::new), pid.as_deref().map(OsStr::new), 42);
+            match got {
+                Ok(Some(u)) => prop_assert!(u > 0),
+                Ok(None) => {}
+                Err(e) => prop_assert!(matches!(e.variable(), Some("WATCHDOG_USEC" | "WATCHDOG_PID"))),
+            }
+        }
+    }
+
+    #[test]
+    fn watchdog_values() {
+        let os = |s: &'static str| Some(OsStr::new(s));
+        assert_eq!(parse_watchdog(None, None, 42).ok(), Some(None));
+        assert_eq!(
+            parse_watchdog(os("500000"), None, 42).ok(),
+            Some(Some(500_000))
+        );
+        assert_eq!(
+            parse_watchdog(os("500000"), os("42"), 42).ok(),
+            Some(Some(500_000))
+        );
+        assert_eq!(parse_watchdog(os("500000"), os("41"), 42).ok(), Some(None));
+        for (usec, pid, var) in [
+            ("0", None, "WATCHDOG_USEC"),
+            ("", None, "WATCHDOG_USEC"),
+            ("1e6", None, "WATCHDOG_USEC"),
+            ("-5", None, "WATCHDOG_USEC"),
+            ("5", Some("x"), "WATCHDOG_PID"),
+            ("5", Some(""), "WATCHDOG_PID"),
+        ] {
+            let err = parse_watchdog(os(usec), pid.map(OsStr::new), 42).expect_err(usec);
+            assert_eq!(err.variable(), Some(var));
+        }
+    }
 
     #[test]
     fn malformed_notify_socket_is_named() {
