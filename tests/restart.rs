@@ -10,6 +10,7 @@ use rustix::process::Signal;
 use support::*;
 
 const RESTARTS: usize = 5;
+const LOAD_CONNECTIONS: usize = 16;
 
 fn mainpid(notice: &Notice) -> u32 {
     notice
@@ -20,14 +21,21 @@ fn mainpid(notice: &Notice) -> u32 {
         .unwrap_or_else(|| panic!("no MAINPID in {notice:?}"))
 }
 
-/// Restarts the server `RESTARTS` times under a keep-alive load and checks every request was
-/// answered, each restart moved to a new pid, and one server is left, then none.
-fn restart_under_load(notify: &NotifySocket, server: Proc, addr: SocketAddr) {
+/// Restarts the server `restarts` times under a keep-alive load and checks every request was
+/// answered, each restart moved to a new pid, and one server is left, then none. Returns the
+/// fd count and RSS (KiB) of each serving process, taken once it answered.
+fn restart_under_load(
+    notify: &NotifySocket,
+    server: Proc,
+    addr: SocketAddr,
+    restarts: usize,
+) -> Vec<(usize, u64)> {
+    let mut usage = Vec::new();
     let mut pids = vec![server.pid];
-    let load = Load::start(addr, 16, "/", Duration::from_secs(120));
+    let load = Load::start(addr, LOAD_CONNECTIONS, "/", Duration::from_secs(300));
     load.wait_pid(server.pid, SOON);
     let mut first = Some(server);
-    for i in 1..=RESTARTS {
+    for i in 1..=restarts {
         let old = *pids.last().expect("a pid");
         signal(old, Signal::USR1);
         let handed = notify.wait_nth(i, SOON, |n| n.has("READY=1") && n.text.contains("MAINPID="));
@@ -38,6 +46,7 @@ fn restart_under_load(notify: &NotifySocket, server: Proc, addr: SocketAddr) {
         let new = mainpid(&handed);
         assert_ne!(new, old);
         load.wait_pid(new, SOON);
+        usage.push((fds_of(new).len(), rss_kib(new)));
         // The old process drains and exits 0; only then is the next restart sent.
         let code = match first.as_mut() {
             Some(p) => p.wait(SOON),
@@ -63,6 +72,51 @@ fn restart_under_load(notify: &NotifySocket, server: Proc, addr: SocketAddr) {
     signal(last, Signal::TERM);
     assert_eq!(wait_exit(last, SOON), Some(0));
     assert_none_left(pids);
+    usage
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// The soak: 200 restarts under load. Ignored by `cargo test` (it takes a while); `.ci/run`
+/// runs it with `cargo test --test restart -- --ignored`.
+#[test]
+#[ignore = "soak test: run with --ignored"]
+fn soak_200_restarts_under_load_stay_flat() {
+    let notify = NotifySocket::new();
+    let port = free_port();
+    let server = Spawn::new(example("hello"))
+        .arg(format!("127.0.0.1:{port}"))
+        .env("NOTIFY_SOCKET", &notify.path)
+        .start();
+    let addr = addr_in(&server.listen_line());
+    notify.wait_line("READY=1", SOON);
+    let usage = restart_under_load(&notify, server, addr, 200);
+    let (fds_first, rss_first) = usage[0];
+    let (fds_last, rss_last) = usage[usage.len() - 1];
+    let fds_max = usage.iter().map(|u| u.0).max().unwrap_or(0);
+    let rss_max = usage.iter().map(|u| u.1).max().unwrap_or(0);
+    eprintln!(
+        "soak: fds first {fds_first} last {fds_last} max {fds_max}; RSS KiB first {rss_first} last {rss_last} max {rss_max}"
+    );
+    // Each generation is a fresh process: nothing may accumulate from one to the next. The fd
+    // count moves with the 16 load connections a process holds at the moment it is read.
+    let fds_min = usage.iter().map(|u| u.0).min().unwrap_or(0);
+    assert!(
+        fds_max <= fds_min + LOAD_CONNECTIONS + 2,
+        "fd count grows: {usage:?}"
+    );
+    let half = usage.len() / 2;
+    let early = usage[..half].iter().map(|u| u.0).max().unwrap_or(0);
+    let late = usage[half..].iter().map(|u| u.0).max().unwrap_or(0);
+    assert!(late <= early + 2, "fd count grows: {usage:?}");
+    assert!(rss_max <= rss_first * 2, "RSS grows: {usage:?}");
 }
 
 #[test]
@@ -75,7 +129,7 @@ fn restarts_on_a_bound_address_under_load_lose_no_request() {
         .start();
     let addr = addr_in(&server.listen_line());
     notify.wait_line("READY=1", SOON);
-    restart_under_load(&notify, server, addr);
+    restart_under_load(&notify, server, addr, RESTARTS);
 }
 
 #[test]
@@ -98,7 +152,7 @@ fn restarts_under_systemd_socket_activate_under_load_lose_no_request() {
     // The first connection starts the program.
     assert_eq!(get(addr, "/").expect("activation request").pid, server.pid);
     notify.wait_line("READY=1", SOON);
-    restart_under_load(&notify, server, addr);
+    restart_under_load(&notify, server, addr, RESTARTS);
 }
 
 #[test]
