@@ -156,6 +156,51 @@ fn restarts_under_systemd_socket_activate_under_load_lose_no_request() {
 }
 
 #[test]
+fn http2_clients_move_to_the_new_process_without_failures() {
+    let notify = NotifySocket::new();
+    let port = free_port();
+    let server = Spawn::new(example("hello"))
+        .arg(format!("127.0.0.1:{port}"))
+        .env("NOTIFY_SOCKET", &notify.path)
+        .start();
+    let addr = addr_in(&server.listen_line());
+    notify.wait_line("READY=1", SOON);
+    let load = Load::start_h2(addr, 4, "/", Duration::from_secs(60));
+    load.wait_pid(server.pid, SOON);
+    let mut server = Some(server);
+    let mut pids = vec![];
+    for i in 1..=3 {
+        let old = pids
+            .last()
+            .copied()
+            .or(server.as_ref().map(|s| s.pid))
+            .expect("pid");
+        signal(old, Signal::USR1);
+        let new = mainpid(&notify.wait_nth(i, SOON, |n| n.text.contains("MAINPID=")));
+        load.wait_pid(new, SOON);
+        let code = match server.take() {
+            Some(mut p) => p.wait(SOON),
+            None => wait_exit(old, SOON),
+        };
+        assert_eq!(code, Some(0));
+        if pids.is_empty() {
+            pids.push(old);
+        }
+        pids.push(new);
+    }
+    let report = load.stop();
+    assert_eq!(
+        report.failed, 0,
+        "failed HTTP/2 requests: {:?}",
+        report.errors
+    );
+    let last = *pids.last().expect("pid");
+    signal(last, Signal::TERM);
+    assert_eq!(wait_exit(last, SOON), Some(0));
+    assert_none_left(pids);
+}
+
+#[test]
 fn slow_request_started_before_the_restart_completes_on_the_old_process() {
     let notify = NotifySocket::new();
     let port = free_port();

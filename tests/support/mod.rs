@@ -647,6 +647,8 @@ pub struct LoadReport {
     pub errors: Vec<String>,
     pub pids: BTreeSet<u32>,
     pub reconnects: u64,
+    /// Requests never written because their connection ended first, sent again.
+    pub retried: u64,
 }
 
 /// Keep-alive clients that send requests until stopped (bounded by `max_per_conn` requests and
@@ -668,6 +670,27 @@ impl Load {
         path: &'static str,
         max_time: Duration,
     ) -> Load {
+        Load::start_with(addr, connections, path, max_time, false)
+    }
+
+    /// The same over HTTP/2 (prior knowledge): a connection that got GOAWAY is not ready for
+    /// new streams and is replaced; a stream that was sent and failed is a failure.
+    pub fn start_h2(
+        addr: SocketAddr,
+        connections: usize,
+        path: &'static str,
+        max_time: Duration,
+    ) -> Load {
+        Load::start_with(addr, connections, path, max_time, true)
+    }
+
+    fn start_with(
+        addr: SocketAddr,
+        connections: usize,
+        path: &'static str,
+        max_time: Duration,
+        h2: bool,
+    ) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let seen: Seen = Default::default();
         let (s, seen2) = (stop.clone(), seen.clone());
@@ -682,7 +705,11 @@ impl Load {
                 let mut tasks = Vec::new();
                 for _ in 0..connections {
                     let (s, seen) = (s.clone(), seen2.clone());
-                    tasks.push(tokio::spawn(client(addr, path, s, deadline, seen)));
+                    if h2 {
+                        tasks.push(tokio::spawn(client_h2(addr, path, s, deadline, seen)));
+                    } else {
+                        tasks.push(tokio::spawn(client(addr, path, s, deadline, seen)));
+                    }
                 }
                 let mut total = LoadReport::default();
                 for t in tasks {
@@ -690,6 +717,7 @@ impl Load {
                         total.ok += r.ok;
                         total.failed += r.failed;
                         total.reconnects += r.reconnects;
+                        total.retried += r.retried;
                         total.errors.extend(r.errors);
                         total.pids.extend(r.pids);
                     }
@@ -782,6 +810,93 @@ async fn client(
                     }
                     if r.connection_close {
                         continue 'outer;
+                    }
+                }
+                Ok(r) => {
+                    report.failed += 1;
+                    report.errors.push(format!("bad reply: {r:?}"));
+                }
+                Err(e) => {
+                    report.failed += 1;
+                    report.errors.push(e);
+                    continue 'outer;
+                }
+            }
+        }
+        break;
+    }
+    report
+}
+
+async fn client_h2(
+    addr: SocketAddr,
+    path: &'static str,
+    stop: Arc<AtomicBool>,
+    deadline: tokio::time::Instant,
+    seen: Seen,
+) -> LoadReport {
+    let mut report = LoadReport::default();
+    let mut sent = 0u64;
+    'outer: while !stop.load(Ordering::Relaxed)
+        && tokio::time::Instant::now() < deadline
+        && sent < MAX_PER_CONN
+    {
+        let stream = match tokio::net::TcpStream::connect(addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                report.failed += 1;
+                report.errors.push(format!("connect: {e}"));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let (mut sender, conn) = match hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        {
+            Ok(x) => x,
+            Err(e) => {
+                report.failed += 1;
+                report.errors.push(format!("handshake: {e}"));
+                continue;
+            }
+        };
+        tokio::spawn(conn);
+        report.reconnects += 1;
+        while !stop.load(Ordering::Relaxed)
+            && tokio::time::Instant::now() < deadline
+            && sent < MAX_PER_CONN
+        {
+            if sender.ready().await.is_err() {
+                continue 'outer; // GOAWAY or closed: nothing was sent
+            }
+            let req = hyper::Request::get(format!("http://{addr}{path}"))
+                .body(Empty::<Bytes>::new())
+                .expect("request");
+            sent += 1;
+            let result = match sender.send_request(req).await {
+                Ok(resp) => reply(resp).await,
+                // Canceled: the connection ended before the request was written (GOAWAY raced
+                // with it). Nothing reached the server; hyper-util's pooled client retries these
+                // (`retry_canceled_requests`), and so do we, on a new connection.
+                Err(e) if e.is_canceled() => {
+                    sent -= 1;
+                    report.retried += 1;
+                    continue 'outer;
+                }
+                Err(e) => Err(format!("request: {e}")),
+            };
+            match result {
+                Ok(r) if r.status == 200 && r.body == "Hello world" => {
+                    report.ok += 1;
+                    if report.pids.insert(r.pid) {
+                        seen.0
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(r.pid);
+                        seen.1.notify_all();
                     }
                 }
                 Ok(r) => {
