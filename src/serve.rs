@@ -307,6 +307,7 @@ where
             notifier.store_fds(&bound);
         }
         notifier.ready(&format!("Listening on {}", urls.join(", ")));
+        tracing::info!(pid = startup.pid, "ready");
         let watchdog_usec = crate::notify::watchdog_usec(startup);
         let watchdog = watchdog_usec
             .map(|usec| WatchdogTask(crate::notify::spawn_watchdog(Arc::clone(&notifier), usec)));

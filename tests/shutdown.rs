@@ -386,3 +386,72 @@ fn address_in_use_is_a_clear_error() {
         SOON,
     );
 }
+
+#[test]
+fn ipv6_loopback_is_served() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("SKIPPED: this machine has no IPv6 loopback");
+        return;
+    }
+    let port = free_port();
+    let mut server = Spawn::new(example("hello"))
+        .arg(format!("[::1]:{port}"))
+        .start();
+    let line = server.listen_line();
+    assert!(line.contains(&format!("http://[::1]:{port}")), "{line}");
+    let addr: SocketAddr = format!("[::1]:{port}").parse().expect("addr");
+    assert_eq!(get(addr, "/").expect("IPv6 request").body, "Hello world");
+    server.signal(Signal::TERM);
+    assert_eq!(server.wait(SOON), Some(0));
+}
+
+#[test]
+fn unix_socket_from_systemd_socket_activate_is_served_and_restarted() {
+    let notify = NotifySocket::new();
+    let dir = scratch_dir("unix");
+    let path = dir.join("hello.sock");
+    let port = free_port(); // only for the fallback address, which must not be used
+    let mut activator = Spawn::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&path)
+        .arg("-E")
+        .arg(format!("NOTIFY_SOCKET={}", notify.path.display()))
+        .arg("-E")
+        .arg("RUST_LOG=info")
+        .arg(example("hello"))
+        .arg(format!("127.0.0.1:{port}"))
+        .start();
+    activator.lines.wait_for("Listening on", SOON);
+    let first = unix_get(&path).expect("request over the Unix socket");
+    assert_eq!(
+        (first.status, first.body.as_str(), first.pid),
+        (200, "Hello world", activator.pid)
+    );
+    let line = activator.lines.wait_for("listen on:", SOON);
+    assert!(line.contains(&format!("unix:{}", path.display())), "{line}");
+    notify.wait_line("READY=1", SOON);
+
+    activator.signal(Signal::USR1);
+    let handed = notify.wait_nth(1, SOON, |n| n.text.contains("MAINPID="));
+    let new: u32 = handed.lines()[0]["MAINPID=".len()..].parse().expect("pid");
+    assert_eq!(activator.wait(SOON), Some(0));
+    assert_eq!(unix_get(&path).expect("after the restart").pid, new);
+    signal(new, Signal::TERM);
+    assert_eq!(wait_exit(new, SOON), Some(0));
+    assert_none_left([activator.pid, new]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn unix_get(path: &std::path::Path) -> Result<Reply, String> {
+    runtime().block_on(async {
+        let stream = tokio::net::UnixStream::connect(path)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(conn);
+        send(&mut sender, SocketAddr::from(([127, 0, 0, 1], 80)), "/").await
+    })
+}
