@@ -1,2 +1,875 @@
-//! Benchmark harness (see README, "Benchmarks"). Placeholder until written.
-fn main() {}
+//! Benchmarks of `handover` (the `hello` example) against a plain hyper server (the `plain`
+//! example: same handler, no handover), each number next to its reference from the same run.
+//!
+//! Run with `cargo bench --bench handover`; `HANDOVER_BENCH_QUICK=1` for a smoke run of a few
+//! seconds (`tests/bench_smoke.rs` runs it so, in the test profile). Both examples are built
+//! with escargot in the bench's profile (release, under `cargo bench`) and run as processes;
+//! all traffic is HTTP/1.1 over loopback. What is measured:
+//!
+//! 1. **Throughput**: requests/s of `hello` and `plain` under the same keep-alive load, runs
+//!    alternating, medians compared (target: ratio ≥ 0.97). Also the server CPU time per request.
+//! 2. **Restarts under load**: failed requests over N restarts (SIGUSR1, wait for the
+//!    `MAINPID=`+`READY=1` datagram, wait for the old process to exit, next) under keep-alive
+//!    load, with the instant handler and with `/?sleep_ms=200` (target: 0 failed).
+//! 3. **Restart latency**: SIGUSR1 → `MAINPID`/`READY=1` received, against the time a fresh
+//!    `hello` takes from spawn to `READY=1` in the same conditions (target: within process
+//!    start + 20 ms): idle, and under load (a fresh `hello` on another port is started and
+//!    stopped right before each restart); and from the last connection to the old process seen
+//!    closed to that process's exit.
+//! 4. **Idle shutdown**: SIGTERM → exit, `hello` and `plain`.
+//! 5. **Drain at scale**: RSS per idle keep-alive connection with 10,000 of them (target: less
+//!    than 1 KiB more than `plain`), then SIGTERM → exit of `hello` (target: < 250 ms).
+//!
+//! Sizes come from the environment (defaults in brackets, quick mode in braces):
+//! `HANDOVER_BENCH_CONNS` [50] {8} keep-alive connections for throughput,
+//! `HANDOVER_BENCH_WARMUP_MS` [500] {100} and `HANDOVER_BENCH_WINDOW_MS` [3000] {300} per run,
+//! `HANDOVER_BENCH_RUNS` [5] {1} runs per server, `HANDOVER_BENCH_MAX_PER_CONN` [10000000]
+//! {20000} requests per connection and run, `HANDOVER_BENCH_RESTARTS` [20] {2},
+//! `HANDOVER_BENCH_RESTART_CONNS` [50] {10}, `HANDOVER_BENCH_SLEEP_MS` [200] {200},
+//! `HANDOVER_BENCH_STARTS` [20] {3} start/restart/stop cycles at idle,
+//! `HANDOVER_BENCH_IDLE_CONNS` [10000] {100}, `HANDOVER_BENCH_SCALE_ROUNDS` [3] {1} (each
+//! server, alternating; medians reported), `HANDOVER_BENCH_NOFILE` [30000] (`RLIMIT_NOFILE`
+//! set here and inherited by the servers), `HANDOVER_BENCH_CLIENT_THREADS` [2] load generator
+//! threads, `HANDOVER_BENCH_LOG` [info] the servers' `RUST_LOG`, `HANDOVER_BENCH_ONLY`
+//! (comma-separated subset of `throughput,restart,startstop,scale`), `HANDOVER_BENCH_ECHO=1`
+//! to echo the servers' output.
+//!
+//! Every loop is bounded in count and time; every process started (or taken over by restart)
+//! is tracked by pidfd, ended at the end of its scenario, and checked gone at the end.
+
+#[path = "handover/load.rs"]
+mod load;
+#[path = "handover/procs.rs"]
+mod procs;
+
+use std::ffi::OsStr;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use rustix::process::Signal;
+
+use load::{Load, Spec};
+use procs::{NotifySocket, Proc, Registry, SOON, Server};
+
+// ---------------------------------------------------------------------------------------------
+// Configuration.
+
+/// Sizes and switches, from the environment.
+pub(crate) struct Config {
+    quick: bool,
+    only: Option<Vec<String>>,
+    conns: usize,
+    warmup: Duration,
+    window: Duration,
+    runs: usize,
+    max_per_conn: u64,
+    restarts: usize,
+    restart_conns: usize,
+    sleep_ms: u64,
+    starts: usize,
+    idle_conns: usize,
+    scale_rounds: usize,
+    nofile: u64,
+    client_threads: usize,
+    log: String,
+}
+
+fn env_or<T: FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
+            eprintln!("warning: {name}={v:?} is not a valid number; ignored");
+            default
+        }),
+        Err(_) => default,
+    }
+}
+
+impl Config {
+    /// The configuration from the environment; quick mode if `HANDOVER_BENCH_QUICK` is set, or
+    /// if `force_quick`.
+    pub(crate) fn from_env(force_quick: bool) -> Config {
+        let quick = force_quick
+            || std::env::var("HANDOVER_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+        let q = |full: u64, small: u64| if quick { small } else { full };
+        let ms = |name, full, small| Duration::from_millis(env_or(name, q(full, small)));
+        Config {
+            quick,
+            only: std::env::var("HANDOVER_BENCH_ONLY")
+                .ok()
+                .map(|v| v.split(',').map(|s| s.trim().to_string()).collect()),
+            conns: env_or("HANDOVER_BENCH_CONNS", q(50, 8) as usize),
+            warmup: ms("HANDOVER_BENCH_WARMUP_MS", 500, 100),
+            window: ms("HANDOVER_BENCH_WINDOW_MS", 3000, 300),
+            runs: env_or("HANDOVER_BENCH_RUNS", q(5, 1) as usize).max(1),
+            max_per_conn: env_or("HANDOVER_BENCH_MAX_PER_CONN", q(10_000_000, 20_000)),
+            restarts: env_or("HANDOVER_BENCH_RESTARTS", q(20, 2) as usize),
+            restart_conns: env_or("HANDOVER_BENCH_RESTART_CONNS", q(50, 10) as usize),
+            sleep_ms: env_or("HANDOVER_BENCH_SLEEP_MS", 200),
+            starts: env_or("HANDOVER_BENCH_STARTS", q(20, 3) as usize).max(1),
+            idle_conns: env_or("HANDOVER_BENCH_IDLE_CONNS", q(10_000, 100) as usize).max(1),
+            scale_rounds: env_or("HANDOVER_BENCH_SCALE_ROUNDS", q(3, 1) as usize).max(1),
+            nofile: env_or("HANDOVER_BENCH_NOFILE", 30_000),
+            client_threads: env_or("HANDOVER_BENCH_CLIENT_THREADS", 2),
+            log: std::env::var("HANDOVER_BENCH_LOG").unwrap_or_else(|_| "info".into()),
+        }
+    }
+
+    fn enabled(&self, scenario: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|s| s == scenario))
+    }
+}
+
+/// What every scenario needs.
+struct Ctx {
+    cfg: Config,
+    hello: PathBuf,
+    plain: PathBuf,
+    procs: Registry,
+    notify: NotifySocket,
+    nofile: u64,
+}
+
+impl Ctx {
+    /// Starts a server on a free loopback port; with `notify`, with our `NOTIFY_SOCKET`.
+    fn start(&self, program: &Path, notify: bool) -> Result<Server, String> {
+        let socket = self.notify.path.as_os_str();
+        let env: &[(&str, &OsStr)] = if notify {
+            &[("NOTIFY_SOCKET", socket)]
+        } else {
+            &[]
+        };
+        self.procs.start_server(program, env, &self.cfg.log)
+    }
+
+    /// The `MAINPID=` + `READY=1` datagram `old` sends once its successor is ready.
+    fn handed_over(&self, old: u32, since: Instant) -> Result<procs::Notice, String> {
+        self.notify
+            .wait(SOON, |n| {
+                n.at >= since && n.pid == old && n.has("READY=1") && n.mainpid().is_some()
+            })
+            .ok_or_else(|| format!("pid {old} reported no MAINPID=/READY=1 within {SOON:?}"))
+    }
+
+    /// The `READY=1` a freshly started (not restarted) server sends.
+    fn ready(&self, server: &Server, since: Instant) -> Result<procs::Notice, String> {
+        let pid = server.proc.pid;
+        self.notify
+            .wait(SOON, |n| n.at >= since && n.pid == pid && n.has("READY=1"))
+            .ok_or_else(|| {
+                format!(
+                    "pid {pid} reported no READY=1 within {SOON:?}; it said:\n{}",
+                    server.lines.tail(20)
+                )
+            })
+    }
+}
+
+/// SIGTERM, then wait for the exit: how long it took, and the exit code.
+fn terminate(proc: &Proc) -> Result<(Duration, Option<i32>), String> {
+    let sent = Instant::now();
+    proc.signal(Signal::TERM)?;
+    let exit = proc.wait_exit(SOON)?;
+    Ok((exit.at.saturating_duration_since(sent), exit.code))
+}
+
+fn expect_exit_0(what: &str, pid: u32, code: Option<i32>) -> Result<(), String> {
+    match code {
+        Some(0) => Ok(()),
+        other => Err(format!(
+            "{what} (pid {pid}) exited with {other:?}, expected 0"
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics.
+
+fn sorted(values: &[f64]) -> Vec<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+fn median(values: &[f64]) -> f64 {
+    let v = sorted(values);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Nearest-rank 99th percentile (with 20 samples, the largest).
+fn p99(values: &[f64]) -> f64 {
+    let v = sorted(values);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((v.len() as f64) * 0.99).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// `a - b` in ms, negative if `a` came first.
+fn signed_ms(a: Instant, b: Instant) -> f64 {
+    if a >= b { ms(a - b) } else { -ms(b - a) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The report.
+
+struct Row {
+    metric: String,
+    handover: String,
+    reference: String,
+    target: String,
+    met: Option<bool>,
+}
+
+fn row(
+    metric: impl Into<String>,
+    handover: impl Into<String>,
+    reference: impl Into<String>,
+    target: impl Into<String>,
+    met: Option<bool>,
+) -> Row {
+    Row {
+        metric: metric.into(),
+        handover: handover.into(),
+        reference: reference.into(),
+        target: target.into(),
+        met,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Throughput.
+
+struct Sample {
+    rps: f64,
+    cpu_us_per_request: f64,
+    failed: u64,
+    errors: Vec<String>,
+}
+
+fn throughput(ctx: &Ctx) -> Result<Vec<Row>, String> {
+    let cfg = &ctx.cfg;
+    let servers = [ctx.start(&ctx.hello, false)?, ctx.start(&ctx.plain, false)?];
+    let names = ["hello", "plain"];
+    for s in &servers {
+        procs::get(s.addr)?;
+    }
+    let mut samples: [Vec<Sample>; 2] = Default::default();
+    for run in 0..cfg.runs {
+        // Alternate which goes first, so a trend in the machine's load hits both alike.
+        let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
+        for k in order {
+            let s = measure(ctx, &servers[k])?;
+            eprintln!(
+                "  run {}/{} {:5}: {:>9.0} req/s, server CPU {:.1} µs/request, {} failed",
+                run + 1,
+                cfg.runs,
+                names[k],
+                s.rps,
+                s.cpu_us_per_request,
+                s.failed
+            );
+            samples[k].push(s);
+        }
+    }
+    for (s, name) in servers.iter().zip(names) {
+        let (_, code) = terminate(&s.proc)?;
+        expect_exit_0(name, s.proc.pid, code)?;
+    }
+
+    let rps = |k: usize| median(&samples[k].iter().map(|s| s.rps).collect::<Vec<_>>());
+    let cpu = |k: usize| {
+        median(
+            &samples[k]
+                .iter()
+                .map(|s| s.cpu_us_per_request)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let failed = |k: usize| samples[k].iter().map(|s| s.failed).sum::<u64>();
+    for (k, name) in names.iter().enumerate() {
+        for s in &samples[k] {
+            for e in &s.errors {
+                eprintln!("  {name}: failed request: {e}");
+            }
+        }
+    }
+    let ratio = rps(0) / rps(1);
+    let cpu_ratio = cpu(0) / cpu(1);
+    let runs = cfg.runs;
+    let conns = cfg.conns;
+    Ok(vec![
+        row(
+            format!("1. throughput, req/s ({conns} keep-alive conns, median of {runs} runs)"),
+            format!("{:.0}", rps(0)),
+            format!("{:.0} (plain)", rps(1)),
+            format!("ratio {ratio:.3} (≥ 0.97)"),
+            Some(ratio >= 0.97),
+        ),
+        row(
+            "1. server CPU time per request, µs (median)",
+            format!("{:.2}", cpu(0)),
+            format!("{:.2} (plain)", cpu(1)),
+            format!("ratio {cpu_ratio:.3} (info)"),
+            None,
+        ),
+        row(
+            "1. failed requests in the throughput runs",
+            failed(0).to_string(),
+            format!("{} (plain)", failed(1)),
+            "0",
+            Some(failed(0) == 0),
+        ),
+    ])
+}
+
+fn measure(ctx: &Ctx, server: &Server) -> Result<Sample, String> {
+    let cfg = &ctx.cfg;
+    let pid = server.proc.pid;
+    let load = Load::start(&Spec {
+        addr: server.addr,
+        connections: cfg.conns,
+        path: "/".into(),
+        max_time: cfg.warmup + cfg.window + SOON,
+        max_per_conn: cfg.max_per_conn,
+        threads: cfg.client_threads,
+    })?;
+    std::thread::sleep(cfg.warmup);
+    let (n0, cpu0, t0) = (load.ok(), procs::cpu_ns(pid), Instant::now());
+    std::thread::sleep(cfg.window);
+    let (n1, cpu1, t1) = (load.ok(), procs::cpu_ns(pid), Instant::now());
+    let report = load.stop();
+    let requests = n1.saturating_sub(n0);
+    if requests == 0 {
+        return Err(format!(
+            "no request answered by pid {pid} during the window; errors: {:?}",
+            report.errors
+        ));
+    }
+    let cpu_us_per_request = match (cpu0, cpu1) {
+        (Some(a), Some(b)) => b.saturating_sub(a) as f64 / 1e3 / requests as f64,
+        _ => f64::NAN,
+    };
+    Ok(Sample {
+        rps: requests as f64 / (t1 - t0).as_secs_f64(),
+        cpu_us_per_request,
+        failed: report.failed,
+        errors: report.errors,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2 and 3. Restarts under load.
+
+#[derive(Default)]
+struct Restarts {
+    done: usize,
+    /// SIGUSR1 sent → `MAINPID=`/`READY=1` received.
+    latency: Vec<f64>,
+    /// `MAINPID=`/`READY=1` received → old process exited (its drain).
+    drain: Vec<f64>,
+    /// Last connection to the old process seen closed → old process exited.
+    close_to_exit: Vec<f64>,
+    /// Restarts where no connection could be attributed to the old process.
+    unattributed: usize,
+    /// Spawn → `READY=1` of a fresh hello on another port, under the same load, before each
+    /// restart: the reference for `latency`.
+    start: Vec<f64>,
+    report: load::Report,
+}
+
+fn restarts(ctx: &Ctx, path: &str) -> Result<Restarts, String> {
+    let cfg = &ctx.cfg;
+    let since = Instant::now();
+    let server = ctx.start(&ctx.hello, true)?;
+    ctx.ready(&server, since)?;
+    let load = Load::start(&Spec {
+        addr: server.addr,
+        connections: cfg.restart_conns,
+        path: path.into(),
+        max_time: SOON * (cfg.restarts as u32 + 2),
+        max_per_conn: u64::MAX,
+        threads: cfg.client_threads,
+    })?;
+    let mut current = server.proc.clone();
+    let mut out = Restarts::default();
+    let looped = restart_loop(ctx, &load, &mut current, &mut out);
+    out.report = load.stop();
+    let ended = terminate(&current);
+    if let Err(e) = looped {
+        return Err(format!(
+            "after {} restarts: {e}; the servers said:\n{}",
+            out.done,
+            server.lines.tail(30)
+        ));
+    }
+    let (_, code) = ended?;
+    expect_exit_0("the last hello", current.pid, code)?;
+    Ok(out)
+}
+
+fn restart_loop(
+    ctx: &Ctx,
+    load: &Load,
+    current: &mut Proc,
+    out: &mut Restarts,
+) -> Result<(), String> {
+    if !load.wait_pid(current.pid, SOON) {
+        return Err(format!("no response from pid {}", current.pid));
+    }
+    for i in 1..=ctx.cfg.restarts {
+        // The reference: how long a process start takes right now, under this load.
+        let spawned = Instant::now();
+        let probe = ctx.start(&ctx.hello, true)?;
+        let ready = ctx.ready(&probe, spawned);
+        let stopped = terminate(&probe.proc);
+        out.start.push(ms(ready?.at - spawned));
+        expect_exit_0("the probe hello", probe.proc.pid, stopped?.1)?;
+
+        let old = current.clone();
+        let sent = Instant::now();
+        old.signal(Signal::USR1)?;
+        let handed = ctx.handed_over(old.pid, sent)?;
+        let new = handed.mainpid().unwrap_or(0);
+        *current = ctx.procs.track(new)?;
+        let exit = old.wait_exit(SOON)?;
+        expect_exit_0("the old hello", old.pid, exit.code)?;
+        out.latency.push(ms(handed.at - sent));
+        out.drain.push(signed_ms(exit.at, handed.at));
+        match load.last_close(old.pid, Duration::from_secs(2)) {
+            Some(closed) => out.close_to_exit.push(signed_ms(exit.at, closed)),
+            None => out.unattributed += 1,
+        }
+        if !load.wait_pid(new, SOON) {
+            return Err(format!("no response from the new pid {new}"));
+        }
+        out.done = i;
+        eprintln!(
+            "  restart {i}/{}: {} -> {new}: ready after {:.1} ms (a fresh start: {:.1} ms), \
+             old drained in {:.1} ms",
+            ctx.cfg.restarts,
+            old.pid,
+            out.latency[i - 1],
+            out.start[i - 1],
+            out.drain[i - 1]
+        );
+    }
+    Ok(())
+}
+
+fn restart_rows(r: &Restarts, label: &str, n: usize, conns: usize) -> Vec<Row> {
+    let failed = r.report.failed;
+    for e in &r.report.errors {
+        eprintln!("  {label}: failed request: {e}");
+    }
+    let mut rows = vec![row(
+        format!("2. failed requests over {n} restarts, {conns} keep-alive conns, {label}"),
+        format!("{failed} (of {} ok, {} restarts done)", r.report.ok, r.done),
+        "—",
+        "0",
+        Some(failed == 0 && r.done == n),
+    )];
+    rows.extend(latency_rows(
+        &r.latency,
+        label,
+        &r.start,
+        "process start under this load",
+    ));
+    rows.push(row(
+        format!("3. last conn to old pid closed → old pid exited, ms, median / p99 ({label})"),
+        format!(
+            "{:.2} / {:.2}{}",
+            median(&r.close_to_exit),
+            p99(&r.close_to_exit),
+            if r.unattributed > 0 {
+                format!(" ({} restarts unattributed)", r.unattributed)
+            } else {
+                String::new()
+            }
+        ),
+        "—",
+        "info",
+        None,
+    ));
+    rows.push(row(
+        format!("3. MAINPID received → old pid exited (drain), ms, median / p99 ({label})"),
+        format!("{:.1} / {:.1}", median(&r.drain), p99(&r.drain)),
+        "—",
+        "info",
+        None,
+    ));
+    rows
+}
+
+/// Restart latency (median, p99) against process start (`start`, described by `what`) + 20 ms.
+fn latency_rows(latency: &[f64], label: &str, start: &[f64], what: &str) -> Vec<Row> {
+    let (m, p) = (median(latency), p99(latency));
+    let (sm, sp) = (median(start), p99(start));
+    let judge = |v: f64, s: f64| (!start.is_empty()).then_some(v <= s + 20.0);
+    vec![
+        row(
+            format!("3. restart latency SIGUSR1 → MAINPID+READY, ms, median ({label})"),
+            format!("{m:.1}"),
+            format!("{sm:.1} ({what}, median)"),
+            format!("≤ {:.1} (start + 20)", sm + 20.0),
+            judge(m, sm),
+        ),
+        row(
+            format!("3. restart latency SIGUSR1 → MAINPID+READY, ms, p99 ({label})"),
+            format!("{p:.1}"),
+            format!("{sp:.1} ({what}, p99)"),
+            format!("≤ {:.1} (start + 20)", sp + 20.0),
+            judge(p, sp),
+        ),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3 and 4. Start, idle restart, idle shutdown.
+
+#[derive(Default)]
+struct StartStop {
+    /// Spawn → `READY=1` of a fresh hello.
+    start: Vec<f64>,
+    /// SIGUSR1 → `MAINPID=`/`READY=1`, idle server.
+    restart: Vec<f64>,
+    /// SIGTERM → exit, idle.
+    stop_hello: Vec<f64>,
+    stop_plain: Vec<f64>,
+}
+
+/// Cycles of: spawn a fresh hello → its `READY=1`; one request; SIGUSR1 → `MAINPID=`, the old
+/// process exits, the new one answers; SIGTERM to the new one → exit. Then the same start and
+/// SIGTERM for plain.
+fn start_stop(ctx: &Ctx) -> Result<StartStop, String> {
+    let settle = Duration::from_millis(20);
+    let mut out = StartStop::default();
+    for i in 0..ctx.cfg.starts {
+        let spawned = Instant::now();
+        let server = ctx.start(&ctx.hello, true)?;
+        let ready = ctx.ready(&server, spawned)?;
+        out.start.push(ms(ready.at - spawned));
+        procs::get(server.addr)?;
+        std::thread::sleep(settle);
+
+        let sent = Instant::now();
+        server.proc.signal(Signal::USR1)?;
+        let handed = ctx.handed_over(server.proc.pid, sent)?;
+        out.restart.push(ms(handed.at - sent));
+        let new = ctx.procs.track(handed.mainpid().unwrap_or(0))?;
+        let exit = server.proc.wait_exit(SOON)?;
+        expect_exit_0("the old hello", server.proc.pid, exit.code)?;
+        let answered = procs::get(server.addr)?;
+        if answered != new.pid {
+            return Err(format!(
+                "after the restart pid {answered} answered, not {}",
+                new.pid
+            ));
+        }
+        std::thread::sleep(settle);
+        let (took, code) = terminate(&new)?;
+        expect_exit_0("hello", new.pid, code)?;
+        out.stop_hello.push(ms(took));
+
+        let plain = ctx.start(&ctx.plain, false)?;
+        procs::get(plain.addr)?;
+        std::thread::sleep(settle);
+        let (took, code) = terminate(&plain.proc)?;
+        expect_exit_0("plain", plain.proc.pid, code)?;
+        out.stop_plain.push(ms(took));
+        eprintln!(
+            "  cycle {}/{}: start {:.1} ms, idle restart {:.1} ms, stop {:.1} ms (plain {:.1} ms)",
+            i + 1,
+            ctx.cfg.starts,
+            out.start[i],
+            out.restart[i],
+            out.stop_hello[i],
+            out.stop_plain[i]
+        );
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Idle connections at scale.
+
+/// Per server (index 0: hello, 1: plain), one value per round.
+#[derive(Default)]
+struct Scale {
+    /// RSS growth per connection, bytes.
+    per_conn: [Vec<f64>; 2],
+    /// SIGTERM → exit with the connections open, ms.
+    stop: [Vec<f64>; 2],
+    /// hello's `server closed` log line, last round.
+    hello_closed: Option<String>,
+}
+
+fn scale(ctx: &Ctx) -> Result<Scale, String> {
+    let n = ctx.cfg.idle_conns;
+    let needed = n as u64 + 200;
+    if ctx.nofile < needed {
+        return Err(format!(
+            "RLIMIT_NOFILE is {} but {n} connections need about {needed}; lower \
+             HANDOVER_BENCH_IDLE_CONNS or raise the hard limit",
+            ctx.nofile
+        ));
+    }
+    // One source address has this many ephemeral ports; beyond that, more loopback sources.
+    let per_source = (procs::ephemeral_ports() as usize)
+        .saturating_sub(2_000)
+        .max(1_000);
+    let sources: Vec<Ipv4Addr> = if n <= per_source {
+        Vec::new()
+    } else {
+        (1..=n.div_ceil(per_source) as u8)
+            .map(|i| Ipv4Addr::new(127, 0, 0, i))
+            .collect()
+    };
+    let mut out = Scale::default();
+    for round in 0..ctx.cfg.scale_rounds {
+        let order = if round % 2 == 0 { [1, 0] } else { [0, 1] };
+        for k in order {
+            let program = [&ctx.hello, &ctx.plain][k];
+            let server = ctx.start(program, false)?;
+            let pid = server.proc.pid;
+            procs::get(server.addr)?;
+            std::thread::sleep(Duration::from_millis(300));
+            let before = procs::rss_kib(pid)?;
+            let opening = Instant::now();
+            let conns = match load::open_idle(server.addr, n, &sources) {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = terminate(&server.proc);
+                    return Err(e);
+                }
+            };
+            let opened = opening.elapsed();
+            std::thread::sleep(Duration::from_millis(300));
+            let after = procs::rss_kib(pid)?;
+            let fds = procs::fd_count(pid).unwrap_or(0);
+            let (took, code) = terminate(&server.proc)?;
+            drop(conns);
+            expect_exit_0("server", pid, code)?;
+            let per_conn = after.saturating_sub(before) as f64 * 1024.0 / n as f64;
+            out.per_conn[k].push(per_conn);
+            out.stop[k].push(ms(took));
+            if k == 0 {
+                out.hello_closed = server
+                    .lines
+                    .wait_for("server closed", Duration::from_secs(1));
+            }
+            eprintln!(
+                "  round {}/{} {}: RSS {before} -> {after} KiB ({per_conn:.0} B/conn) with {n} \
+                 connections ({fds} fds, opened in {:.2} s); SIGTERM -> exit {:.1} ms",
+                round + 1,
+                ctx.cfg.scale_rounds,
+                ["hello", "plain"][k],
+                opened.as_secs_f64(),
+                ms(took)
+            );
+        }
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn main() -> ExitCode {
+    if run(Config::from_env(false)) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Runs the scenarios `cfg` enables and prints the report. Returns whether all of them ran to
+/// the end and no process was left behind (targets missed do not count: they are reported).
+pub(crate) fn run(cfg: Config) -> bool {
+    let nofile = procs::raise_nofile(cfg.nofile);
+    if nofile < cfg.nofile {
+        eprintln!(
+            "note: RLIMIT_NOFILE could only be raised to {nofile} (wanted {})",
+            cfg.nofile
+        );
+    }
+    procs::become_subreaper();
+    eprintln!(
+        "handover bench{}: {}",
+        if cfg.quick { " (quick)" } else { "" },
+        procs::machine()
+    );
+    eprintln!("building the examples...");
+    let hello = procs::build_example("hello");
+    let plain = procs::build_example("plain");
+    let ctx = Ctx {
+        cfg,
+        hello,
+        plain,
+        procs: Registry::default(),
+        notify: NotifySocket::new(),
+        nofile,
+    };
+    let load_before = procs::loadavg();
+    let started = Instant::now();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut errors: Vec<String> = Vec::new();
+    let mut fail = |what: &str, e: String| {
+        eprintln!("ERROR in {what}: {e}");
+        errors.push(format!("{what}: {e}"));
+    };
+
+    if ctx.cfg.enabled("throughput") {
+        eprintln!("1. throughput, hello vs plain");
+        match throughput(&ctx) {
+            Ok(r) => rows.extend(r),
+            Err(e) => fail("throughput", e),
+        }
+    }
+
+    if ctx.cfg.enabled("restart") {
+        let (n, conns) = (ctx.cfg.restarts, ctx.cfg.restart_conns);
+        let slow = format!("/?sleep_ms={}", ctx.cfg.sleep_ms);
+        for (label, path) in [("instant handler", "/"), (slow.as_str(), slow.as_str())] {
+            eprintln!("2/3. {n} restarts under load, {label}");
+            match restarts(&ctx, path) {
+                Ok(r) => rows.extend(restart_rows(&r, label, n, conns)),
+                Err(e) => fail(&format!("restarts ({label})"), e),
+            }
+        }
+    }
+
+    if ctx.cfg.enabled("startstop") {
+        eprintln!("3/4. start, idle restart and idle shutdown cycles");
+        match start_stop(&ctx) {
+            Ok(s) => {
+                rows.push(row(
+                    "3. process start, idle: spawn → READY=1, ms, median / p99 (reference)",
+                    format!("{:.1} / {:.1}", median(&s.start), p99(&s.start)),
+                    "—",
+                    "info",
+                    None,
+                ));
+                rows.extend(latency_rows(
+                    &s.restart,
+                    "idle",
+                    &s.start,
+                    "process start, idle",
+                ));
+                let (h, p) = (median(&s.stop_hello), median(&s.stop_plain));
+                rows.push(row(
+                    "4. idle shutdown SIGTERM → exit, ms, median",
+                    format!("{h:.2} (p99 {:.2})", p99(&s.stop_hello)),
+                    format!("{p:.2} (plain, p99 {:.2})", p99(&s.stop_plain)),
+                    format!("ratio {:.2} (info)", h / p),
+                    None,
+                ));
+            }
+            Err(e) => fail("start/stop", e),
+        }
+    }
+
+    if ctx.cfg.enabled("scale") {
+        let n = ctx.cfg.idle_conns;
+        eprintln!("5. {n} idle keep-alive connections");
+        match scale(&ctx) {
+            Ok(s) => {
+                let rounds = ctx.cfg.scale_rounds;
+                let (h, p) = (median(&s.per_conn[0]), median(&s.per_conn[1]));
+                let diff = h - p;
+                let values = |v: &[f64]| {
+                    v.iter()
+                        .map(|x| format!("{x:.0}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                rows.push(row(
+                    format!(
+                        "5. RSS per idle keep-alive conn, bytes ({n} conns, median of {rounds})"
+                    ),
+                    format!("{h:.0} ({})", values(&s.per_conn[0])),
+                    format!("{p:.0} (plain: {})", values(&s.per_conn[1])),
+                    format!("+{diff:.0} B/conn (< +1024)"),
+                    Some(diff < 1024.0),
+                ));
+                let (h, p) = (median(&s.stop[0]), median(&s.stop[1]));
+                rows.push(row(
+                    format!(
+                        "5. SIGTERM → exit with {n} idle conns (drain), ms, median of {rounds}"
+                    ),
+                    format!("{h:.1} (max {:.1})", p99(&s.stop[0])),
+                    format!("{p:.1} (plain, no drain; max {:.1})", p99(&s.stop[1])),
+                    "< 250",
+                    Some(h < 250.0),
+                ));
+                if let Some(line) = &s.hello_closed {
+                    eprintln!("  hello's last words: {}", line.trim());
+                }
+            }
+            Err(e) => fail("scale", e),
+        }
+    }
+
+    let load_after = procs::loadavg();
+    let mut left = ctx.procs.cleanup();
+    // Children re-parented to us that were never tracked (none, unless a restart went astray).
+    let orphans = procs::live_children();
+    for pid in &orphans {
+        if ctx.procs.track(*pid).is_ok() {
+            left.extend(ctx.procs.cleanup());
+        }
+    }
+    drop(ctx);
+
+    println!();
+    println!("## handover bench results");
+    println!();
+    println!("{}", procs::machine());
+    println!(
+        "load average before {load_before}, after {load_after}; {:.0} s; RLIMIT_NOFILE {nofile}",
+        started.elapsed().as_secs_f64()
+    );
+    println!();
+    println!("| metric | handover | reference | ratio/target | met? |");
+    println!("|---|---|---|---|---|");
+    for r in &rows {
+        let met = match r.met {
+            Some(true) => "yes",
+            Some(false) => "**NO**",
+            None => "—",
+        };
+        println!(
+            "| {} | {} | {} | {} | {met} |",
+            r.metric, r.handover, r.reference, r.target
+        );
+    }
+    println!();
+    println!(
+        "p99 is nearest-rank: with fewer than 100 samples, the largest. Load generator and \
+         servers share the machine's CPUs: numbers are noisy on small or busy machines."
+    );
+    if cfg!(debug_assertions) {
+        println!("- built without optimizations (test profile): these numbers mean little");
+    }
+    for e in &errors {
+        println!("- ERROR: {e}");
+    }
+    if left.is_empty() && orphans.is_empty() {
+        println!("- processes left behind: none");
+    } else {
+        println!("- processes left behind (killed): {left:?}; untracked children: {orphans:?}");
+    }
+    errors.is_empty() && left.is_empty() && orphans.is_empty()
+}

@@ -158,8 +158,9 @@ fn strip_ansi(s: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // Processes.
 
-/// A process started by a test. Dropping it kills it (and waits), so a failing test leaves
-/// nothing behind.
+/// A process started by a test, in a process group of its own. Dropping it kills the whole
+/// group (the process and every successor a restart started, which inherit the group) and
+/// reaps them, so even a failing test leaves nothing behind.
 pub struct Proc {
     pub pid: u32,
     pub lines: Lines,
@@ -182,7 +183,8 @@ impl Spawn {
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stderr(Stdio::piped())
+            .process_group(0);
         Spawn { cmd }
     }
 
@@ -278,11 +280,44 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // The group id is the first process's pid. Successors re-parented to the test (we are
+        // a subreaper) are reaped; others are at least killed.
+        let members = group_members(self.pid);
+        let _ = rustix::process::kill_process_group(pid(self.pid), Signal::KILL);
         if !self.reaped {
-            let _ = rustix::process::kill_process(pid(self.pid), Signal::KILL);
             let _ = wait_exit(self.pid, Duration::from_secs(5));
         }
+        for member in members {
+            if member != self.pid {
+                let _ = std::panic::catch_unwind(|| wait_exit(member, Duration::from_secs(5)));
+            }
+        }
     }
+}
+
+/// The pids of the processes in process group `pgid` (from /proc).
+fn group_members(pgid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        // After "comm)": state ppid pgrp ...
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        if fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid) {
+            out.push(p);
+        }
+    }
+    out
 }
 
 fn pid(p: u32) -> Pid {
