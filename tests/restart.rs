@@ -34,7 +34,8 @@ fn restart_under_load(
     let mut pids = vec![server.pid];
     let load = Load::start(addr, LOAD_CONNECTIONS, "/", Duration::from_secs(300));
     load.wait_pid(server.pid, SOON);
-    let mut first = Some(server);
+    // Kept to the end: dropping a Proc kills its process group, which the successors share.
+    let mut server = server;
     for i in 1..=restarts {
         let old = *pids.last().expect("a pid");
         signal(old, Signal::USR1);
@@ -48,11 +49,11 @@ fn restart_under_load(
         load.wait_pid(new, SOON);
         usage.push((fds_of(new).len(), rss_kib(new)));
         // The old process drains and exits 0; only then is the next restart sent.
-        let code = match first.as_mut() {
-            Some(p) => p.wait(SOON),
-            None => wait_exit(old, SOON),
+        let code = if i == 1 {
+            server.wait(SOON)
+        } else {
+            wait_exit(old, SOON)
         };
-        first = None;
         assert_eq!(code, Some(0), "old process {old} exit code");
         pids.push(new);
     }
@@ -167,25 +168,20 @@ fn http2_clients_move_to_the_new_process_without_failures() {
     notify.wait_line("READY=1", SOON);
     let load = Load::start_h2(addr, 4, "/", Duration::from_secs(60));
     load.wait_pid(server.pid, SOON);
-    let mut server = Some(server);
-    let mut pids = vec![];
+    // Kept to the end: dropping a Proc kills its process group, which the successors share.
+    let mut server = server;
+    let mut pids = vec![server.pid];
     for i in 1..=3 {
-        let old = pids
-            .last()
-            .copied()
-            .or(server.as_ref().map(|s| s.pid))
-            .expect("pid");
+        let old = *pids.last().expect("pid");
         signal(old, Signal::USR1);
         let new = mainpid(&notify.wait_nth(i, SOON, |n| n.text.contains("MAINPID=")));
         load.wait_pid(new, SOON);
-        let code = match server.take() {
-            Some(mut p) => p.wait(SOON),
-            None => wait_exit(old, SOON),
+        let code = if i == 1 {
+            server.wait(SOON)
+        } else {
+            wait_exit(old, SOON)
         };
         assert_eq!(code, Some(0));
-        if pids.is_empty() {
-            pids.push(old);
-        }
         pids.push(new);
     }
     let report = load.stop();

@@ -916,12 +916,15 @@ async fn client_h2(
                 // Canceled: the connection ended before the request was written (GOAWAY raced
                 // with it). Nothing reached the server; hyper-util's pooled client retries these
                 // (`retry_canceled_requests`), and so do we, on a new connection.
-                Err(e) if e.is_canceled() => {
+                Err(e) if e.is_canceled() || unprocessed(&e) => {
                     sent -= 1;
                     report.retried += 1;
                     continue 'outer;
                 }
-                Err(e) => Err(format!("request: {e}")),
+                Err(e) => Err(format!(
+                    "request: {e} ({:?})",
+                    std::error::Error::source(&e)
+                )),
             };
             match result {
                 Ok(r) if r.status == 200 && r.body == "Hello world" => {
@@ -948,6 +951,18 @@ async fn client_h2(
         break;
     }
     report
+}
+
+/// A stream the server's GOAWAY declared unprocessed (its id above the last stream id, reason
+/// NO_ERROR): RFC 9113 section 8.7 guarantees the server did not act on it, and clients retry
+/// it on a new connection. This happens when the client opened the stream after the server's
+/// first GOAWAY had been sent but before it arrived.
+fn unprocessed(e: &hyper::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<h2::Error>())
+        .is_some_and(|h| {
+            h.is_go_away() && h.is_remote() && h.reason() == Some(h2::Reason::NO_ERROR)
+        })
 }
 
 /// Environment for a process: the current one plus `extra`.
