@@ -7,6 +7,10 @@
 //! `HOOKS` is a comma-separated list of: `ok`, `panic`, `hang` (sync hooks), `async-ok`,
 //! `async-panic`, `async-hang`, or `sleep:MS` (a sync hook that takes MS milliseconds).
 //! `HANDOVER_DRAIN_TIMEOUT_MS` sets the deadline (default 5000).
+//!
+//! `GET /upgrade` with `Connection: upgrade`, `Upgrade: echo` switches the connection to a
+//! byte echo, like a WebSocket would: a connection hyper no longer drives, which a drain must
+//! still wait for, and cut at its deadline.
 
 mod common;
 
@@ -14,6 +18,38 @@ use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
+
+async fn route(
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
+    if req.uri().path() != "/upgrade" {
+        return common::hello(req).await;
+    }
+    tokio::spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                tracing::info!("upgraded: echoing");
+                let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                tracing::info!("upgraded connection ended");
+            }
+            Err(e) => tracing::warn!("upgrade failed: {e}"),
+        }
+    });
+    let mut response = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+    *response.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    headers.insert(
+        hyper::header::UPGRADE,
+        hyper::header::HeaderValue::from_static("echo"),
+    );
+    Ok(response)
+}
 
 fn main() -> ExitCode {
     common::init_tracing();
@@ -38,7 +74,7 @@ fn main() -> ExitCode {
     for l in listeners.iter() {
         println!("listen on: {}, pid: {}", l.url(), std::process::id());
     }
-    let mut server = handover::serve(listeners, tower::service_fn(common::hello));
+    let mut server = handover::serve(listeners, tower::service_fn(route));
     if let Some(t) = common::env_ms("HANDOVER_DRAIN_TIMEOUT_MS") {
         server = server.drain_timeout(t);
     }

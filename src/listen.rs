@@ -446,11 +446,12 @@ fn parse_decimal(raw: &OsStr) -> Option<u32> {
     text.parse().ok()
 }
 
-/// A listener that is currently open, as the raw fd the hand-off passes on.
-pub(crate) fn raw_fds(listeners: &[Listener]) -> Vec<(RawFd, String)> {
+/// Duplicates of the listeners' fds, with their names, for a hand-off: the restart owns its
+/// copies, so nothing the server does meanwhile can close (or reuse) the fd numbers it passes.
+pub(crate) fn dup_fds(listeners: &[Listener]) -> std::io::Result<Vec<(OwnedFd, String)>> {
     listeners
         .iter()
-        .map(|l| (l.as_fd().as_raw_fd(), l.name.clone()))
+        .map(|l| Ok((l.as_fd().try_clone_to_owned()?, l.name.clone())))
         .collect()
 }
 

@@ -71,12 +71,16 @@ impl Notifier {
             },
         };
         match &startup.upstream_notify_socket {
-            // Started by a handover parent: NOTIFY_SOCKET is the parent's.
-            Some(_) => Notifier {
-                upstream: open(
-                    crate::startup::UPSTREAM_NOTIFY_VAR,
-                    &startup.upstream_notify_socket,
-                ),
+            // Started by a handover parent: NOTIFY_SOCKET is the parent's, and the service
+            // manager's is this variable (empty: there is none).
+            Some(upstream) => Notifier {
+                upstream: match upstream.is_empty() {
+                    true => None,
+                    false => open(
+                        crate::startup::UPSTREAM_NOTIFY_VAR,
+                        &startup.upstream_notify_socket,
+                    ),
+                },
                 parent: Mutex::new(open("NOTIFY_SOCKET", &startup.notify_socket)),
             },
             None => Notifier {
@@ -214,10 +218,13 @@ pub(crate) fn spawn_watchdog(
     })
 }
 
+/// One `KEY=value` line per state. A newline inside a value (an error text, a path) would start
+/// a new assignment, so an error message could smuggle in `MAINPID=`: values are kept on their
+/// line.
 pub(crate) fn format_states(states: &[NotifyState<'_>]) -> String {
     let mut msg = String::new();
     for s in states {
-        msg.push_str(&s.to_string());
+        msg.push_str(&s.to_string().replace(['\n', '\r'], " "));
         msg.push('\n');
     }
     msg

@@ -19,12 +19,12 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
@@ -57,7 +57,7 @@ impl Restarting {
     /// Starts a restart that hands over `listeners` (fd and name). The fds must stay open until
     /// the restart has finished.
     pub(crate) fn start(
-        listeners: Vec<(RawFd, String)>,
+        listeners: Vec<(OwnedFd, String)>,
         notifier: Arc<Notifier>,
         ready_timeout: Duration,
         watchdog_usec: Option<u64>,
@@ -95,7 +95,7 @@ static HANDSHAKE_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// What a restart hands over, and how long it waits.
 struct Plan {
-    listeners: Vec<(RawFd, String)>,
+    listeners: Vec<(OwnedFd, String)>,
     notifier: Arc<Notifier>,
     ready_timeout: Duration,
     /// The watchdog duty passes to the child with the listeners.
@@ -135,21 +135,22 @@ async fn attempt(plan: Plan, cancel: CancellationToken) -> Result<HandedOver, Re
     tracing::info!(exe = %exe.display(), listeners = listeners.len(), "restart: starting the new process");
 
     let (handshake, handshake_name) = bind_handshake()?;
-    let names: Vec<&str> = listeners.iter().map(|(_, n)| n.as_str()).collect();
+    let names: Vec<String> = listeners.iter().map(|(_, n)| n.clone()).collect();
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| !PROTOCOL_VARS.iter().any(|v| k.as_bytes() == v.as_bytes()))
         .collect();
     env.push(("LISTEN_FDS".into(), listeners.len().to_string().into()));
     env.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
     env.push(("NOTIFY_SOCKET".into(), handshake_name.clone()));
-    if let Some(upstream) = notifier.upstream_name() {
-        env.push((UPSTREAM_NOTIFY_VAR.into(), upstream.to_owned()));
-    }
+    // Always set, empty meaning "no service manager": the child must know that NOTIFY_SOCKET is
+    // only the hand-off socket, which is gone once we exit.
+    let upstream = notifier.upstream_name().unwrap_or_default().to_owned();
+    env.push((UPSTREAM_NOTIFY_VAR.into(), upstream));
     // No WATCHDOG_PID: the interval is for whoever reads it, the child.
     if let Some(usec) = watchdog_usec {
         env.push(("WATCHDOG_USEC".into(), usec.to_string().into()));
     }
-    let fds = listeners.iter().map(|(fd, _)| *fd).collect();
+    let fds = listeners.into_iter().map(|(fd, _)| fd).collect();
     let plan =
         ExecPlan::new(&exe, &startup.args, env, fds, startup.cwd.as_deref()).map_err(|source| {
             RestartFailure::Spawn {
@@ -171,21 +172,39 @@ async fn attempt(plan: Plan, cancel: CancellationToken) -> Result<HandedOver, Re
     tracing::info!(pid, "restart: new process started; waiting for its READY=1");
     let child = Child::new(pid, spawned.pidfd)?;
 
+    // Biased, in this order: a child that died is never handed over to, even if its READY=1
+    // is also waiting; a child that is ready is handed over to even if a close signal came at
+    // the same moment (it is serving already; killing it would reset its connections).
     let outcome = tokio::select! {
-        ready = wait_ready(&handshake, pid) => ready,
+        biased;
         status = child.exited() => Err(RestartFailure::Exited { pid, status }),
-        () = tokio::time::sleep(ready_timeout) => Err(RestartFailure::Timeout { pid, after: ready_timeout }),
+        ready = wait_ready(&handshake, pid) => ready,
         () = cancel.cancelled() => Err(RestartFailure::Cancelled { pid }),
+        () = tokio::time::sleep(ready_timeout) => Err(RestartFailure::Timeout { pid, after: ready_timeout }),
+    };
+    // READY=1 and then an immediate exit: look once more before handing over.
+    let outcome = match outcome {
+        Ok(()) => match child.exit_status_now() {
+            Some(status) => Err(RestartFailure::Exited { pid, status }),
+            None => Ok(()),
+        },
+        failure => failure,
     };
     match outcome {
         Ok(()) => {
             let status = format!("Handed over to pid {pid}; draining");
-            // One datagram: see the module docs.
-            notifier.notify_upstream(&[
+            // One datagram: see the module docs. The watchdog ping covers the moment the duty
+            // changes hands, since the child's own pings before MAINPID= were not accepted.
+            let mut handoff = vec![
                 NotifyState::MainPid(pid),
                 NotifyState::Ready,
                 NotifyState::Status(&status),
-            ]);
+            ];
+            if watchdog_usec.is_some() {
+                handoff.push(NotifyState::Watchdog);
+            }
+            notifier.notify_upstream(&handoff);
+            child.release();
             let ready_after = started.elapsed();
             tracing::info!(
                 pid,
@@ -274,11 +293,13 @@ fn recv_with_pid(
     Ok((msg.bytes, sender))
 }
 
-/// The child during the hand-off, watched through its pidfd.
+/// The child during the hand-off, watched through its pidfd. Until [`Child::release`] it is
+/// ours: dropped any other way (a failure, or the restart future dropped with the server), it
+/// is killed and reaped, never left running with our listeners.
 struct Child {
     pid: u32,
-    pidfd: AsyncFd<OwnedFd>,
-    reaped: std::sync::atomic::AtomicBool,
+    pidfd: Option<AsyncFd<OwnedFd>>,
+    reaped: AtomicBool,
 }
 
 impl Child {
@@ -286,59 +307,127 @@ impl Child {
         match sys::register_readable(pidfd) {
             Ok(pidfd) => Ok(Child {
                 pid,
-                pidfd,
-                reaped: false.into(),
+                pidfd: Some(pidfd),
+                reaped: AtomicBool::new(false),
             }),
-            Err(source) => Err(RestartFailure::Io {
-                context: "could not watch the new process",
-                source,
-            }),
-        }
-    }
-
-    /// Waits until the child has exited, reaps it, and describes how it ended.
-    async fn exited(&self) -> String {
-        loop {
-            let mut guard = match self.pidfd.readable().await {
-                Ok(g) => g,
-                Err(e) => return format!("could not be watched ({e})"),
-            };
-            match rustix::process::waitid(
-                WaitId::PidFd(self.pidfd.get_ref().as_fd()),
-                WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
-            ) {
-                Ok(Some(status)) => {
-                    self.reaped.store(true, Ordering::Relaxed);
-                    return if let Some(code) = status.exit_status() {
-                        format!("exited with status {code}")
-                    } else if let Some(sig) = status.terminating_signal() {
-                        format!("was killed by signal {sig}")
-                    } else {
-                        "ended".to_string()
-                    };
-                }
-                Ok(None) => guard.clear_ready(),
-                Err(e) => return format!("could not be waited for ({e})"),
+            Err((pidfd, source)) => {
+                kill_and_reap_blocking(pidfd);
+                Err(RestartFailure::Io {
+                    context: "could not watch the new process",
+                    source,
+                })
             }
         }
     }
 
-    /// SIGKILL, then reap. Bounded: a process in uninterruptible sleep is left to init.
+    fn fd(&self) -> Option<&AsyncFd<OwnedFd>> {
+        self.pidfd.as_ref()
+    }
+
+    /// Waits until the child has exited, reaps it, and describes how it ended.
+    async fn exited(&self) -> String {
+        let Some(pidfd) = self.fd() else {
+            return std::future::pending().await;
+        };
+        loop {
+            let mut guard = match pidfd.readable().await {
+                Ok(g) => g,
+                Err(e) => return format!("could not be watched ({e})"),
+            };
+            match self.try_reap() {
+                Some(how) => return how,
+                None => guard.clear_ready(),
+            }
+        }
+    }
+
+    /// Reaps the child if it has exited; describes how.
+    fn try_reap(&self) -> Option<String> {
+        let pidfd = self.fd()?;
+        match rustix::process::waitid(
+            WaitId::PidFd(pidfd.get_ref().as_fd()),
+            WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+        ) {
+            Ok(Some(status)) => {
+                self.reaped.store(true, Ordering::Relaxed);
+                Some(if let Some(code) = status.exit_status() {
+                    format!("exited with status {code}")
+                } else if let Some(sig) = status.terminating_signal() {
+                    format!("was killed by signal {sig}")
+                } else {
+                    "ended".to_string()
+                })
+            }
+            Ok(None) => None,
+            Err(e) => {
+                self.reaped.store(true, Ordering::Relaxed);
+                Some(format!("could not be waited for ({e})"))
+            }
+        }
+    }
+
+    /// Whether the child has exited by now (reaping it if so), without waiting.
+    fn exit_status_now(&self) -> Option<String> {
+        self.try_reap()
+    }
+
+    /// Stops it: SIGTERM, so a child that already accepts can finish what it accepted; SIGKILL
+    /// after a second; then reap. Bounded: a process stuck in the kernel is left to init.
     async fn kill_and_reap(&self) {
+        let Some(pidfd) = self.fd() else { return };
         if self.reaped.load(Ordering::Relaxed) {
             return;
         }
-        let _ = rustix::process::pidfd_send_signal(self.pidfd.get_ref(), Signal::KILL);
+        let _ = rustix::process::pidfd_send_signal(pidfd.get_ref(), Signal::TERM);
+        if let Ok(how) = tokio::time::timeout(Duration::from_secs(1), self.exited()).await {
+            tracing::info!(
+                pid = self.pid,
+                how,
+                "restart: the new process was stopped and reaped"
+            );
+            return;
+        }
+        let _ = rustix::process::pidfd_send_signal(pidfd.get_ref(), Signal::KILL);
         match tokio::time::timeout(Duration::from_secs(5), self.exited()).await {
             Ok(how) => tracing::info!(
                 pid = self.pid,
                 how,
-                "restart: the new process was stopped and reaped"
+                "restart: the new process was killed and reaped"
             ),
             Err(_) => tracing::error!(
                 pid = self.pid,
                 "restart: the new process did not die within 5 s of SIGKILL"
             ),
         }
+    }
+
+    /// The hand-off succeeded: the child is the service now, not ours to stop.
+    fn release(mut self) {
+        self.pidfd = None;
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if let Some(pidfd) = self.pidfd.take() {
+            if !self.reaped.load(Ordering::Relaxed) {
+                tracing::warn!(pid = self.pid, "restart abandoned: killing the new process");
+                kill_and_reap_blocking(pidfd.into_inner());
+            }
+        }
+    }
+}
+
+/// SIGKILL through the pidfd, then reap on a thread of its own (waiting is blocking, and this
+/// may run in a destructor on the runtime).
+fn kill_and_reap_blocking(pidfd: OwnedFd) {
+    let _ = rustix::process::pidfd_send_signal(&pidfd, Signal::KILL);
+    let reaper = std::thread::Builder::new()
+        .name("handover-reap".into())
+        .spawn(move || {
+            let _ = rustix::process::waitid(WaitId::PidFd(pidfd.as_fd()), WaitIdOptions::EXITED);
+        });
+    if let Err(e) = reaper {
+        tracing::error!(error = %e, "could not start a thread to reap the killed process");
     }
 }

@@ -36,6 +36,11 @@ use crate::startup;
 /// Serves `service` on `listeners` until a close signal, or until a restart has handed the
 /// listeners to a new process; then drains and returns.
 ///
+/// The close and restart signals are handled from the moment serving starts (before that,
+/// they have their default action: `SIGUSR1` would end the process). Once handled they stay
+/// handled by the process, also after `serve` returns (signal-hook does not restore default
+/// dispositions), so return from `main` once it is done.
+///
 /// `service` is any `tower::Service` (an `axum::Router`, a `tower::service_fn`, ...) that can
 /// be cloned per connection. HTTP/1.1 and HTTP/2 (prior knowledge) are served on the same
 /// listeners. Configure with the builder methods of [`Serve`], then `.await` it.
@@ -194,7 +199,8 @@ impl<S> Serve<S> {
     }
 
     /// Adds a shutdown hook. Hooks run in the order they were added, each to completion, after
-    /// the listeners stop accepting and before the connections are drained.
+    /// the listeners stop accepting and before the connections are drained (as in the Go
+    /// original: requests already being served go on meanwhile).
     pub fn on_shutdown(mut self, hook: impl FnOnce() + Send + 'static) -> Self {
         self.hooks.push(Hook::sync(hook));
         self
@@ -282,10 +288,14 @@ where
 
         // Accept loops work on duplicates of the listening fds, so that `listeners` keeps the
         // originals open for a restart until serving ends, whatever the loops do.
+        // All registered before any loop starts, so an error here leaves nothing running.
+        let acceptors = listeners
+            .iter()
+            .map(Acceptor::new)
+            .collect::<Result<Vec<_>, _>>()?;
         let stop_accepting = CancellationToken::new();
         let mut accepting = Vec::with_capacity(listeners.len());
-        for listener in &listeners {
-            let acceptor = Acceptor::new(listener)?;
+        for acceptor in acceptors {
             accepting.push(tokio::spawn(accept_loop(
                 acceptor,
                 service.clone(),
@@ -315,30 +325,36 @@ where
         // Serve until a close signal, a requested shutdown, or a hand-off.
         let mut restart: Option<Restarting> = None;
         let mut requested = shutdown_signal;
-        let reason = loop {
+        // The deadline counts from when the shutdown began: cancelling a restart in progress is
+        // part of the shutdown.
+        let (reason, started) = loop {
             tokio::select! {
                 event = signals.next() => match event {
                     Some(Event::Close(sig)) => {
                         tracing::info!(signal = %signals::name(sig), "close signal received; shutting down");
+                        let began = Instant::now();
                         if let Some(r) = restart.take() {
                             if let Ok(h) = r.cancel().await {
                                 // The child became ready just as the signal came: it serves now.
-                                break Reason::HandedOver { pid: h.pid };
+                                break (Reason::HandedOver { pid: h.pid }, began);
                             }
                         }
-                        break Reason::Signal(sig);
+                        break (Reason::Signal(sig), began);
                     }
                     Some(Event::Restart(sig)) => {
                         if restart.is_some() {
                             tracing::info!(signal = %signals::name(sig), "restart signal received while a restart is in progress; coalesced");
                         } else {
                             tracing::info!(signal = %signals::name(sig), "restart signal received");
-                            restart = Some(Restarting::start(
-                                listen::raw_fds(&listeners),
-                                Arc::clone(&notifier),
-                                ready_timeout,
-                                watchdog_usec,
-                            ));
+                            match listen::dup_fds(&listeners) {
+                                Ok(fds) => restart = Some(Restarting::start(
+                                    fds,
+                                    Arc::clone(&notifier),
+                                    ready_timeout,
+                                    watchdog_usec,
+                                )),
+                                Err(e) => tracing::error!(error = %e, "restart failed: could not duplicate the listeners; still serving"),
+                            }
                         }
                     }
                     None => {
@@ -350,7 +366,7 @@ where
                     match outcome {
                         Ok(h) => {
                             tracing::info!(pid = h.pid, ready_after = ?h.ready_after, "handed over");
-                            break Reason::HandedOver { pid: h.pid };
+                            break (Reason::HandedOver { pid: h.pid }, Instant::now());
                         }
                         Err(failure) => {
                             // Reported only now that a new restart signal would be accepted, so
@@ -363,18 +379,18 @@ where
                 }
                 () = requested_shutdown(&mut requested) => {
                     tracing::info!("shutdown requested");
+                    let began = Instant::now();
                     if let Some(r) = restart.take() {
                         if let Ok(h) = r.cancel().await {
-                            break Reason::HandedOver { pid: h.pid };
+                            break (Reason::HandedOver { pid: h.pid }, began);
                         }
                     }
-                    break Reason::Requested;
+                    break (Reason::Requested, began);
                 }
             }
         };
 
         // Shut down: stop accepting, hooks, drain; a second close signal forces.
-        let started = Instant::now();
         let deadline = started + drain_timeout;
         stop_accepting.cancel();
         for task in accepting {
@@ -418,14 +434,22 @@ where
         let mut sequence = pin!(sequence);
         let mut forced = false;
         let mut signals_open = true;
+        // Only a close signal *after* a close signal forces: after a hand-off or a requested
+        // shutdown, the first one (systemd's stop reaching a draining old process, Ctrl-C to
+        // the process group) just confirms the shutdown under way.
+        let mut close_seen = matches!(reason, Reason::Signal(_));
         let (hooks, drained) = loop {
             tokio::select! {
                 out = &mut sequence => break out,
                 event = signals.next(), if signals_open => match event {
+                    Some(Event::Close(sig)) if !close_seen => {
+                        tracing::info!(signal = %signals::name(sig), "close signal received while already shutting down; the drain goes on (a second one cuts)");
+                        close_seen = true;
+                    }
                     Some(Event::Close(sig)) => {
                         tracing::warn!(signal = %signals::name(sig), "second close signal: cutting all connections now");
                         forced = true;
-                        force.cancel();
+                        connections.cut();
                     }
                     Some(Event::Restart(sig)) => {
                         tracing::info!(signal = %signals::name(sig), "restart signal ignored: shutting down");

@@ -81,7 +81,7 @@ impl Startup {
 fn capture() -> Startup {
     let var = |name: &str| std::env::var_os(name);
     let args: Vec<OsString> = std::env::args_os().collect();
-    let cwd = std::env::current_dir().ok();
+    let cwd = working_dir();
     let exe = resolve_exe(args.first().map(OsString::as_os_str), cwd.as_deref());
     let startup = Startup {
         pid: std::process::id(),
@@ -107,6 +107,17 @@ fn capture() -> Startup {
         );
     }
     startup
+}
+
+/// The working directory as the shell names it (`$PWD`, which keeps symlinks, so a
+/// `current -> release-N` deploy is followed) when that is the same directory as `getcwd()`;
+/// otherwise `getcwd()`.
+fn working_dir() -> Option<PathBuf> {
+    let resolved = std::env::current_dir().ok()?;
+    match std::env::var_os("PWD").map(PathBuf::from) {
+        Some(pwd) if pwd.is_absolute() && sys::same_file(&pwd, &resolved) => Some(pwd),
+        _ => Some(resolved),
+    }
 }
 
 /// The executable to run on restart.

@@ -11,7 +11,7 @@
 
 use std::ffi::{CString, OsStr, OsString, c_char, c_int};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -68,12 +68,55 @@ pub(crate) fn set_cloexec_raw(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Registers an owned fd (a pidfd) with the tokio reactor for readability.
-pub(crate) fn register_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+/// Registers an owned fd (a pidfd) with the tokio reactor for readability. On failure the fd is
+/// given back with the error.
+pub(crate) fn register_readable(
+    fd: OwnedFd,
+) -> Result<tokio::io::unix::AsyncFd<OwnedFd>, (OwnedFd, io::Error)> {
     // SAFETY: an OwnedFd is open for as long as it lives and always returns the same number
     // from as_raw_fd; the AsyncFd owns it until it is dropped.
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into())
+        .map_err(|e| e.into_parts())
+}
+
+/// The sockets of live connections, so that a forced shutdown can cut every one of them,
+/// including connections hyper no longer drives (upgraded to WebSocket and handed to the
+/// application).
+///
+/// Invariant, kept by the one user (`drain::TrackedIo`): an entry is removed *before* its fd is
+/// closed. [`SocketRegistry::shutdown_all`] uses the fds under the same lock, so every fd it
+/// touches is open and is the connection it was registered for.
+#[derive(Debug, Default)]
+pub(crate) struct SocketRegistry {
+    inner: std::sync::Mutex<(u64, std::collections::HashMap<u64, RawFd>)>,
+}
+
+impl SocketRegistry {
+    pub(crate) fn register(&self, fd: BorrowedFd<'_>) -> u64 {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.0 += 1;
+        let id = inner.0;
+        inner.1.insert(id, fd.as_raw_fd());
+        id
+    }
+
+    pub(crate) fn deregister(&self, id: u64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.1.remove(&id);
+    }
+
+    /// `shutdown(SHUT_RDWR)` on every registered socket: whoever reads or writes it gets EOF or
+    /// an error and lets go. The fds stay open (their owners close them). Returns how many.
+    pub(crate) fn shutdown_all(&self) -> usize {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        for &fd in inner.1.values() {
+            // SAFETY: registered fds are open while registered (see the type's invariant), and
+            // the lock we hold keeps their owners from deregistering, hence from closing them.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+            let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Both);
+        }
+        inner.1.len()
+    }
 }
 
 /// What kind of listening socket an inherited fd is.
@@ -167,14 +210,15 @@ pub(crate) struct ExecPlan {
     envp_ptrs: Vec<*const c_char>,
     /// Points at the first digit of the `LISTEN_PID=` entry, which has room for any pid.
     listen_pid_digits: *mut u8,
-    /// The listeners, in order: child fd 3 + i gets `fds[i]`.
-    fds: Vec<RawFd>,
+    /// The listeners, in order: child fd 3 + i gets `fds[i]`. Owned (duplicates of the
+    /// server's), so they stay open until the fork is done whatever the server does meanwhile.
+    fds: Vec<OwnedFd>,
     /// Room for the temporary copies of `fds` made in the child.
     scratch: Vec<RawFd>,
     cwd: Option<CString>,
 }
 
-// SAFETY: the raw pointers point into heap buffers owned by this same struct (`_argv`, `env`);
+// SAFETY: the raw pointers point into heap buffers owned by this same struct (`_argv`, `_env`);
 // moving the struct to another thread does not move or free those buffers.
 unsafe impl Send for ExecPlan {}
 
@@ -192,13 +236,12 @@ const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
 impl ExecPlan {
     /// Prepares `execve(path, args, env + LISTEN_PID=<child pid>)` with `fds` at 3, 4, ...
     ///
-    /// `env` must not contain `LISTEN_PID`; it is added here. The fds must stay open until
-    /// [`spawn`] returns.
+    /// `env` must not contain `LISTEN_PID`; it is added here.
     pub(crate) fn new(
         path: &Path,
         args: &[OsString],
         env: Vec<(OsString, OsString)>,
-        fds: Vec<RawFd>,
+        fds: Vec<OwnedFd>,
         cwd: Option<&Path>,
     ) -> io::Result<ExecPlan> {
         let nul = |s: &OsStr| {
@@ -229,9 +272,10 @@ impl ExecPlan {
         pid_entry.resize(LISTEN_PID_PREFIX.len() + 21, 0);
         env.push(pid_entry);
         let last = env.len() - 1;
-        // Vec::as_mut_ptr/as_ptr do not create references, so this pointer stays valid next to
-        // the ones in envp_ptrs; the heap buffer never moves (no push after this point).
-        let listen_pid_digits = env[last][LISTEN_PID_PREFIX.len()..].as_mut_ptr();
+        // Raw pointers only, no `&mut [u8]` in between: this pointer and the ones in envp_ptrs
+        // stay valid side by side, and the heap buffer never moves (no push after this point).
+        // SAFETY: the entry is LISTEN_PID_PREFIX.len() + 21 bytes long.
+        let listen_pid_digits = unsafe { env[last].as_mut_ptr().add(LISTEN_PID_PREFIX.len()) };
         let mut envp_ptrs: Vec<*const c_char> =
             env.iter().map(|e| e.as_ptr().cast::<c_char>()).collect();
         envp_ptrs.push(std::ptr::null());
@@ -266,53 +310,61 @@ pub(crate) fn spawn(mut plan: ExecPlan) -> io::Result<Spawned> {
     let n = plan.fds.len();
     let floor = c_int::try_from(3 + n)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many listeners"))?;
+    // Both pipes' child ends live at >= 3 + n, so the child's dup2 onto 3..3+n cannot clobber
+    // them.
+    //
+    // `report`: execve's errno comes back on it; EOF means exec succeeded (close-on-exec).
+    let (report_read, report_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    let report_write = move_above(report_write, floor)?;
+    // `go`: the child waits on it until we hold its pidfd. Until then the child is alive, so
+    // nothing (not even a SIGCHLD=SIG_IGN auto-reap or an application's waitpid(-1)) can reap
+    // it and free its pid before pidfd_open.
+    let (go_read, go_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    let go_read = move_above(go_read, floor)?;
 
-    // A close-on-exec pipe reports execve's errno back to us: EOF means exec succeeded. Its
-    // write end is moved to >= 3 + n so the child's dup2 onto 3..3+n cannot clobber it.
-    let (read_end, write_end) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-    let write_end = {
-        let low = write_end;
-        rustix::io::fcntl_dupfd_cloexec(&low, floor)?
-        // `low` closes here: only the moved copy may stay open, or EOF never comes.
-    };
-
+    // Block every signal across the fork, so that no handler of ours runs in the child before
+    // it has reset them all to their defaults (a signal-hook handler would write into our
+    // self-pipe). The child unblocks after the reset; we restore our mask right after fork.
+    let mut all: libc::sigset_t = unsafe_zeroed_sigset();
+    let mut old: libc::sigset_t = unsafe_zeroed_sigset();
+    // SAFETY: sigfillset/pthread_sigmask write only into the sigset_t values passed.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
     // SAFETY: fork() is safe to call; what matters is what the child does before execve. In a
     // multi-threaded parent the child may only use async-signal-safe functions: `exec_child`
-    // only makes raw syscalls (sigprocmask, signal, fcntl, dup2, close_range, chdir, getpid,
-    // execve, write, _exit) and writes into memory prepared before the fork.
+    // only makes raw syscalls (sigaction, sigprocmask, read, fcntl, dup2, close_range, chdir,
+    // getpid, execve, write, _exit) and writes into memory prepared before the fork.
     let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(io::Error::last_os_error());
-    }
     if pid == 0 {
         // SAFETY: we are the child of the fork above; `plan` is our private copy.
-        unsafe { exec_child(&mut plan, write_end.as_raw_fd(), floor) }
-    }
-    drop(write_end);
-
-    let mut errno = [0u8; 4];
-    let mut got = 0;
-    while got < errno.len() {
-        match rustix::io::read(&read_end, &mut errno[got..]) {
-            Ok(0) => break,
-            Ok(k) => got += k,
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
+        unsafe {
+            exec_child(
+                &mut plan,
+                report_write.as_raw_fd(),
+                go_read.as_raw_fd(),
+                floor,
+            )
         }
     }
+    let fork_error = io::Error::last_os_error();
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    if pid < 0 {
+        return Err(fork_error);
+    }
+    drop(report_write);
+    drop(go_read);
     // pid > 0 here, so the conversion cannot fail.
     let child = rustix::process::Pid::from_raw(pid).ok_or_else(|| io::Error::other("bad pid"))?;
-    if got > 0 {
-        // The child wrote execve's errno and exited: reap it so it does not stay a zombie.
-        let _ = rustix::process::waitpid(Some(child), rustix::process::WaitOptions::empty());
-        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
-    }
-    // The child is ours and only we reap it (we never wait for "any child"), so its pid cannot
-    // be reused before this call.
+
+    // The child is blocked on `go` and cannot be reaped by anyone, so `pid` is still it.
     let pidfd = match rustix::process::pidfd_open(child, rustix::process::PidfdFlags::empty()) {
         Ok(fd) => fd,
         Err(e) => {
-            let _ = rustix::process::kill_process(child, rustix::process::Signal::KILL);
+            // Closing `go` without a byte tells the child to exit without executing anything.
+            drop(go_write);
             let _ = rustix::process::waitpid(Some(child), rustix::process::WaitOptions::empty());
             return Err(io::Error::new(
                 e.kind(),
@@ -320,34 +372,107 @@ pub(crate) fn spawn(mut plan: ExecPlan) -> io::Result<Spawned> {
             ));
         }
     };
+    let reap = |pidfd: &OwnedFd| {
+        let _ = rustix::process::pidfd_send_signal(pidfd, rustix::process::Signal::KILL);
+        let _ = rustix::process::waitid(
+            rustix::process::WaitId::PidFd(pidfd.as_fd()),
+            rustix::process::WaitIdOptions::EXITED,
+        );
+    };
+    if let Err(e) = rustix::io::write(&go_write, b"1") {
+        reap(&pidfd);
+        return Err(e.into());
+    }
+    drop(go_write);
+
+    let mut errno = [0u8; 4];
+    let mut got = 0;
+    while got < errno.len() {
+        match rustix::io::read(&report_read, &mut errno[got..]) {
+            Ok(0) => break,
+            Ok(k) => got += k,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                reap(&pidfd);
+                return Err(e.into());
+            }
+        }
+    }
+    if got > 0 {
+        // The child wrote execve's errno and exits: reap it so it does not stay a zombie.
+        reap(&pidfd);
+        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
+    }
     Ok(Spawned {
         pid: pid as u32,
         pidfd,
     })
 }
 
+/// Moves `fd` to a number >= `floor` (close-on-exec). The original is closed: a pipe end left
+/// open twice would keep its reader from ever seeing EOF.
+fn move_above(fd: OwnedFd, floor: c_int) -> io::Result<OwnedFd> {
+    let moved = rustix::io::fcntl_dupfd_cloexec(&fd, floor)?;
+    drop(fd);
+    Ok(moved)
+}
+
+fn unsafe_zeroed_sigset() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; all-zero is a valid (empty) value on Linux.
+    unsafe { std::mem::zeroed() }
+}
+
 /// The child side of [`spawn`]: between `fork` and `execve`.
 ///
 /// # Safety
 /// Must only be called in the child of `fork`, with `err_fd` the write end of the report pipe
-/// placed at or above `floor` = 3 + number of listeners.
-unsafe fn exec_child(plan: &mut ExecPlan, err_fd: RawFd, floor: c_int) -> ! {
+/// and `go_fd` the read end of the go pipe, both placed at or above `floor` = 3 + number of
+/// listeners, and every signal blocked.
+unsafe fn exec_child(plan: &mut ExecPlan, err_fd: RawFd, go_fd: RawFd, floor: c_int) -> ! {
     // SAFETY (whole function): only async-signal-safe syscalls; every pointer passed points into
     // `plan`, which was fully built before the fork and is not reallocated here.
     unsafe {
-        // A clean signal state for the new program: nothing blocked, SIGPIPE at its default
-        // (the Rust runtime ignores it; an ignored disposition would survive execve).
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        // A clean signal state for the new program: handlers back to their defaults (ignored
+        // signals stay ignored, as across any exec, except SIGPIPE, which the Rust runtime
+        // ignores for itself), then nothing blocked.
+        for sig in 1..=64 {
+            // 64 = _NSIG - 1 on Linux. glibc reserves 32 and 33: sigaction refuses them.
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            let mut current: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut current) == 0
+                && (current.sa_sigaction != libc::SIG_IGN || sig == libc::SIGPIPE)
+                && current.sa_sigaction != libc::SIG_DFL
+            {
+                let mut default: libc::sigaction = std::mem::zeroed();
+                default.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(sig, &default, std::ptr::null_mut());
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+
+        // Wait until the parent holds our pidfd; EOF without the byte means it gave up.
+        let mut go = 0u8;
+        loop {
+            let r = libc::read(go_fd, (&mut go as *mut u8).cast(), 1);
+            if r == 1 {
+                break;
+            }
+            if r < 0 && *libc::__errno_location() == libc::EINTR {
+                continue;
+            }
+            libc::_exit(127);
+        }
 
         // The listeners must end up at 3, 4, ... but a source may sit on another's target (or
         // on its own). First copy every source above all targets, then dup2 the copies down:
         // dup2 clears close-on-exec on the target only, so exactly the listeners survive
         // execve; the copies are close-on-exec and vanish.
-        for (i, &src) in plan.fds.iter().enumerate() {
-            let tmp = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, floor);
+        for (i, src) in plan.fds.iter().enumerate() {
+            let tmp = libc::fcntl(src.as_raw_fd(), libc::F_DUPFD_CLOEXEC, floor);
             if tmp < 0 {
                 fail(err_fd);
             }

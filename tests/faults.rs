@@ -176,3 +176,45 @@ fn running_out_of_fds_backs_off_without_spinning_and_recovers() {
     assert_eq!(server.wait(SOON), Some(0));
     assert_none_left([server.pid]);
 }
+
+#[test]
+fn an_upgraded_connection_is_drained_and_cut_at_the_deadline() {
+    use std::io::{Read, Write};
+    let port = free_port();
+    let mut server = faults(port, "")
+        .env("HANDOVER_DRAIN_TIMEOUT_MS", "1000")
+        .start();
+    let addr = addr_in(&server.listen_line());
+    server.lines.wait_for("accepting", SOON);
+    let mut ws = raw_connect(
+        addr,
+        b"GET /upgrade HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+    );
+    ws.set_read_timeout(Some(SOON)).expect("timeout");
+    let mut head = [0u8; 512];
+    let n = ws.read(&mut head).expect("101 response");
+    let head = String::from_utf8_lossy(&head[..n]).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    server.lines.wait_for("upgraded: echoing", SOON);
+    ws.write_all(b"ping").expect("write");
+    let mut echo = [0u8; 4];
+    ws.read_exact(&mut echo).expect("echo");
+    assert_eq!(&echo, b"ping");
+
+    let sent = Instant::now();
+    server.signal(Signal::TERM);
+    // The upgraded connection keeps the drain waiting (it is a live connection) until the
+    // deadline, then it is cut: the client sees the end of the stream.
+    let mut rest = Vec::new();
+    let _ = ws.read_to_end(&mut rest);
+    let cut_after = sent.elapsed();
+    assert!(
+        cut_after >= Duration::from_millis(900),
+        "cut after {cut_after:?}, before the deadline"
+    );
+    assert_eq!(server.wait(SOON), Some(0));
+    assert!(sent.elapsed() < Duration::from_secs(4));
+    let closed = server.lines.wait_for("reason: Signal(15)", SOON);
+    assert!(closed.contains("drained: 1, cut: 1"), "{closed}");
+    assert_none_left([server.pid]);
+}

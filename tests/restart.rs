@@ -303,7 +303,7 @@ fn failed_restarts_roll_back_and_the_old_process_keeps_serving() {
     notify.wait_line("READY=1", SOON);
 
     type Break = fn(&std::path::Path);
-    let cases: [(&str, Break, &str); 6] = [
+    let cases: [(&str, Break, &str); 7] = [
         (
             "binary deleted",
             |p| std::fs::remove_file(p).expect("rm"),
@@ -331,6 +331,11 @@ fn failed_restarts_roll_back_and_the_old_process_keeps_serving() {
             "binary crashes (SIGSEGV)",
             |p| replace_with_script(p, "kill -SEGV $$"),
             "killed by signal 11",
+        ),
+        (
+            "binary reports READY=1, then exits",
+            |p| replace_with_script(p, "exec systemd-notify --ready"),
+            "exited with status 0 before",
         ),
         (
             "binary aborts after a ready-less start",
@@ -520,4 +525,37 @@ fn fd_count_is_flat_after_50_failed_restarts() {
     assert_eq!(server.wait(SOON), Some(0));
     assert_none_left([server.pid]);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_close_signal_to_the_draining_old_process_does_not_cut_its_requests() {
+    let notify = NotifySocket::new();
+    let port = free_port();
+    let mut server = Spawn::new(example("hello"))
+        .arg(format!("127.0.0.1:{port}"))
+        .env("NOTIFY_SOCKET", &notify.path)
+        .start();
+    let addr = addr_in(&server.listen_line());
+    notify.wait_line("READY=1", SOON);
+    let slow = get_in_background(addr, "/?sleep_ms=1500", false);
+    server.lines.wait_for("slow request: sleeping", SOON);
+    server.signal(Signal::USR1);
+    let new = mainpid(&notify.wait_nth(1, SOON, |n| n.text.contains("MAINPID=")));
+    server.lines.wait_for("stopped accepting", SOON);
+    // As systemd's stop with KillMode=control-group, or Ctrl-C to the process group, would.
+    server.signal(Signal::TERM);
+    let reply = slow
+        .join()
+        .expect("client")
+        .expect("the slow request completes");
+    assert_eq!((reply.status, reply.pid), (200, server.pid));
+    assert_eq!(server.wait(SOON), Some(0));
+    let closed = server.lines.wait_for("reason: HandedOver", SOON);
+    assert!(
+        closed.contains("cut: 0") && closed.contains("forced: false"),
+        "{closed}"
+    );
+    signal(new, Signal::TERM);
+    assert_eq!(wait_exit(new, SOON), Some(0));
+    assert_none_left([server.pid, new]);
 }
