@@ -16,6 +16,7 @@ fn faults(port: u16, hooks: &str) -> Spawn {
 }
 
 fn position(lines: &Lines, needle: &str) -> usize {
+    lines.wait_for(needle, SOON);
     lines
         .position(needle)
         .unwrap_or_else(|| panic!("no {needle:?} in {:#?}", lines.all()))
@@ -66,6 +67,7 @@ fn a_hanging_hook_is_abandoned_at_the_deadline() {
             "{hang}: took {took:?} with a 1 s deadline"
         );
         server.lines.wait_for("abandoned", SOON);
+        server.lines.wait_for("reason: Signal(15)", SOON); // the last line: all are in
         assert!(
             server.lines.position("hook 3").is_none(),
             "hook 3 must be skipped"

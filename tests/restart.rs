@@ -404,6 +404,7 @@ fn a_storm_of_restart_signals_starts_exactly_one_child() {
     let new = mainpid(&notify.wait_nth(1, SOON, |n| n.text.contains("MAINPID=")));
     assert_eq!(server.wait(SOON), Some(0));
     assert_eq!(get(addr, "/").expect("served").pid, new);
+    server.lines.wait_for("reason: HandedOver", SOON); // the last line: all are in
     let started = server
         .lines
         .all()

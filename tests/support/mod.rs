@@ -132,6 +132,26 @@ impl Lines {
         }
     }
 
+    /// Whether a line containing `needle` shows up within `timeout` (no panic).
+    pub fn eventually(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (m, cv) = &*self.0;
+        let mut lines = m.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if lines.iter().any(|l| l.contains(needle)) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            lines = cv
+                .wait_timeout(lines, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
     /// Index of the first line containing `needle`.
     pub fn position(&self, needle: &str) -> Option<usize> {
         self.all().iter().position(|l| l.contains(needle))
