@@ -8,34 +8,16 @@
 
 mod common;
 
-use std::future::IntoFuture;
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
 fn main() -> ExitCode {
     common::init_tracing();
-    let addr: SocketAddr = match std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:8877".to_string())
-        .parse()
-    {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!("bad address: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let listeners = match handover::Listeners::from_env_or_bind(addr) {
+    // Before the runtime: the process still has one thread (see Listeners::from_env).
+    let listeners = match common::listen() {
         Ok(l) => l,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
-    for l in listeners.iter() {
-        println!("listen on: {}, pid: {}", l.url(), std::process::id());
-    }
     let server = handover::serve(listeners, tower::service_fn(common::hello))
         .restart_signals([handover::signal::SIGUSR1])
         .close_signals([handover::signal::SIGINT])
@@ -44,21 +26,5 @@ fn main() -> ExitCode {
         .on_shutdown_async(|| async {
             tracing::info!("shutdown hook 2: flushing the logs");
         });
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!("cannot start the tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(server.into_future()) {
-        Ok(shutdown) => {
-            tracing::info!(reason = ?shutdown.reason, "server closed");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            tracing::error!("server error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::run(server)
 }

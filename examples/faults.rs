@@ -14,8 +14,6 @@
 
 mod common;
 
-use std::future::IntoFuture;
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -53,27 +51,10 @@ async fn route(
 
 fn main() -> ExitCode {
     common::init_tracing();
-    let addr: SocketAddr = match std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:8877".to_string())
-        .parse()
-    {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!("bad address: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let listeners = match handover::Listeners::from_env_or_bind(addr) {
+    let listeners = match common::listen() {
         Ok(l) => l,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
-    for l in listeners.iter() {
-        println!("listen on: {}, pid: {}", l.url(), std::process::id());
-    }
     let mut server = handover::serve(listeners, tower::service_fn(route));
     if let Some(t) = common::env_ms("HANDOVER_DRAIN_TIMEOUT_MS") {
         server = server.drain_timeout(t);
@@ -113,21 +94,5 @@ fn main() -> ExitCode {
             },
         };
     }
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!("cannot start the tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(server.into_future()) {
-        Ok(shutdown) => {
-            tracing::info!(?shutdown, "server closed");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            tracing::error!("server error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::run(server)
 }

@@ -1,6 +1,9 @@
 //! What the examples share: logging set-up and the `Hello world` handler of the Go original.
 
 use std::convert::Infallible;
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -46,6 +49,52 @@ pub(crate) fn env_ms(var: &str) -> Option<Duration> {
         Err(_) => {
             tracing::warn!("{var}={value:?} is not a number of milliseconds; ignored");
             None
+        }
+    }
+}
+
+/// The listeners of the examples other than `hello` (which spells this out): inherited, or
+/// bound on the first argument (default `127.0.0.1:8877`). Prints the Go original's log line.
+#[allow(dead_code)] // not every example uses it
+pub(crate) fn listen() -> Result<handover::Listeners, ExitCode> {
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:8877".to_string());
+    let addr: SocketAddr = addr.parse().map_err(|e| {
+        tracing::error!("{addr:?} is not an address like 127.0.0.1:8877: {e}");
+        ExitCode::from(2)
+    })?;
+    let listeners = handover::Listeners::from_env_or_bind(addr).map_err(|e| {
+        tracing::error!("{e}");
+        ExitCode::FAILURE
+    })?;
+    for l in listeners.iter() {
+        println!("listen on: {}, pid: {}", l.url(), std::process::id());
+    }
+    Ok(listeners)
+}
+
+/// Runs `server` on a new multi-threaded runtime and turns the outcome into an exit code.
+#[allow(dead_code)] // not every example uses it
+pub(crate) fn run<F>(server: F) -> ExitCode
+where
+    F: IntoFuture<Output = Result<handover::Shutdown, handover::Error>>,
+{
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(server.into_future()) {
+        Ok(shutdown) => {
+            tracing::info!(reason = ?shutdown.reason, ?shutdown, "server closed");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("server error: {e}");
+            ExitCode::FAILURE
         }
     }
 }
