@@ -11,6 +11,7 @@
 #   systemd-rig.sh start WORKDIR              boot in the background, then `wait`
 #   systemd-rig.sh wait WORKDIR [SECONDS]     until `systemctl is-system-running` says running
 #                                             (or degraded); prints the manager's host pid
+#                                             ($RIG_BOOT_PID: the boot's pid, to fail fast)
 #   systemd-rig.sh exec WORKDIR|PID CMD...    runs CMD inside (nsenter: mount, pid, uts, ipc)
 #   systemd-rig.sh stop WORKDIR               SIGKILL to the namespace's PID 1, then checks that
 #                                             nothing is left and the host was not touched
@@ -74,9 +75,11 @@ skip() {
     exit "$SKIP"
 }
 
+# The manager to boot: $RIG_SYSTEMD if set (another build, e.g. an unpacked newer package,
+# with $RIG_SYSTEMD_LIBRARY_PATH for its libraries), else the installed one.
 systemd_bin() {
     local p
-    for p in /lib/systemd/systemd /usr/lib/systemd/systemd; do
+    for p in ${RIG_SYSTEMD:-} /lib/systemd/systemd /usr/lib/systemd/systemd; do
         if [ -x "$p" ]; then
             echo "$p"
             return 0
@@ -270,7 +273,7 @@ cmd_boot() {
     if [ "${RIG_DETACHED:-}" = 1 ]; then
         tie=()
     fi
-    exec </dev/null >>"$w/log/manager.log" 2>&1
+    exec </dev/null >"$w/log/manager.log" 2>&1
     exec "${tie[@]}" unshare --pid --fork --kill-child=SIGKILL --mount --mount-proc --uts --ipc \
         --propagation private -- "$BASH" "$SELF" __stage1 "$w" "$cg" "$sd"
 }
@@ -292,8 +295,9 @@ cmd_start() {
     w=$(abs_dir "$1")
     refuse_if_running "$w"
     rm -rf "$w/rig"
-    RIG_DETACHED=1 setsid "$BASH" "$SELF" boot "$w" </dev/null >/dev/null 2>&1 &
-    cmd_wait "$w"
+    mkdir -p "$w/log"
+    RIG_DETACHED=1 setsid "$BASH" "$SELF" boot "$w" </dev/null >/dev/null 2>"$w/log/boot.err" &
+    RIG_BOOT_PID=$! cmd_wait "$w"
 }
 
 cmd_wait() {
@@ -306,6 +310,11 @@ cmd_wait() {
     while :; do
         if [ -z "$up" ] && [ -s "$state/unshare.pid" ]; then
             up=$(cat "$state/unshare.pid")
+        fi
+        # $RIG_BOOT_PID: the `boot` process, if the caller knows it; it becomes the unshare.
+        if [ -z "$up" ] && [ -n "${RIG_BOOT_PID:-}" ] && ! running "$RIG_BOOT_PID"; then
+            tail -n 20 "$w/log/boot.err" >&2 2>/dev/null || true
+            die "boot (pid $RIG_BOOT_PID) ended before starting the manager"
         fi
         if [ -n "$up" ]; then
             if ! running "$up"; then
@@ -409,13 +418,14 @@ EOF
     exec unshare --cgroup -- /bin/sh -c '
         mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sys/fs/cgroup || exit 1
         exec env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+            ${3:+LD_LIBRARY_PATH="$3"} \
             container=handover-test \
             SYSTEMD_UNIT_PATH=/run/systemd/system \
             SYSTEMD_GENERATOR_PATH=/run/handover-rig-empty \
             SYSTEMD_ENVIRONMENT_GENERATOR_PATH=/run/handover-rig-empty \
             "$0" --unit="$1" --log-target=console --log-level="${2:-info}" --log-color=no \
             --show-status=no
-    ' "$sd" "$TARGET" "${RIG_LOG_LEVEL:-info}"
+    ' "$sd" "$TARGET" "${RIG_LOG_LEVEL:-info}" "${RIG_SYSTEMD_LIBRARY_PATH:-}"
 }
 
 # --- exec --------------------------------------------------------------------------------------
