@@ -14,8 +14,9 @@
 //!    datagram: systemd checks the sender against the main pid before applying any of it, so a
 //!    second datagram from us would already be refused under `NotifyAccess=main`.
 //!
-//! The child is not reaped by us after a successful hand-off: we exit after draining, and it is
-//! re-parented to the service manager (or to init, or a subreaper), which reaps it.
+//! The child is started as a grandchild (`sys::spawn`): it is the service manager's child (or
+//! init's, or a subreaper's) from the start, which reaps it whatever happens, and which
+//! systemd needs to stop it gracefully later. We watch and signal it through a pidfd.
 
 use std::ffi::OsString;
 use std::io;
@@ -28,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
-use rustix::process::{Signal, WaitId, WaitIdOptions};
+use rustix::process::Signal;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::task::JoinHandle;
@@ -184,15 +185,17 @@ async fn attempt(plan: Plan, cancel: CancellationToken) -> Result<HandedOver, Re
     };
     // READY=1 and then an immediate exit: look once more before handing over.
     let outcome = match outcome {
-        Ok(()) => match child.exit_status_now() {
+        Ok(child_status) => match child.exit_status_now() {
             Some(status) => Err(RestartFailure::Exited { pid, status }),
-            None => Ok(()),
+            None => Ok(child_status),
         },
-        failure => failure,
+        Err(failure) => Err(failure),
     };
     match outcome {
-        Ok(()) => {
-            let status = format!("Handed over to pid {pid}; draining");
+        Ok(child_status) => {
+            // The new process's own status: it is what `systemctl status` should show from now
+            // on, and the new process cannot tell systemd itself before it is the main pid.
+            let status = child_status.unwrap_or_else(|| format!("Serving as pid {pid}"));
             // One datagram: see the module docs. The watchdog ping covers the moment the duty
             // changes hands, since the child's own pings before MAINPID= were not accepted.
             let mut handoff = vec![
@@ -214,7 +217,7 @@ async fn attempt(plan: Plan, cancel: CancellationToken) -> Result<HandedOver, Re
             Ok(HandedOver { pid, ready_after })
         }
         Err(failure) => {
-            child.kill_and_reap().await;
+            child.stop().await;
             Err(failure)
         }
     }
@@ -247,9 +250,16 @@ fn bind_handshake() -> Result<(tokio::net::UnixDatagram, OsString), RestartFailu
     Ok((socket, format!("@{name}").into()))
 }
 
-/// Waits for a datagram from `pid` containing the line `READY=1`. Other messages are logged.
-async fn wait_ready(socket: &tokio::net::UnixDatagram, pid: u32) -> Result<(), RestartFailure> {
+/// Waits for a datagram from `pid` containing the line `READY=1`; returns the last `STATUS=`
+/// the process sent, if any. Other messages are logged (messages from other senders at debug
+/// level only after the first, so a local process cannot flood the log).
+async fn wait_ready(
+    socket: &tokio::net::UnixDatagram,
+    pid: u32,
+) -> Result<Option<String>, RestartFailure> {
     let mut buf = vec![0u8; 4096];
+    let mut status = None;
+    let mut strangers = 0u32;
     loop {
         let (len, sender) = socket
             .async_io(Interest::READABLE, || recv_with_pid(socket, &mut buf))
@@ -260,14 +270,25 @@ async fn wait_ready(socket: &tokio::net::UnixDatagram, pid: u32) -> Result<(), R
             })?;
         let text = String::from_utf8_lossy(&buf[..len]);
         if sender != Some(pid) {
-            tracing::warn!(?sender, expected = pid, message = %text.trim_end(), "ignoring a hand-off message not sent by the new process");
+            strangers += 1;
+            if strangers == 1 {
+                tracing::warn!(?sender, expected = pid, message = %text.trim_end(), "ignoring a hand-off message not sent by the new process");
+            } else {
+                tracing::debug!(
+                    ?sender,
+                    "ignoring a hand-off message not sent by the new process"
+                );
+            }
             continue;
         }
         for line in text.lines() {
             tracing::debug!(pid, line, "message from the new process");
+            if let Some(s) = line.strip_prefix("STATUS=") {
+                status = Some(s.to_string());
+            }
         }
         if text.lines().any(|l| l == "READY=1") {
-            return Ok(());
+            return Ok(status);
         }
     }
 }
@@ -293,13 +314,14 @@ fn recv_with_pid(
     Ok((msg.bytes, sender))
 }
 
-/// The child during the hand-off, watched through its pidfd. Until [`Child::release`] it is
-/// ours: dropped any other way (a failure, or the restart future dropped with the server), it
-/// is killed and reaped, never left running with our listeners.
+/// The new process during the hand-off, watched and signalled through its pidfd only: it is
+/// not our child (see `sys::spawn`), its new parent reaps it. Until [`Child::release`] it is
+/// ours to stop: dropped any other way (a failure, or the restart future dropped with the
+/// server), it is killed, never left running with our listeners.
 struct Child {
     pid: u32,
     pidfd: Option<AsyncFd<OwnedFd>>,
-    reaped: AtomicBool,
+    exited: AtomicBool,
 }
 
 impl Child {
@@ -308,10 +330,10 @@ impl Child {
             Ok(pidfd) => Ok(Child {
                 pid,
                 pidfd: Some(pidfd),
-                reaped: AtomicBool::new(false),
+                exited: AtomicBool::new(false),
             }),
             Err((pidfd, source)) => {
-                kill_and_reap_blocking(pidfd);
+                let _ = rustix::process::pidfd_send_signal(&pidfd, Signal::KILL);
                 Err(RestartFailure::Io {
                     context: "could not watch the new process",
                     source,
@@ -320,80 +342,57 @@ impl Child {
         }
     }
 
-    fn fd(&self) -> Option<&AsyncFd<OwnedFd>> {
-        self.pidfd.as_ref()
-    }
-
-    /// Waits until the child has exited, reaps it, and describes how it ended.
+    /// Waits until the process has exited (a pidfd becomes readable then) and describes how.
     async fn exited(&self) -> String {
-        let Some(pidfd) = self.fd() else {
+        let Some(pidfd) = &self.pidfd else {
             return std::future::pending().await;
         };
-        loop {
-            let mut guard = match pidfd.readable().await {
-                Ok(g) => g,
-                Err(e) => return format!("could not be watched ({e})"),
-            };
-            match self.try_reap() {
-                Some(how) => return how,
-                None => guard.clear_ready(),
-            }
+        if let Err(e) = pidfd.readable().await {
+            return format!("could not be watched ({e})");
         }
+        self.exited.store(true, Ordering::Relaxed);
+        self.describe()
     }
 
-    /// Reaps the child if it has exited; describes how.
-    fn try_reap(&self) -> Option<String> {
-        let pidfd = self.fd()?;
-        match rustix::process::waitid(
-            WaitId::PidFd(pidfd.get_ref().as_fd()),
-            WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
-        ) {
-            Ok(Some(status)) => {
-                self.reaped.store(true, Ordering::Relaxed);
-                Some(if let Some(code) = status.exit_status() {
-                    format!("exited with status {code}")
-                } else if let Some(sig) = status.terminating_signal() {
-                    format!("was killed by signal {sig}")
-                } else {
-                    "ended".to_string()
-                })
-            }
-            Ok(None) => None,
-            Err(e) => {
-                self.reaped.store(true, Ordering::Relaxed);
-                Some(format!("could not be waited for ({e})"))
-            }
-        }
-    }
-
-    /// Whether the child has exited by now (reaping it if so), without waiting.
+    /// Whether the process has exited by now, without waiting.
     fn exit_status_now(&self) -> Option<String> {
-        self.try_reap()
+        let pidfd = self.pidfd.as_ref()?;
+        let mut fds = [rustix::event::PollFd::new(
+            pidfd.get_ref(),
+            rustix::event::PollFlags::IN,
+        )];
+        let zero = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        match rustix::event::poll(&mut fds, Some(&zero)) {
+            Ok(n) if n > 0 => {
+                self.exited.store(true, Ordering::Relaxed);
+                Some(self.describe())
+            }
+            _ => None,
+        }
     }
 
-    /// Stops it: SIGTERM, so a child that already accepts can finish what it accepted; SIGKILL
-    /// after a second; then reap. Bounded: a process stuck in the kernel is left to init.
-    async fn kill_and_reap(&self) {
-        let Some(pidfd) = self.fd() else { return };
-        if self.reaped.load(Ordering::Relaxed) {
+    fn describe(&self) -> String {
+        sys::exit_description(self.pid).unwrap_or_else(|| "exited".to_string())
+    }
+
+    /// Stops it: SIGTERM, so a process that already accepts can finish what it accepted;
+    /// SIGKILL after a second. Bounded: a process stuck in the kernel is left to its parent.
+    async fn stop(&self) {
+        let Some(pidfd) = &self.pidfd else { return };
+        if self.exited.load(Ordering::Relaxed) {
             return;
         }
         let _ = rustix::process::pidfd_send_signal(pidfd.get_ref(), Signal::TERM);
         if let Ok(how) = tokio::time::timeout(Duration::from_secs(1), self.exited()).await {
-            tracing::info!(
-                pid = self.pid,
-                how,
-                "restart: the new process was stopped and reaped"
-            );
+            tracing::info!(pid = self.pid, how, "restart: the new process was stopped");
             return;
         }
         let _ = rustix::process::pidfd_send_signal(pidfd.get_ref(), Signal::KILL);
         match tokio::time::timeout(Duration::from_secs(5), self.exited()).await {
-            Ok(how) => tracing::info!(
-                pid = self.pid,
-                how,
-                "restart: the new process was killed and reaped"
-            ),
+            Ok(how) => tracing::info!(pid = self.pid, how, "restart: the new process was killed"),
             Err(_) => tracing::error!(
                 pid = self.pid,
                 "restart: the new process did not die within 5 s of SIGKILL"
@@ -401,7 +400,7 @@ impl Child {
         }
     }
 
-    /// The hand-off succeeded: the child is the service now, not ours to stop.
+    /// The hand-off succeeded: the process is the service now, not ours to stop.
     fn release(mut self) {
         self.pidfd = None;
     }
@@ -410,24 +409,10 @@ impl Child {
 impl Drop for Child {
     fn drop(&mut self) {
         if let Some(pidfd) = self.pidfd.take() {
-            if !self.reaped.load(Ordering::Relaxed) {
+            if !self.exited.load(Ordering::Relaxed) {
                 tracing::warn!(pid = self.pid, "restart abandoned: killing the new process");
-                kill_and_reap_blocking(pidfd.into_inner());
+                let _ = rustix::process::pidfd_send_signal(pidfd.get_ref(), Signal::KILL);
             }
         }
-    }
-}
-
-/// SIGKILL through the pidfd, then reap on a thread of its own (waiting is blocking, and this
-/// may run in a destructor on the runtime).
-fn kill_and_reap_blocking(pidfd: OwnedFd) {
-    let _ = rustix::process::pidfd_send_signal(&pidfd, Signal::KILL);
-    let reaper = std::thread::Builder::new()
-        .name("handover-reap".into())
-        .spawn(move || {
-            let _ = rustix::process::waitid(WaitId::PidFd(pidfd.as_fd()), WaitIdOptions::EXITED);
-        });
-    if let Err(e) = reaper {
-        tracing::error!(error = %e, "could not start a thread to reap the killed process");
     }
 }

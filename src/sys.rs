@@ -11,7 +11,7 @@
 
 use std::ffi::{CString, OsStr, OsString, c_char, c_int};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -303,109 +303,157 @@ pub(crate) struct Spawned {
     pub(crate) pidfd: OwnedFd,
 }
 
-/// Forks and executes `plan`. Returns once `execve` has succeeded in the child, or the error
-/// it failed with (the child is then already reaped). Blocks until then: call it from a
-/// blocking thread.
+/// Starts `plan` as a grandchild (fork, fork, execve) and returns once `execve` has succeeded,
+/// or the error it failed with. Blocks until then: call it from a blocking thread.
+///
+/// Why a grandchild: the intermediate process exits at once, so the new process is re-parented
+/// to the service manager (PID 1, or the nearest subreaper, such as a `systemd --user`
+/// manager) before anyone hears of it. systemd treats a `MAINPID=` that is not its own child as
+/// "alien" and, on `systemctl stop`, does not wait for it after SIGTERM but SIGKILLs at once,
+/// cutting its requests; as its child, the new process gets the full graceful stop. Its exit
+/// status goes to its new parent, which reaps it: we never leave a zombie, and watch it (and
+/// signal it) through the pidfd only.
 pub(crate) fn spawn(mut plan: ExecPlan) -> io::Result<Spawned> {
     let n = plan.fds.len();
     let floor = c_int::try_from(3 + n)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many listeners"))?;
-    // Both pipes' child ends live at >= 3 + n, so the child's dup2 onto 3..3+n cannot clobber
-    // them.
+    // The child ends of the pipes live at >= 3 + n, so the child's dup2 onto 3..3+n cannot
+    // clobber them.
     //
     // `report`: execve's errno comes back on it; EOF means exec succeeded (close-on-exec).
     let (report_read, report_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     let report_write = move_above(report_write, floor)?;
-    // `go`: the child waits on it until we hold its pidfd. Until then the child is alive, so
-    // nothing (not even a SIGCHLD=SIG_IGN auto-reap or an application's waitpid(-1)) can reap
-    // it and free its pid before pidfd_open.
+    // `go`: the new process waits on it until we hold its pidfd. Until then it is alive, so
+    // nothing can reap it and free its pid before pidfd_open.
     let (go_read, go_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     let go_read = move_above(go_read, floor)?;
+    // `pid`: the intermediate process tells us the new process's pid (or -errno of its fork).
+    let (pid_read, pid_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
 
-    // Block every signal across the fork, so that no handler of ours runs in the child before
+    // Block every signal across the forks, so that no handler of ours runs in a child before
     // it has reset them all to their defaults (a signal-hook handler would write into our
-    // self-pipe). The child unblocks after the reset; we restore our mask right after fork.
-    let mut all: libc::sigset_t = unsafe_zeroed_sigset();
-    let mut old: libc::sigset_t = unsafe_zeroed_sigset();
+    // self-pipe). The new process unblocks after the reset; we restore our mask right away.
+    let mut all: libc::sigset_t = zeroed_sigset();
+    let mut old: libc::sigset_t = zeroed_sigset();
     // SAFETY: sigfillset/pthread_sigmask write only into the sigset_t values passed.
     unsafe {
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
-    // SAFETY: fork() is safe to call; what matters is what the child does before execve. In a
-    // multi-threaded parent the child may only use async-signal-safe functions: `exec_child`
-    // only makes raw syscalls (sigaction, sigprocmask, read, fcntl, dup2, close_range, chdir,
-    // getpid, execve, write, _exit) and writes into memory prepared before the fork.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        // SAFETY: we are the child of the fork above; `plan` is our private copy.
+    // SAFETY: fork() is safe to call; what matters is what the children do before execve. In a
+    // multi-threaded parent they may only use async-signal-safe functions: the intermediate
+    // forks, writes 4 bytes and _exits; `exec_child` only makes raw syscalls (sigaction,
+    // sigprocmask, read, fcntl, dup2, close_range, chdir, getpid, execve, write, _exit) and
+    // writes into memory prepared before the fork.
+    let mid = unsafe { libc::fork() };
+    if mid == 0 {
+        // SAFETY: we are the intermediate child; the same rules apply.
         unsafe {
-            exec_child(
-                &mut plan,
-                report_write.as_raw_fd(),
-                go_read.as_raw_fd(),
-                floor,
-            )
+            let pid = libc::fork();
+            if pid == 0 {
+                exec_child(
+                    &mut plan,
+                    report_write.as_raw_fd(),
+                    go_read.as_raw_fd(),
+                    floor,
+                )
+            }
+            let value: i32 = if pid < 0 {
+                -*libc::__errno_location()
+            } else {
+                pid
+            };
+            let bytes = value.to_ne_bytes();
+            libc::write(pid_write.as_raw_fd(), bytes.as_ptr().cast(), bytes.len());
+            libc::_exit(0)
         }
     }
     let fork_error = io::Error::last_os_error();
     // SAFETY: restores the mask saved above.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
-    if pid < 0 {
+    if mid < 0 {
         return Err(fork_error);
     }
     drop(report_write);
     drop(go_read);
-    // pid > 0 here, so the conversion cannot fail.
-    let child = rustix::process::Pid::from_raw(pid).ok_or_else(|| io::Error::other("bad pid"))?;
+    drop(pid_write);
+    // The intermediate is our child and exits at once: reap it.
+    if let Some(mid) = rustix::process::Pid::from_raw(mid) {
+        let _ = rustix::process::waitpid(Some(mid), rustix::process::WaitOptions::empty());
+    }
+    let mut value = [0u8; 4];
+    read_full(&pid_read, &mut value)?;
+    let pid = i32::from_ne_bytes(value);
+    let Some(child) = rustix::process::Pid::from_raw(pid).filter(|_| pid > 0) else {
+        return Err(io::Error::from_raw_os_error(-pid));
+    };
 
-    // The child is blocked on `go` and cannot be reaped by anyone, so `pid` is still it.
+    // The new process is blocked on `go`, so `pid` is still it.
     let pidfd = match rustix::process::pidfd_open(child, rustix::process::PidfdFlags::empty()) {
         Ok(fd) => fd,
         Err(e) => {
-            // Closing `go` without a byte tells the child to exit without executing anything.
-            drop(go_write);
-            let _ = rustix::process::waitpid(Some(child), rustix::process::WaitOptions::empty());
+            // Closing `go` without a byte tells it to exit without executing anything; its new
+            // parent reaps it.
             return Err(io::Error::new(
                 e.kind(),
                 format!("pidfd_open failed (Linux >= 5.3 is required): {e}"),
             ));
         }
     };
-    let reap = |pidfd: &OwnedFd| {
+    let kill = |pidfd: &OwnedFd| {
         let _ = rustix::process::pidfd_send_signal(pidfd, rustix::process::Signal::KILL);
-        let _ = rustix::process::waitid(
-            rustix::process::WaitId::PidFd(pidfd.as_fd()),
-            rustix::process::WaitIdOptions::EXITED,
-        );
     };
     if let Err(e) = rustix::io::write(&go_write, b"1") {
-        reap(&pidfd);
+        kill(&pidfd);
         return Err(e.into());
     }
     drop(go_write);
 
     let mut errno = [0u8; 4];
+    match read_full(&report_read, &mut errno) {
+        Ok(0) => Ok(Spawned {
+            pid: pid as u32,
+            pidfd,
+        }),
+        // It wrote execve's errno and exits.
+        Ok(_) => Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno))),
+        Err(e) => {
+            kill(&pidfd);
+            Err(e)
+        }
+    }
+}
+
+/// Reads until `buf` is full or EOF; returns how many bytes came.
+fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
-    while got < errno.len() {
-        match rustix::io::read(&report_read, &mut errno[got..]) {
+    while got < buf.len() {
+        match rustix::io::read(fd, &mut buf[got..]) {
             Ok(0) => break,
             Ok(k) => got += k,
             Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => {
-                reap(&pidfd);
-                return Err(e.into());
-            }
+            Err(e) => return Err(e.into()),
         }
     }
-    if got > 0 {
-        // The child wrote execve's errno and exits: reap it so it does not stay a zombie.
-        reap(&pidfd);
-        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
+    Ok(got)
+}
+
+/// How a process that is not our child ended, if it is still a zombie: `/proc/PID/stat`
+/// field 52 holds its wait status until its parent reaps it. Best effort: a parent that reaps
+/// at once (systemd does) leaves nothing to read.
+pub(crate) fn exit_description(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // fields[0] is field 3 (state); field 52 (exit_code) is fields[49].
+    if fields.first() != Some(&"Z") {
+        return None;
     }
-    Ok(Spawned {
-        pid: pid as u32,
-        pidfd,
+    let status: i32 = fields.get(49)?.trim().parse().ok()?;
+    Some(if status & 0x7f == 0 {
+        format!("exited with status {}", (status >> 8) & 0xff)
+    } else {
+        format!("was killed by signal {}", status & 0x7f)
     })
 }
 
@@ -417,7 +465,7 @@ fn move_above(fd: OwnedFd, floor: c_int) -> io::Result<OwnedFd> {
     Ok(moved)
 }
 
-fn unsafe_zeroed_sigset() -> libc::sigset_t {
+fn zeroed_sigset() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; all-zero is a valid (empty) value on Linux.
     unsafe { std::mem::zeroed() }
 }

@@ -450,6 +450,9 @@ fn socket_activation_reload_and_stop_under_systemd() {
         );
     }
     assert_eq!(hello_from(addr, "/"), third);
+    // `systemctl status` shows the new process's own status, relayed with MAINPID=.
+    let status = rig.show("StatusText");
+    assert!(status.starts_with("Listening on"), "{status}");
 
     // A broken deploy: the restart fails, the old process stays the service and keeps serving.
     replace_with_script(&installed, "exit 1");
@@ -479,7 +482,8 @@ fn socket_activation_reload_and_stop_under_systemd() {
     let report = load.stop();
     assert_eq!(report.failed, 0, "failed requests: {:?}", report.errors);
 
-    // Graceful stop with a request in flight, after a hand-off (see ExecStop= in the unit):
+    // Graceful stop with a request in flight, after a hand-off (the new process is systemd's
+    // own child, not "alien", so systemd waits for it after SIGTERM):
     // the request is answered, the service ends cleanly.
     stop_with_a_request_in_flight(&rig, addr, fourth);
     for pid in [first, second, third, fourth] {
