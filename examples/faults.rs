@@ -11,6 +11,9 @@
 //! `GET /upgrade` with `Connection: upgrade`, `Upgrade: echo` switches the connection to a
 //! byte echo, like a WebSocket would: a connection hyper no longer drives, which a drain must
 //! still wait for, and cut at its deadline.
+//!
+//! `GET /env` runs `env` as a subprocess and answers with its output: what a program the
+//! application starts sees of the environment (no `LISTEN_*`, `NOTIFY_SOCKET`, `WATCHDOG_*`).
 
 mod common;
 
@@ -20,6 +23,14 @@ use std::time::Duration;
 async fn route(
     req: hyper::Request<hyper::body::Incoming>,
 ) -> Result<hyper::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
+    if req.uri().path() == "/env" {
+        let out = tokio::process::Command::new("env").output().await;
+        let body = match out {
+            Ok(out) => out.stdout,
+            Err(e) => format!("could not run env: {e}").into_bytes(),
+        };
+        return Ok(hyper::Response::new(http_body_util::Full::new(body.into())));
+    }
     if req.uri().path() != "/upgrade" {
         return common::hello(req).await;
     }

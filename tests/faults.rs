@@ -220,3 +220,56 @@ fn an_upgraded_connection_is_drained_and_cut_at_the_deadline() {
     assert!(closed.contains("drained: 1, cut: 1"), "{closed}");
     assert_none_left([server.pid]);
 }
+
+/// Programs the application starts do not see the service-manager protocol variables, neither
+/// in a process started by systemd-socket-activate nor in one started by a restart.
+#[test]
+fn programs_the_server_starts_do_not_inherit_the_protocol_variables() {
+    let notify = NotifySocket::new();
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut activator = Spawn::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(addr.to_string())
+        .arg("--fdname=web")
+        .arg("-E")
+        .arg(format!("NOTIFY_SOCKET={}", notify.path.display()))
+        .arg("-E")
+        .arg("WATCHDOG_USEC=30000000")
+        .arg("-E")
+        .arg("RUST_LOG=info")
+        .arg(example("faults"))
+        .arg(addr.to_string())
+        .start();
+    activator.lines.wait_for("Listening on", SOON);
+    let check = |env: &str, who: &str| {
+        for var in [
+            "LISTEN_FDS=",
+            "LISTEN_PID=",
+            "LISTEN_FDNAMES=",
+            "NOTIFY_SOCKET=",
+            "HANDOVER_NOTIFY_SOCKET=",
+            "WATCHDOG_USEC=",
+            "WATCHDOG_PID=",
+        ] {
+            assert!(
+                !env.lines().any(|l| l.starts_with(var)),
+                "{who}: a subprocess sees {var}:\n{env}"
+            );
+        }
+        assert!(env.contains("PATH="), "{who}: {env}");
+    };
+    let env = get(addr, "/env").expect("first process").body;
+    check(&env, "the process systemd-socket-activate started");
+    notify.wait_line("READY=1", SOON);
+
+    activator.signal(Signal::USR1);
+    let handed = notify.wait_nth(1, SOON, |n| n.text.contains("MAINPID="));
+    let new: u32 = handed.lines()[0]["MAINPID=".len()..].parse().expect("pid");
+    assert_eq!(activator.wait(SOON), Some(0));
+    let env = get(addr, "/env").expect("restarted process").body;
+    check(&env, "the restarted process");
+    signal(new, Signal::TERM);
+    assert_eq!(wait_exit(new, SOON), Some(0));
+    assert_none_left([activator.pid, new]);
+}
