@@ -281,7 +281,10 @@ where
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(header_read_timeout);
+            .header_read_timeout(header_read_timeout)
+            // A client may close its sending side once its request is out, and wait for the
+            // answer (some proxies and tools do): answer it, do not drop the request.
+            .half_close(true);
         builder.http2().timer(TokioTimer::new());
         let builder = Arc::new(builder);
         let connections = Arc::new(Connections::new(keep_alive_grace));

@@ -273,3 +273,29 @@ fn programs_the_server_starts_do_not_inherit_the_protocol_variables() {
     assert_eq!(wait_exit(new, SOON), Some(0));
     assert_none_left([activator.pid, new]);
 }
+
+/// A client that sends its request and then closes its sending side (a half-close, as
+/// `curl`-like tools and some proxies do) still gets its response, also while draining.
+#[test]
+fn half_closed_clients_get_their_response_during_the_drain() {
+    use std::io::Read;
+    let port = free_port();
+    let mut server = Spawn::new(example("hello"))
+        .arg(format!("127.0.0.1:{port}"))
+        .start();
+    let addr = addr_in(&server.listen_line());
+    server.lines.wait_for("accepting", SOON);
+    let mut client = raw_connect(addr, b"GET /?sleep_ms=700 HTTP/1.1\r\nHost: x\r\n\r\n");
+    client
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    server.lines.wait_for("slow request: sleeping", SOON);
+    server.signal(Signal::TERM);
+    client.set_read_timeout(Some(SOON)).expect("timeout");
+    let mut response = String::new();
+    let _ = client.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response:?}");
+    assert!(response.ends_with("Hello world"), "{response:?}");
+    assert_eq!(server.wait(SOON), Some(0));
+    assert_none_left([server.pid]);
+}
