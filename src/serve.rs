@@ -298,6 +298,7 @@ where
             .collect::<Result<Vec<_>, _>>()?;
         let stop_accepting = CancellationToken::new();
         let mut accepting = Vec::with_capacity(listeners.len());
+        let (dead_tx, mut dead_rx) = tokio::sync::mpsc::unbounded_channel();
         for acceptor in acceptors {
             accepting.push(tokio::spawn(accept_loop(
                 acceptor,
@@ -305,8 +306,12 @@ where
                 Arc::clone(&builder),
                 Arc::clone(&connections),
                 stop_accepting.clone(),
+                dead_tx.clone(),
             )));
         }
+        drop(dead_tx);
+        let mut dead_listeners = 0;
+        let mut failure = None;
         let urls: Vec<String> = listeners.iter().map(Listener::url).collect();
         for url in &urls {
             tracing::info!(url, pid = startup.pid, "accepting");
@@ -378,6 +383,17 @@ where
                             notifier.notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
                             tracing::info!(pid = startup.pid, "still serving after the failed restart");
                         }
+                    }
+                }
+                Some(e) = dead_rx.recv() => {
+                    dead_listeners += 1;
+                    if dead_listeners == listeners.len() {
+                        tracing::error!("no listener can accept any more; shutting down after the drain");
+                        if let Some(r) = restart.take() {
+                            let _ = r.cancel().await;
+                        }
+                        failure = Some(e);
+                        break (Reason::Requested, Instant::now());
                     }
                 }
                 () = requested_shutdown(&mut requested) => {
@@ -468,6 +484,14 @@ where
             ?elapsed,
             "server closed"
         );
+        if let Some(e) = failure {
+            // Drained like any shutdown, but it is not one anybody asked for: an error, so the
+            // process exits non-zero and its supervisor restarts it.
+            return Err(Error::io(
+                "every listener failed; the server drained and stopped",
+                e,
+            ));
+        }
         Ok(Shutdown {
             reason,
             hooks,
@@ -528,12 +552,15 @@ impl Acceptor {
 
 /// Accepts until `stop`, handing each connection to `connections`. Errors that concern one
 /// connection are skipped; others (EMFILE, ENFILE, ENOBUFS, ...) back off instead of spinning.
+/// A listener that can no longer accept (closed or shut down under us: `EBADF`, `EINVAL`,
+/// `ENOTSOCK`) ends its loop and is reported on `dead`.
 async fn accept_loop<S, B>(
     acceptor: Acceptor,
     service: S,
     builder: Arc<auto::Builder<TokioExecutor>>,
     connections: Arc<Connections>,
     stop: CancellationToken,
+    dead: tokio::sync::mpsc::UnboundedSender<std::io::Error>,
 ) where
     S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -563,6 +590,11 @@ async fn accept_loop<S, B>(
             Err(e) if is_per_connection(&e) => {
                 tracing::debug!(error = %e, "accept: connection failed before it was accepted");
             }
+            Err(e) if is_listener_gone(&e) => {
+                tracing::error!(error = %e, "this listener can no longer accept (closed or shut down under us)");
+                let _ = dead.send(e);
+                break;
+            }
             Err(e) => {
                 tracing::error!(error = %e, ?backoff, "accept failed; backing off");
                 tokio::select! {
@@ -585,6 +617,13 @@ async fn accept(acceptor: &Acceptor) -> std::io::Result<Stream> {
         Acceptor::Tcp(l) => l.accept().await.map(|(s, _)| Stream::Tcp(s)),
         Acceptor::Unix(l) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
     }
+}
+
+fn is_listener_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP)
+    )
 }
 
 fn is_per_connection(e: &std::io::Error) -> bool {

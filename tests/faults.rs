@@ -299,3 +299,35 @@ fn half_closed_clients_get_their_response_during_the_drain() {
     assert_eq!(server.wait(SOON), Some(0));
     assert_none_left([server.pid]);
 }
+
+/// The listening socket shut down under the server (through another process's copy of it):
+/// no busy loop; the server drains what it has and exits non-zero, so that its supervisor
+/// restarts it.
+#[test]
+fn a_listener_shut_down_under_the_server_ends_it_cleanly() {
+    let port = free_port();
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind");
+    let ours = listener.try_clone().expect("dup");
+    let mut server = Spawn::new(example("hello"))
+        .arg(format!("127.0.0.1:{port}"))
+        .env("LISTEN_FDS", "1")
+        .fd3(listener.into())
+        .start();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    server.lines.wait_for("accepting", SOON);
+    assert_eq!(get(addr, "/").expect("served").status, 200);
+    rustix::net::shutdown(&ours, rustix::net::Shutdown::Both).expect("shutdown");
+    assert_eq!(
+        server.wait(SOON),
+        Some(1),
+        "a failed listener is an error exit"
+    );
+    server
+        .lines
+        .wait_for("this listener can no longer accept", SOON);
+    server.lines.wait_for(
+        "every listener failed; the server drained and stopped",
+        SOON,
+    );
+    assert_none_left([server.pid]);
+}
