@@ -199,6 +199,10 @@ impl Listeners {
     /// threads run is unsound).
     ///
     /// The inherited fds can be taken once per process; later calls return an empty set.
+    /// This call takes ownership of the fds `LISTEN_FDS` names, as the protocol says: call it
+    /// before anything in the process opens files, so those numbers cannot belong to anything
+    /// else (with `LISTEN_PID` unset, as under `systemfd --no-pid`, that is all that vouches
+    /// for them).
     ///
     /// # Errors
     /// A malformed `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES` or `LISTEN_FDS_FIRST_FD`, or an
