@@ -3,9 +3,12 @@
 # templates of systemd/ under it (used by tests/systemd.rs; usable by hand).
 #
 #   systemd-rig.sh check                      can this machine run the rig? (exit 77: no, why)
-#   systemd-rig.sh prepare WORKDIR BINARY PORT
+#   systemd-rig.sh prepare WORKDIR BINARY PORT [FDSTORE_PORT]
 #                                             WORKDIR/units: the templates + rig drop-ins (port,
-#                                             log file); WORKDIR/bin/handover-hello: BINARY
+#                                             log file); WORKDIR/bin/handover-hello: BINARY.
+#                                             With FDSTORE_PORT, also
+#                                             handover-hello-fdstore.service, binding that port
+#                                             (not started by the rig: `systemctl start` it)
 #   systemd-rig.sh boot WORKDIR               runs the manager in the foreground; it dies with
 #                                             the calling process (for a test that spawns it)
 #   systemd-rig.sh start WORKDIR              boot in the background, then `wait`
@@ -214,8 +217,8 @@ cmd_check() {
 # --- prepare -----------------------------------------------------------------------------------
 
 cmd_prepare() {
-    [ $# -eq 3 ] || die "usage: prepare WORKDIR BINARY PORT"
-    local w bin=$2 port=$3
+    [ $# -eq 3 ] || [ $# -eq 4 ] || die "usage: prepare WORKDIR BINARY PORT [FDSTORE_PORT]"
+    local w bin=$2 port=$3 fdstore_port=${4:-}
     mkdir -p "$1"
     w=$(abs_dir "$1")
     [ -x "$bin" ] || die "$bin is not an executable"
@@ -235,6 +238,18 @@ StandardOutput=append:$INSIDE/log/handover-hello.log
 StandardError=inherit
 Environment=NO_COLOR=1
 EOF
+    if [ -n "$fdstore_port" ]; then
+        # The unit without a socket: the server binds the port itself (its first argument).
+        mkdir -p "$w/units/handover-hello-fdstore.service.d"
+        cp "$REPO/systemd/handover-hello-fdstore.service" "$w/units/"
+        cat >"$w/units/handover-hello-fdstore.service.d/rig.conf" <<EOF
+[Service]
+ExecStart=
+ExecStart=/usr/local/bin/handover-hello 127.0.0.1:$fdstore_port
+StandardOutput=append:$INSIDE/log/handover-hello-fdstore.log
+StandardError=inherit
+EOF
+    fi
     install -m 0755 "$bin" "$w/bin/handover-hello"
 }
 

@@ -1,6 +1,8 @@
 //! The unit templates of `systemd/` under a real systemd: socket activation, `systemctl
 //! reload` (zero-downtime restart) under load, a failed restart, and a graceful `systemctl
-//! stop`, with the service manager as PID 1 of private namespaces (`tests/systemd-rig.sh`).
+//! stop`; the fd store of a service without a socket unit across `systemctl restart`; and the
+//! watchdog, across a reload and against a hung process. The service manager runs as PID 1 of
+//! private namespaces (`tests/systemd-rig.sh`).
 //!
 //! Needs root, util-linux and systemd. Where the rig cannot run (not root, no cgroup2, no
 //! namespaces) the tests print `SKIPPED: <reason>` and pass, unless
@@ -8,6 +10,7 @@
 
 mod support;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,6 +23,8 @@ const RIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/systemd-rig.sh");
 const UNITS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd");
 const SERVICE: &str = "handover-hello.service";
 const SOCKET: &str = "handover-hello.socket";
+/// The variant without a socket unit: binds its address itself, keeps it in the fd store.
+const FDSTORE_SERVICE: &str = "handover-hello-fdstore.service";
 /// Exit code of the rig script when the machine cannot run it.
 const RIG_SKIP: i32 = 77;
 /// For the manager's answers and state changes; generous, the machine is shared.
@@ -182,25 +187,84 @@ impl Rig {
         self.systemctl(&["show", "-p", property, "--value", unit])
     }
 
+    /// Several properties of `unit` in one call, by name.
+    fn show_many(&self, unit: &str, properties: &[&str]) -> BTreeMap<String, String> {
+        let mut args = vec!["show"];
+        for p in properties {
+            args.extend(["-p", p]);
+        }
+        args.push(unit);
+        self.systemctl(&args)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
     fn main_pid(&self) -> u32 {
-        self.show("MainPID").parse().expect("MainPID is a number")
+        self.main_pid_of(SERVICE)
+    }
+
+    fn main_pid_of(&self, unit: &str) -> u32 {
+        self.show_unit(unit, "MainPID")
+            .parse()
+            .expect("MainPID is a number")
     }
 
     /// Polls until `cond` holds for the service's property, or panics after `timeout`.
     fn wait_show(&self, property: &str, timeout: Duration, cond: impl Fn(&str) -> bool) -> String {
+        self.wait_show_unit(SERVICE, property, timeout, cond)
+    }
+
+    fn wait_show_unit(
+        &self,
+        unit: &str,
+        property: &str,
+        timeout: Duration,
+        cond: impl Fn(&str) -> bool,
+    ) -> String {
         let deadline = Instant::now() + timeout;
         loop {
-            let value = self.show(property);
+            let value = self.show_unit(unit, property);
             if cond(&value) {
                 return value;
             }
             assert!(
                 Instant::now() < deadline,
-                "{property} still {value:?} after {timeout:?}\n{}",
+                "{unit}: {property} still {value:?} after {timeout:?}\n{}",
                 self.logs()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// What an fd of a process *of the namespace* is (`socket:[INODE]`, ...), if it is open.
+    fn fd_inside(&self, pid: u32, fd: u32) -> Option<String> {
+        let link = format!("/proc/{}/root/proc/{pid}/fd/{fd}", self.pid);
+        std::fs::read_link(link)
+            .ok()
+            .map(|t| t.to_string_lossy().into_owned())
+    }
+
+    /// The socket inodes among the fds of a process of the namespace.
+    fn socket_inodes_inside(&self, pid: u32) -> BTreeSet<u64> {
+        let dir = format!("/proc/{}/root/proc/{pid}/fd", self.pid);
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| std::fs::read_link(e.path()).ok())
+                    .filter_map(|t| socket_inode(&t.to_string_lossy()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, ...) to a process of the namespace.
+    fn kill_inside(&self, signal: &str, pid: u32) -> bool {
+        self.exec(&["kill", &format!("-{signal}"), &pid.to_string()])
+            .status
+            .success()
     }
 
     /// Whether the process with this pid *of the namespace* runs (a zombie counts as gone).
@@ -249,7 +313,17 @@ impl Rig {
     }
 
     fn service_log(&self) -> String {
-        std::fs::read_to_string(self.workdir.join("log/handover-hello.log")).unwrap_or_default()
+        self.log("handover-hello.log")
+    }
+
+    /// A log file of the rig (`log/NAME`): the services' output, the manager's console.
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.workdir.join("log").join(name)).unwrap_or_default()
+    }
+
+    /// The manager's log (debug level: every sd_notify message, every state change).
+    fn console(&self) -> String {
+        self.log("console.log")
     }
 
     /// The end of the manager's and the service's logs, for failure messages.
@@ -264,10 +338,12 @@ impl Rig {
         format!(
             "--- manager, about handover-hello (log/console.log) ---\n{}\n\
              --- service (log/handover-hello.log) ---\n{}\n\
+             --- service without a socket unit (log/handover-hello-fdstore.log) ---\n{}\n\
              --- rig (log/manager.log, log/boot.err) ---\n{}\n{}\n\
              (all logs are in {})",
             tail("console.log", &|l| l.contains("handover-hello")),
             tail("handover-hello.log", &any),
+            tail("handover-hello-fdstore.log", &any),
             tail("manager.log", &any),
             tail("boot.err", &any),
             self.workdir.join("log").display()
@@ -349,35 +425,94 @@ fn hello_from(addr: SocketAddr, path: &str) -> u32 {
 /// `systemctl reload` and waits until the service has a new, answering main pid and the old
 /// one is gone.
 fn reload(rig: &Rig, load: &Load, old: u32) -> u32 {
-    rig.systemctl(&["reload", SERVICE]);
+    reload_unit(rig, SERVICE, load, old)
+}
+
+fn reload_unit(rig: &Rig, unit: &str, load: &Load, old: u32) -> u32 {
+    rig.systemctl(&["reload", unit]);
     let new: u32 = rig
-        .wait_show("MainPID", WAIT, |v| v != old.to_string() && v != "0")
+        .wait_show_unit(unit, "MainPID", WAIT, |v| v != old.to_string() && v != "0")
         .parse()
         .expect("MainPID");
     load.wait_pid(new, WAIT);
     rig.wait_gone_inside(old, WAIT);
-    assert_eq!(rig.show("ActiveState"), "active");
+    assert_eq!(rig.show_unit(unit, "ActiveState"), "active");
     new
 }
 
 /// A work directory with the unit templates, the rig's drop-ins (a free port, the log file)
 /// and the hello example installed; and the address the socket unit listens on.
 fn prepare(tag: &str) -> (PathBuf, SocketAddr) {
+    let (workdir, addr, _) = prepare_rig(tag, false);
+    (workdir, addr)
+}
+
+/// `prepare`, and with `fdstore` also `handover-hello-fdstore.service` on a port of its own
+/// (its address is the third value).
+fn prepare_rig(tag: &str, fdstore: bool) -> (PathBuf, SocketAddr, Option<SocketAddr>) {
     let workdir = scratch_dir(tag);
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let fdstore_addr = fdstore.then(|| {
+        loop {
+            let p = free_port();
+            if p != port {
+                break SocketAddr::from(([127, 0, 0, 1], p));
+            }
+        }
+    });
     let binary = example("hello");
-    let out = rig_script(
-        &[
-            "prepare",
-            workdir.to_str().expect("UTF-8 path"),
-            binary.to_str().expect("UTF-8 path"),
-            &port.to_string(),
-        ],
-        Duration::from_secs(60),
-    );
+    let port = port.to_string();
+    let fdstore_port = fdstore_addr.map(|a| a.port().to_string());
+    let mut args = vec![
+        "prepare",
+        workdir.to_str().expect("UTF-8 path"),
+        binary.to_str().expect("UTF-8 path"),
+        &port,
+    ];
+    if let Some(p) = &fdstore_port {
+        args.push(p);
+    }
+    let out = rig_script(&args, Duration::from_secs(60));
     assert!(out.status.success(), "prepare: {}", text(&out.stderr));
-    (workdir, addr)
+    (workdir, addr, fdstore_addr)
+}
+
+/// The inode of `socket:[INODE]`.
+fn socket_inode(target: &str) -> Option<u64> {
+    target
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// The inodes of the TCP sockets listening on 127.0.0.1:`port` (the rig shares the host's
+/// network namespace, so the host's `/proc/net/tcp` shows them).
+fn listening_inodes(port: u16) -> Vec<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let local = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode; 0A is LISTEN.
+            (f.len() > 9 && f[1] == local && f[3] == "0A").then(|| f[9].parse().ok())?
+        })
+        .collect()
+}
+
+/// The one socket listening on `port`.
+fn the_listening_inode(rig: &Rig, port: u16) -> u64 {
+    let inodes = listening_inodes(port);
+    assert_eq!(
+        inodes.len(),
+        1,
+        "sockets listening on port {port}: {inodes:?}\n{}",
+        rig.logs()
+    );
+    inodes[0]
 }
 
 /// `systemctl stop` while a 1 s request is in flight: the request is answered by `pid`, and
@@ -512,6 +647,535 @@ fn socket_activation_reload_and_stop_under_systemd() {
     let _ = std::fs::remove_dir_all(&workdir);
 }
 
+/// Counts the lines of `log` that contain every one of `needles`.
+fn count_lines(log: &str, needles: &[&str]) -> usize {
+    log.lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .count()
+}
+
+/// What was appended to a log since it was `mark` bytes long.
+fn since(log: &str, mark: usize) -> &str {
+    log.get(mark..).unwrap_or("")
+}
+
+/// `systemd/handover-hello-fdstore.service`, the set-up without a socket unit: the server binds
+/// its address itself and hands the socket to systemd's fd store (`FDSTORE=1` before
+/// `READY=1`). Across `systemctl restart` (not a hand-off: the old process is stopped, then a
+/// new one started) the socket stays open and listening in the store, and the new process gets
+/// it back through `LISTEN_FDS`; handover's own hand-off (`systemctl reload`) works as with a
+/// socket unit; nobody stores the socket a second time; `systemctl stop` empties the store.
+#[test]
+fn fd_store_across_restart_and_reload_under_systemd() {
+    if !rig_available() {
+        return;
+    }
+    const LOG: &str = "handover-hello-fdstore.log";
+    let unit = FDSTORE_SERVICE;
+    let (workdir, _, addr) = prepare_rig("systemd-fdstore", true);
+    let addr = addr.expect("an address for the fd store unit");
+    let port = addr.port();
+    let name = format!("127.0.0.1_{port}");
+    let mut rig = Rig::boot(&workdir);
+
+    // First start: the server binds the address itself and stores the socket.
+    assert_eq!(rig.show_unit(unit, "ActiveState"), "inactive");
+    assert!(
+        listening_inodes(port).is_empty(),
+        "port {port} already in use"
+    );
+    rig.systemctl(&["start", unit]);
+    let a = rig.main_pid_of(unit);
+    assert_eq!(hello_from(addr, "/"), a);
+    let store = rig.show_many(unit, &["FileDescriptorStoreMax", "NFileDescriptorStore"]);
+    assert_eq!(store["FileDescriptorStoreMax"], "1");
+    assert_eq!(store["NFileDescriptorStore"], "1", "{}", rig.logs());
+    let log = rig.log(LOG);
+    assert!(
+        log.contains(&format!("bound listener url=http://{addr}")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "handing the listener to the service manager's fd store name=\"{name}\""
+        )),
+        "{log}"
+    );
+    let stored_by =
+        |pid: u32| format!("Got notification message from PID {pid} (FDSTORE=1, FDNAME={name})");
+    let console = rig.console();
+    assert_eq!(
+        count_lines(&console, &[unit, &stored_by(a)]),
+        1,
+        "{}",
+        rig.logs()
+    );
+    // systemd 252: "Added fd 31 (127.0.0.1_PORT) to fd store."
+    let added = format!("({name}) to fd store");
+    eprintln!(
+        "fd store: {}",
+        console
+            .lines()
+            .find(|l| l.contains(&added))
+            .unwrap_or("(no \"Added fd\" line)")
+            .trim()
+    );
+    let socket = the_listening_inode(&rig, port);
+    assert!(
+        rig.socket_inodes_inside(a).contains(&socket),
+        "the listening socket {socket} is not among the fds of pid {a}"
+    );
+
+    // `systemctl restart` under keep-alive load. The old process is stopped (SIGTERM, drain,
+    // exit) and only then a new one started: nobody accepts in between, but the socket stays
+    // open in the store, so clients are queued in its backlog, never refused.
+    let log_mark = rig.log(LOG).len();
+    let console_mark = rig.console().len();
+    let during = Load::start(addr, 4, "/", Duration::from_secs(120));
+    during.wait_pid(a, WAIT);
+    let started = Instant::now();
+    rig.systemctl(&["restart", unit]);
+    let restart_took = started.elapsed();
+    // `systemctl restart` returns once the new process reported READY=1.
+    let b = rig.main_pid_of(unit);
+    assert_ne!(b, a);
+    assert!(!rig.alive_inside(a), "pid {a} still runs after the restart");
+    // Clients that connect only now, when the new process is ready: every request succeeds.
+    let after = Load::start(addr, 2, "/", Duration::from_secs(120));
+    after.wait_pid(b, WAIT);
+    during.wait_pid(b, WAIT);
+    std::thread::sleep(Duration::from_millis(300));
+    let after = after.stop();
+    let during = during.stop();
+    eprintln!(
+        "systemctl restart took {restart_took:?}; 4 keep-alive clients through it: {} requests \
+         answered, {} failed {:?}, {} connections",
+        during.ok, during.failed, during.errors, during.reconnects
+    );
+    let refused: Vec<&String> = during
+        .errors
+        .iter()
+        .filter(|e| e.starts_with("connect"))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "connections refused or failed during the restart (the socket was closed): {refused:?}\n{}",
+        rig.logs()
+    );
+    assert!(
+        during.pids.contains(&a) && during.pids.contains(&b),
+        "{during:?}"
+    );
+    assert_eq!(after.failed, 0, "after the restart: {:?}", after.errors);
+    assert_eq!(after.pids, BTreeSet::from([b]), "{after:?}");
+
+    // The new process got the stored socket back, and did not store it again.
+    let log = rig.log(LOG);
+    let new_log = since(&log, log_mark);
+    assert!(
+        new_log.contains(&format!(
+            "inherited listener fd=3 name={name} url=http://{addr}"
+        )),
+        "{new_log}"
+    );
+    assert!(new_log.contains(&format!("ready pid={b}")), "{new_log}");
+    assert!(!new_log.contains("bound listener"), "{new_log}");
+    assert!(!new_log.contains("fd store"), "stored again:\n{new_log}");
+    let console = rig.console();
+    let new_console = since(&console, console_mark);
+    assert_eq!(
+        count_lines(new_console, &[unit, "Passing 1 fds to service"]),
+        1,
+        "{}",
+        rig.logs()
+    );
+    assert_eq!(count_lines(&console, &["FDSTORE=1"]), 1, "{}", rig.logs());
+    assert_eq!(count_lines(&console, &["Cannot store more fds"]), 0);
+    assert_eq!(rig.show_unit(unit, "NFileDescriptorStore"), "1");
+    // The very same socket: the one listening on the port, at fd 3 of the new process.
+    assert_eq!(
+        the_listening_inode(&rig, port),
+        socket,
+        "another socket listens now"
+    );
+    assert_eq!(rig.fd_inside(b, 3), Some(format!("socket:[{socket}]")));
+
+    // handover's own hand-off works for this unit as for the socket-activated one.
+    let log_mark = rig.log(LOG).len();
+    let load = Load::start(addr, 4, "/", Duration::from_secs(120));
+    load.wait_pid(b, WAIT);
+    let c = reload_unit(&rig, unit, &load, b);
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "failed requests: {:?}", report.errors);
+    assert!(
+        report.pids.contains(&b) && report.pids.contains(&c),
+        "{report:?}"
+    );
+    let log = rig.log(LOG);
+    let new_log = since(&log, log_mark);
+    assert!(
+        new_log.contains(&format!("inherited listener fd=3 name={name}")),
+        "{new_log}"
+    );
+    assert!(!new_log.contains("fd store"), "stored again:\n{new_log}");
+    assert_eq!(count_lines(&rig.console(), &["FDSTORE=1"]), 1);
+    assert_eq!(rig.show_unit(unit, "NFileDescriptorStore"), "1");
+    assert_eq!(the_listening_inode(&rig, port), socket);
+    assert_eq!(rig.fd_inside(c, 3), Some(format!("socket:[{socket}]")));
+
+    // A restart after the hand-off: the store still holds the first process's socket.
+    rig.systemctl(&["restart", unit]);
+    let d = rig.main_pid_of(unit);
+    assert_ne!(d, c);
+    assert_eq!(hello_from(addr, "/"), d);
+    assert_eq!(rig.fd_inside(d, 3), Some(format!("socket:[{socket}]")));
+    assert_eq!(rig.show_unit(unit, "NFileDescriptorStore"), "1");
+    assert_eq!(count_lines(&rig.console(), &["FDSTORE=1"]), 1);
+
+    // A crash (SIGKILL): Restart=on-failure starts a new process a second later, with the
+    // stored socket. A client that connects meanwhile is queued, and answered by it.
+    assert!(rig.kill_inside("KILL", d), "kill -KILL {d}");
+    let queued = get_in_background(addr, "/", false);
+    rig.wait_show_unit(unit, "NRestarts", WAIT, |v| v == "1");
+    let e: u32 = rig
+        .wait_show_unit(unit, "MainPID", WAIT, |v| v != "0" && v != d.to_string())
+        .parse()
+        .expect("MainPID");
+    let reply = queued
+        .join()
+        .expect("request thread")
+        .unwrap_or_else(|err| panic!("request during the crash: {err}\n{}", rig.logs()));
+    assert_eq!((reply.status, reply.pid), (200, e), "{reply:?}");
+    assert_eq!(rig.fd_inside(e, 3), Some(format!("socket:[{socket}]")));
+    assert_eq!(rig.show_unit(unit, "NFileDescriptorStore"), "1");
+    assert_eq!(count_lines(&rig.console(), &["FDSTORE=1"]), 1);
+
+    // `systemctl stop` empties the store: the port is closed.
+    let console_mark = rig.console().len();
+    rig.systemctl(&["stop", unit]);
+    let end = rig.show_many(unit, &["ActiveState", "Result", "NFileDescriptorStore"]);
+    assert_eq!(end["ActiveState"], "inactive");
+    assert_eq!(end["Result"], "success");
+    assert_eq!(end["NFileDescriptorStore"], "0", "{}", rig.logs());
+    assert!(
+        listening_inodes(port).is_empty(),
+        "port {port} still listening"
+    );
+    match std::net::TcpStream::connect_timeout(&addr, WAIT) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => panic!("connect after the stop: {other:?}"),
+    }
+    eprintln!(
+        "after systemctl stop: {}",
+        since(&rig.console(), console_mark)
+            .lines()
+            .find(|l| l.contains(unit) && l.contains("stored fds"))
+            .unwrap_or("(no \"stored fds\" line)")
+            .trim()
+    );
+    assert!(rig.servers_inside().is_empty());
+
+    let report = rig.stop().unwrap_or_else(|e| panic!("{e}"));
+    assert!(report.contains("no process left"), "{report}");
+    drop(rig);
+    let _ = std::fs::remove_dir_all(&workdir);
+}
+
+/// One look at the service, for the watchdog test.
+#[derive(Debug, Clone)]
+struct Sample {
+    at: Instant,
+    /// `WatchdogTimestampMonotonic`: when systemd accepted the last `WATCHDOG=1` (µs).
+    ping: u64,
+    /// `WatchdogTimestamp`, the same as a date.
+    ping_date: String,
+    main_pid: u32,
+    active: String,
+    sub: String,
+    restarts: u32,
+}
+
+fn sample(rig: &Rig) -> Sample {
+    let p = rig.show_many(
+        SERVICE,
+        &[
+            "WatchdogTimestampMonotonic",
+            "WatchdogTimestamp",
+            "MainPID",
+            "ActiveState",
+            "SubState",
+            "NRestarts",
+        ],
+    );
+    let num = |k: &str| -> u64 {
+        p.get(k)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{k} in {p:?}"))
+    };
+    Sample {
+        at: Instant::now(),
+        ping: num("WatchdogTimestampMonotonic"),
+        ping_date: p.get("WatchdogTimestamp").cloned().unwrap_or_default(),
+        main_pid: u32::try_from(num("MainPID")).expect("pid"),
+        active: p["ActiveState"].clone(),
+        sub: p["SubState"].clone(),
+        restarts: u32::try_from(num("NRestarts")).expect("NRestarts"),
+    }
+}
+
+/// Samples the service about every 100 ms until `done` says so (given the samples so far), or
+/// for at most 60 s.
+fn watch(rig: &Rig, done: impl Fn(&[Sample]) -> bool) -> Vec<Sample> {
+    let limit = Instant::now() + Duration::from_secs(60);
+    let mut samples = vec![sample(rig)];
+    while !done(&samples) {
+        assert!(Instant::now() < limit, "watched for 60 s: {samples:?}");
+        std::thread::sleep(Duration::from_millis(100));
+        samples.push(sample(rig));
+    }
+    samples
+}
+
+/// The pings systemd accepted during `samples` (distinct timestamps) and the longest time
+/// between two of them.
+fn pings(samples: &[Sample]) -> (Vec<u64>, Duration) {
+    let mut seen: Vec<u64> = samples.iter().map(|s| s.ping).collect();
+    seen.dedup();
+    let gap = seen
+        .windows(2)
+        .map(|w| Duration::from_micros(w[1].saturating_sub(w[0])))
+        .max()
+        .unwrap_or_default();
+    (seen, gap)
+}
+
+/// Sends SIGCONT to a process stopped by the test, if it is still there.
+struct ContOnDrop<'a> {
+    rig: &'a Rig,
+    pid: u32,
+}
+
+impl Drop for ContOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.rig.alive_inside(self.pid) {
+            self.rig.kill_inside("CONT", self.pid);
+        }
+    }
+}
+
+/// `systemd/watchdog.conf` on the socket-activated service, with `WatchdogSec=2s`: the pings
+/// keep the service alive for more than three intervals, also after `systemctl reload` handed
+/// the duty to the new process (the hand-off datagram carries a `WATCHDOG=1`); and a main
+/// process that stops pinging (SIGSTOP) is killed at the timeout and the service restarted.
+#[test]
+fn watchdog_under_systemd() {
+    if !rig_available() {
+        return;
+    }
+    const WATCHDOG: Duration = Duration::from_secs(2);
+    // More than three watchdog intervals.
+    const OBSERVE: Duration = Duration::from_millis(6_500);
+    let (workdir, addr) = prepare("systemd-watchdog");
+    let dropins = workdir.join(format!("units/{SERVICE}.d"));
+    std::fs::copy(
+        format!("{UNITS}/watchdog.conf"),
+        dropins.join("watchdog.conf"),
+    )
+    .expect("copy drop-in");
+    // The test's interval, after the template's (drop-ins apply in name order). SIGKILL instead
+    // of the default SIGABRT: a core dump goes through the host's kernel.core_pattern, which no
+    // namespace isolates (with systemd-coredump it would land in the host's journal).
+    std::fs::write(
+        dropins.join("zz-rig-watchdog.conf"),
+        "[Service]\nWatchdogSec=2s\nWatchdogSignal=SIGKILL\n",
+    )
+    .expect("write drop-in");
+    let mut rig = Rig::boot(&workdir);
+
+    let a = hello_from(addr, "/");
+    assert_eq!(rig.main_pid(), a);
+    // (Set when the service starts: "infinity" before.)
+    assert_eq!(rig.show("WatchdogUSec"), "2s");
+    let log = rig.service_log();
+    assert!(
+        log.contains("watchdog enabled: pinging at half WATCHDOG_USEC period=1s"),
+        "{log}"
+    );
+
+    // Steady state: more than three intervals without a timeout.
+    let first = watch(&rig, |s| s[s.len() - 1].at - s[0].at >= OBSERVE);
+    for s in &first {
+        assert_eq!(
+            (s.main_pid, s.active.as_str(), s.sub.as_str(), s.restarts),
+            (a, "active", "running", 0),
+            "{s:?}\n{}",
+            rig.logs()
+        );
+    }
+    let (seen, gap) = pings(&first);
+    eprintln!(
+        "watchdog, pid {a}: {} pings accepted in {OBSERVE:?}, at most {gap:?} apart",
+        seen.len()
+    );
+    assert!(seen.len() >= 5, "pings accepted: {seen:?}");
+    assert!(gap < WATCHDOG, "{gap:?} between two pings");
+
+    // A reload under load, watched from before the signal to well after the hand-off.
+    let console_mark = rig.console().len();
+    let load = Load::start(addr, 2, "/", Duration::from_secs(120));
+    load.wait_pid(a, WAIT);
+    let (second, b) = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            watch(&rig, |s| {
+                let last = &s[s.len() - 1];
+                s.iter()
+                    .find(|x| x.main_pid != a)
+                    .is_some_and(|moved| last.at - moved.at >= OBSERVE)
+            })
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let b = reload(&rig, &load, a);
+        (watcher.join().expect("watcher"), b)
+    });
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "failed requests: {:?}", report.errors);
+    let moved = second
+        .iter()
+        .position(|s| s.main_pid == b)
+        .expect("the new main pid was seen");
+    assert!(moved > 0, "the watch began after the hand-off: {second:?}");
+    for s in &second {
+        assert_eq!(s.restarts, 0, "{s:?}\n{}", rig.logs());
+        assert!(s.main_pid == a || s.main_pid == b, "{s:?}");
+        // During the restart the unit is "reloading" (RELOADING=1 .. MAINPID=+READY=1).
+        assert!(
+            s.active == "active" || s.active == "reloading",
+            "{s:?}\n{}",
+            rig.logs()
+        );
+    }
+    for s in &second[moved..] {
+        assert_eq!(
+            (s.main_pid, s.active.as_str(), s.sub.as_str()),
+            (b, "active", "running"),
+            "{s:?}"
+        );
+    }
+    let (seen, gap) = pings(&second);
+    let (after, _) = pings(&second[moved..]);
+    // The pings on either side of the moment the main pid changed.
+    let before_switch = second[moved - 1].ping;
+    let across = after
+        .iter()
+        .find(|&&p| p > before_switch)
+        .map(|p| Duration::from_micros(p - before_switch));
+    eprintln!(
+        "watchdog across the reload (pid {a} -> {b}): {} pings accepted, at most {gap:?} apart; \
+         from the last one seen before the switch to the next: {across:?}; {} pings with pid {b} \
+         the main pid, over {:?}; WatchdogTimestamp {} -> {}",
+        seen.len(),
+        after.len(),
+        second[second.len() - 1].at - second[moved].at,
+        second[0].ping_date,
+        second[second.len() - 1].ping_date,
+    );
+    assert!(gap < WATCHDOG, "{gap:?} between two pings");
+    assert!(after.len() >= 5, "pings after the hand-off: {after:?}");
+    assert_ne!(second[0].ping_date, second[second.len() - 1].ping_date);
+    let console = rig.console();
+    let new_console = since(&console, console_mark);
+    // The hand-off datagram itself carries a ping.
+    assert_eq!(
+        count_lines(
+            new_console,
+            &[
+                &format!("Got notification message from PID {a} (MAINPID={b}, READY=1,"),
+                "WATCHDOG=1)"
+            ]
+        ),
+        1,
+        "{}",
+        rig.logs()
+    );
+    let from_b = count_lines(
+        new_console,
+        &[&format!(
+            "Got notification message from PID {b} (WATCHDOG=1)"
+        )],
+    );
+    assert!(from_b >= 5, "{from_b} pings from {b}\n{}", rig.logs());
+    // Refused messages (a ping from the new process before it was the main pid, or from the
+    // old one after): harmless, but reported.
+    let refused: Vec<&str> = new_console
+        .lines()
+        .filter(|l| l.contains("reception only permitted for main PID"))
+        .collect();
+    eprintln!("notifications refused around the hand-off: {refused:?}");
+
+    // The negative control: a main process that stops (SIGSTOP: no pings, nothing else
+    // either) is killed at the watchdog timeout, and Restart=on-failure starts a new one.
+    let console_mark = rig.console().len();
+    let stopped_at = Instant::now();
+    assert!(rig.kill_inside("STOP", b), "kill -STOP {b}");
+    let stopped = ContOnDrop { rig: &rig, pid: b };
+    let timeout_line = format!("{SERVICE}: Watchdog timeout (limit 2s)!");
+    let deadline = Instant::now() + WAIT;
+    while !since(&rig.console(), console_mark).contains(&timeout_line) {
+        assert!(
+            Instant::now() < deadline,
+            "no watchdog timeout {WAIT:?} after SIGSTOP\n{}",
+            rig.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let detected = stopped_at.elapsed();
+    rig.wait_gone_inside(b, WAIT);
+    rig.wait_show("NRestarts", WAIT, |v| v == "1");
+    let c: u32 = rig
+        .wait_show("MainPID", WAIT, |v| v != "0" && v != b.to_string())
+        .parse()
+        .expect("MainPID");
+    rig.wait_show("SubState", WAIT, |v| v == "running");
+    drop(stopped);
+    assert_eq!(hello_from(addr, "/"), c);
+    let console = rig.console();
+    let new_console = since(&console, console_mark);
+    for needle in [
+        format!("Killing process {b} (handover-hello) with signal SIGKILL"),
+        format!("{SERVICE}: Failed with result 'watchdog'"),
+        format!("{SERVICE}: Scheduled restart job, restart counter is at 1"),
+    ] {
+        assert!(new_console.contains(&needle), "{needle}\n{}", rig.logs());
+    }
+    eprintln!(
+        "SIGSTOP of pid {b}: watchdog timeout after {detected:?}, new main pid {c}: {}",
+        new_console
+            .lines()
+            .filter(|l| l.contains(SERVICE)
+                && (l.contains("Watchdog") || l.contains("watchdog") || l.contains("KILL")))
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    assert!(detected < WAIT);
+    // The new process pings too.
+    let deadline = Instant::now() + WAIT;
+    let ping = format!("Got notification message from PID {c} (WATCHDOG=1)");
+    while !since(&rig.console(), console_mark).contains(&ping) {
+        assert!(
+            Instant::now() < deadline,
+            "no ping from {c}\n{}",
+            rig.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let report = rig.stop().unwrap_or_else(|e| panic!("{e}"));
+    assert!(report.contains("no process left"), "{report}");
+    drop(rig);
+    let _ = std::fs::remove_dir_all(&workdir);
+}
+
 /// `systemd-analyze verify` accepts the templates (with the ExecStart= binary in place), and
 /// `systemd-analyze security` rates the service at most 3.0 ("OK").
 #[test]
@@ -523,7 +1187,11 @@ fn unit_templates_verify_and_are_hardened() {
     let bin = binary.to_str().expect("UTF-8 path");
     let socket = format!("{UNITS}/handover-hello.socket");
     let service = format!("{UNITS}/{SERVICE}");
-    let out = rig_script(&["verify", bin, &socket, &service], Duration::from_secs(60));
+    let fdstore = format!("{UNITS}/{FDSTORE_SERVICE}");
+    let out = rig_script(
+        &["verify", bin, &socket, &service, &fdstore],
+        Duration::from_secs(60),
+    );
     let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert!(
         out.status.success(),
@@ -531,20 +1199,51 @@ fn unit_templates_verify_and_are_hardened() {
     );
     assert!(said.is_empty(), "systemd-analyze verify complains: {said}");
 
-    let out = rig_script(&["security", &service], Duration::from_secs(60));
-    let table = text(&out.stdout);
-    assert!(out.status.success(), "{table}\n{}", text(&out.stderr));
-    let exposure: f64 = table
-        .lines()
-        .find_map(|l| {
-            l.split("Overall exposure level for handover-hello.service: ")
-                .nth(1)
-        })
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no exposure level in:\n{table}"));
-    eprintln!("systemd-analyze security: exposure {exposure}");
-    assert!(exposure <= 3.0, "exposure {exposure} > 3.0:\n{table}");
+    for (path, name) in [(&service, SERVICE), (&fdstore, FDSTORE_SERVICE)] {
+        let out = rig_script(&["security", path], Duration::from_secs(60));
+        let table = text(&out.stdout);
+        assert!(out.status.success(), "{table}\n{}", text(&out.stderr));
+        let exposure: f64 = table
+            .lines()
+            .find_map(|l| {
+                l.split(&format!("Overall exposure level for {name}: "))
+                    .nth(1)
+            })
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no exposure level in:\n{table}"));
+        eprintln!("systemd-analyze security {name}: exposure {exposure}");
+        assert!(
+            exposure <= 3.0,
+            "{name}: exposure {exposure} > 3.0:\n{table}"
+        );
+    }
+
+    // The watchdog drop-in, on both services: no complaints.
+    let dir = scratch_dir("watchdog-dropin");
+    for f in ["handover-hello.socket", SERVICE, FDSTORE_SERVICE] {
+        std::fs::copy(format!("{UNITS}/{f}"), dir.join(f)).expect("copy unit");
+    }
+    let mut units = Vec::new();
+    for unit in [SERVICE, FDSTORE_SERVICE] {
+        let dropins = dir.join(format!("{unit}.d"));
+        std::fs::create_dir_all(&dropins).expect("mkdir");
+        std::fs::copy(
+            format!("{UNITS}/watchdog.conf"),
+            dropins.join("watchdog.conf"),
+        )
+        .expect("copy drop-in");
+        units.push(dir.join(unit).to_str().expect("UTF-8 path").to_string());
+    }
+    let mut args = vec!["verify", bin];
+    args.extend(units.iter().map(String::as_str));
+    let out = rig_script(&args, Duration::from_secs(60));
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success() && said.is_empty(),
+        "watchdog.conf: {said}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 
     // The systemd >= 253 drop-in: on older systemd the only complaints are about what it
     // introduces (Type=notify-reload, ReloadSignal=); on newer ones, none.
