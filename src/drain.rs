@@ -8,10 +8,12 @@
 //!   the answer to the request it sent, and sends its next request on a new connection (to the
 //!   new process, after a restart). Calling hyper's `graceful_shutdown` at once would instead
 //!   close a connection that *looks* idle while the client's next request is already on the wire.
-//! - Connections idle at drain start get a short grace ([`crate::Serve::keep_alive_grace`]),
-//!   then hyper's graceful shutdown, which closes them if still idle. This is the one race HTTP/1
-//!   leaves open (RFC 9112 9.3.1): a client that sends on a connection idle for the whole grace,
-//!   at the very moment it is closed, must retry; the grace makes it rare, not impossible.
+//! - Connections idle at drain start get a grace ([`crate::Serve::keep_alive_grace`], longer
+//!   after a hand-off: [`crate::Serve::restart_keep_alive_grace`]), then hyper's graceful
+//!   shutdown, which closes them if still idle. A client that sends within the grace gets its
+//!   answer (with `Connection: close`). This is the one race HTTP/1 leaves open (RFC 9112
+//!   9.3.1): a client that sends on a connection idle for the whole grace, at the very moment
+//!   it is closed, must retry; the grace makes it rare, not impossible.
 //! - HTTP/2 connections get GOAWAY at once (the protocol lets in-flight streams finish and tells
 //!   the client which ones to retry).
 //! - At the deadline every connection task still running is dropped, which closes its socket,
@@ -54,7 +56,6 @@ pub(crate) struct Connections {
     drain: CancellationToken,
     /// Cancelled when what is left must be cut now.
     force: CancellationToken,
-    keep_alive_grace: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -65,6 +66,8 @@ struct Shared {
     sockets: SocketRegistry,
     /// How many connections the cut found open; `None` until it happened.
     cut: std::sync::Mutex<Option<usize>>,
+    /// The keep-alive grace of this drain, in microseconds; set before `drain` is cancelled.
+    grace_us: std::sync::atomic::AtomicU64,
 }
 
 /// What a drain did.
@@ -75,13 +78,12 @@ pub(crate) struct Drained {
 }
 
 impl Connections {
-    pub(crate) fn new(keep_alive_grace: Duration) -> Connections {
+    pub(crate) fn new() -> Connections {
         Connections {
             tracker: TaskTracker::new(),
             shared: Arc::new(Shared::default()),
             drain: CancellationToken::new(),
             force: CancellationToken::new(),
-            keep_alive_grace,
         }
     }
 
@@ -135,7 +137,6 @@ impl Connections {
         });
         let drain = self.drain.clone();
         let force = self.force.clone();
-        let grace = self.keep_alive_grace;
         let io = TrackedIo {
             registration: Registration {
                 id: self.shared.sockets.register(io.as_fd()),
@@ -166,7 +167,7 @@ impl Connections {
                 tokio::select! {
                     result = connection.as_mut() => return log_end(result),
                     () = force.cancelled() => return,
-                    () = tokio::time::sleep(grace) => {}
+                    () = tokio::time::sleep(conn.shared.grace()) => {}
                 }
             }
             connection.as_mut().graceful_shutdown();
@@ -183,9 +184,13 @@ impl Connections {
     pub(crate) async fn drain(
         &self,
         deadline: Instant,
+        keep_alive_grace: Duration,
         mut progress: impl FnMut(usize),
     ) -> Drained {
         let open_at_start = self.tracker.len();
+        let grace_us = u64::try_from(keep_alive_grace.as_micros()).unwrap_or(u64::MAX);
+        // Ordered before the cancel below, which is what the connection tasks wait on.
+        self.shared.grace_us.store(grace_us, Ordering::Release);
         self.shared.draining.store(true, Ordering::Relaxed);
         self.tracker.close();
         self.drain.cancel();
@@ -225,6 +230,12 @@ impl Connections {
             .unwrap_or_else(|p| p.into_inner())
             .unwrap_or(0);
         Drained { open_at_start, cut }
+    }
+}
+
+impl Shared {
+    fn grace(&self) -> Duration {
+        Duration::from_micros(self.grace_us.load(Ordering::Acquire))
     }
 }
 

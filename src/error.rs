@@ -13,7 +13,8 @@ use std::path::PathBuf;
 /// An error from acquiring listeners, serving, or restarting.
 ///
 /// Convert it into an [`io::Error`] with `From` when a function of yours returns `io::Result`.
-#[derive(Debug)]
+/// Its `Debug` output is its message, so `fn main() -> Result<(), Box<dyn Error>>` prints
+/// something a person can read.
 pub struct Error {
     inner: Inner,
 }
@@ -36,6 +37,7 @@ pub enum ErrorKind {
 }
 
 #[derive(Debug)]
+#[allow(dead_code)] // the fields are read through Display
 pub(crate) enum Inner {
     /// An environment variable has a value that cannot be used.
     BadVar {
@@ -131,6 +133,12 @@ impl Error {
             Inner::BadFd { fd, .. } => Some(fd),
             _ => None,
         }
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self} ({:?})", self.kind())
     }
 }
 

@@ -49,6 +49,7 @@ impl Hook {
 
 /// How the hooks went.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct HooksReport {
     /// Hooks that ran to completion.
     pub completed: usize,
@@ -121,9 +122,13 @@ fn start(hook: Hook, position: usize) -> Pin<Box<dyn Future<Output = Outcome> + 
     match hook {
         Hook::Sync(f) => {
             let (tx, rx) = oneshot::channel();
+            // The hook may use tokio (Handle::current(), block_on a client call): give its
+            // thread the serving runtime's context.
+            let runtime = tokio::runtime::Handle::current();
             let spawned = std::thread::Builder::new()
                 .name(format!("handover-hook-{position}"))
                 .spawn(move || {
+                    let _context = runtime.enter();
                     let _ = tx.send(std::panic::catch_unwind(AssertUnwindSafe(f)));
                 });
             Box::pin(async move {

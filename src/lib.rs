@@ -35,9 +35,25 @@
 //!
 //! # Modules, in lifecycle order
 //! [`Listeners`] (acquire) → [`serve`] (accept, signals, notify) → restart (hand-off) →
-//! drain → hooks → [`Shutdown`] (exit). All `unsafe` code lives in one private module, `sys`.
+//! hooks → drain → [`Shutdown`] (exit). All `unsafe` code lives in one private module, `sys`.
+//!
+//! # Rules worth knowing
+//! - Linux only (≥ 5.3 for pidfds; ≥ 5.11 for `close_range(CLOSE_RANGE_CLOEXEC)`, used as an
+//!   extra safety net).
+//! - One `serve` per process handles restarts: a restart hands over the listeners of the
+//!   `serve` that received the signal, and the new process must find all the listeners it
+//!   needs in `LISTEN_FDS`. Serve every listener through one `serve` call.
+//! - Shutdown hooks run after the listeners stop accepting and *before* the drain (as in the
+//!   Go original): requests already being served go on meanwhile. Release what in-flight
+//!   requests still need after `serve(..).await` has returned instead: that is after the drain.
+//! - Under systemd, keep `SIGTERM` among the close signals (or set `KillSignal=` to one of
+//!   them): a signal that is not handled has its default action, and `SIGTERM`'s is to die
+//!   without draining.
 
-#![cfg(target_os = "linux")]
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "handover supports Linux only: it relies on pidfds, SO_PASSCRED and the LISTEN_FDS protocol of systemd"
+);
 
 mod drain;
 mod error;

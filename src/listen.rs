@@ -264,13 +264,16 @@ impl Listeners {
         Ok(Listeners::from(listener))
     }
 
-    /// Binds a Unix stream listener at `path`.
+    /// Binds a Unix stream listener at `path`. A socket file left there by a process that is
+    /// gone (nothing accepts on it) is removed first; a live one is an error, as is any other
+    /// kind of file.
     ///
     /// # Errors
     /// The error names the path and the reason.
     pub fn bind_unix(path: impl AsRef<Path>) -> Result<Listeners, Error> {
         let _ = startup::get();
         let path = path.as_ref();
+        remove_stale_socket(path);
         let listener = UnixListener::bind(path).map_err(|source| {
             Error::new(Inner::Bind {
                 addr: format!("unix:{}", path.display()),
@@ -340,6 +343,21 @@ impl IntoIterator for Listeners {
     type IntoIter = std::vec::IntoIter<Listener>;
     fn into_iter(self) -> Self::IntoIter {
         self.list.into_iter()
+    }
+}
+
+/// Removes `path` if it is a Unix socket file nobody accepts on (connecting is refused).
+fn remove_stale_socket(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if !is_socket {
+        return;
+    }
+    if let Err(e) = std::os::unix::net::UnixStream::connect(path) {
+        if e.kind() == std::io::ErrorKind::ConnectionRefused {
+            tracing::info!(path = %path.display(), "removing a stale Unix socket file");
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 

@@ -73,6 +73,7 @@ pub fn serve<S>(listeners: impl Into<Listeners>, service: S) -> Serve<S> {
         drain_timeout: Duration::from_secs(5),
         ready_timeout: Duration::from_secs(10),
         keep_alive_grace: Duration::from_millis(100),
+        restart_keep_alive_grace: Duration::from_secs(1),
         header_read_timeout: Duration::from_secs(30),
         fd_store: false,
         hooks: Vec::new(),
@@ -90,6 +91,7 @@ pub struct Serve<S> {
     drain_timeout: Duration,
     ready_timeout: Duration,
     keep_alive_grace: Duration,
+    restart_keep_alive_grace: Duration,
     header_read_timeout: Duration,
     fd_store: bool,
     hooks: Vec<Hook>,
@@ -105,6 +107,10 @@ impl<S> std::fmt::Debug for Serve<S> {
             .field("drain_timeout", &self.drain_timeout)
             .field("ready_timeout", &self.ready_timeout)
             .field("keep_alive_grace", &self.keep_alive_grace)
+            .field("restart_keep_alive_grace", &self.restart_keep_alive_grace)
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("fd_store", &self.fd_store)
+            .field("with_graceful_shutdown", &self.shutdown_signal.is_some())
             .field("hooks", &self.hooks.len())
             .finish_non_exhaustive()
     }
@@ -146,7 +152,9 @@ pub struct Shutdown {
 }
 
 impl<S> Serve<S> {
-    /// The signals that shut down (default `SIGINT`, `SIGTERM`). Replaces the previous set.
+    /// The signals that shut down (default `SIGINT`, `SIGTERM`). Replaces the previous set. A
+    /// signal in both sets shuts down. Under systemd keep `SIGTERM` here (or set `KillSignal=`
+    /// to one of these): an unhandled `SIGTERM` kills the process without a drain.
     pub fn close_signals(mut self, signals: impl IntoIterator<Item = i32>) -> Self {
         self.close_signals = signals.into_iter().collect();
         self
@@ -173,11 +181,21 @@ impl<S> Serve<S> {
         self
     }
 
-    /// How long an HTTP/1 keep-alive connection that is idle when draining starts is kept open,
-    /// in case its client is sending a request right now (default 100 ms). Busy connections
-    /// are closed after their next response instead, which carries `Connection: close`.
+    /// How long an HTTP/1 keep-alive connection that is idle when a shutdown's drain starts is
+    /// kept open, in case its client is sending a request right now (default 100 ms). Busy
+    /// connections are closed after their next response instead, which carries
+    /// `Connection: close`. Short, because a stopping service should stop quickly.
     pub fn keep_alive_grace(mut self, grace: Duration) -> Self {
         self.keep_alive_grace = grace;
+        self
+    }
+
+    /// The same after a hand-off to a new process (default 1 s): nothing hurries the old
+    /// process then, and every keep-alive client that sends within the grace is answered and
+    /// moves to the new process without ever seeing a closed connection. Clients idle for
+    /// longer must retry their next request (HTTP/1 cannot do better; see the crate docs).
+    pub fn restart_keep_alive_grace(mut self, grace: Duration) -> Self {
+        self.restart_keep_alive_grace = grace;
         self
     }
 
@@ -200,7 +218,11 @@ impl<S> Serve<S> {
 
     /// Adds a shutdown hook. Hooks run in the order they were added, each to completion, after
     /// the listeners stop accepting and before the connections are drained (as in the Go
-    /// original: requests already being served go on meanwhile).
+    /// original: requests already being served go on meanwhile, so release what they still
+    /// need after `serve(..).await` returns, not here). They also run in the old process after
+    /// a hand-off (see [`Shutdown::reason`]), so they must not undo what the new process
+    /// uses (a pid file, a registration). A sync hook runs on a thread of its own, inside the
+    /// serving runtime's context.
     pub fn on_shutdown(mut self, hook: impl FnOnce() + Send + 'static) -> Self {
         self.hooks.push(Hook::sync(hook));
         self
@@ -261,6 +283,7 @@ where
             drain_timeout,
             ready_timeout,
             keep_alive_grace,
+            restart_keep_alive_grace,
             header_read_timeout,
             fd_store,
             hooks,
@@ -287,7 +310,7 @@ where
             .half_close(true);
         builder.http2().timer(TokioTimer::new());
         let builder = Arc::new(builder);
-        let connections = Arc::new(Connections::new(keep_alive_grace));
+        let connections = Arc::new(Connections::new());
 
         // Accept loops work on duplicates of the listening fds, so that `listeners` keeps the
         // originals open for a restart until serving ends, whatever the loops do.
@@ -431,8 +454,12 @@ where
         let progress_notifier = Arc::clone(&notifier);
         let sequence = async {
             let hooks = hooks::run(hooks, deadline, &force).await;
+            let grace = match handed_over {
+                true => restart_keep_alive_grace,
+                false => keep_alive_grace,
+            };
             let drained = connections
-                .drain(deadline, |open| {
+                .drain(deadline, grace, |open| {
                     tracing::info!(open, "draining");
                     if !handed_over {
                         // Tell systemd how long we still need, so that neither a healthy drain

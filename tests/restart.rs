@@ -565,3 +565,90 @@ fn a_close_signal_to_the_draining_old_process_does_not_cut_its_requests() {
     assert_eq!(wait_exit(new, SOON), Some(0));
     assert_none_left([server.pid, new]);
 }
+
+/// A keep-alive client that pauses between requests and never retries (like Python's
+/// `http.client`): after a restart, its next request, sent within the restart keep-alive grace,
+/// is answered by the old process with `Connection: close`, and the one after goes to the new
+/// process. No request fails.
+#[test]
+fn an_idle_keep_alive_client_that_never_retries_loses_nothing_across_restarts() {
+    let notify = NotifySocket::new();
+    let port = free_port();
+    let mut server = Spawn::new(example("hello"))
+        .arg(format!("127.0.0.1:{port}"))
+        .env("NOTIFY_SOCKET", &notify.path)
+        .start();
+    let addr = addr_in(&server.listen_line());
+    notify.wait_line("READY=1", SOON);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let client = std::thread::spawn(move || {
+        runtime().block_on(async move {
+            let (mut ok, mut failed, mut pids) =
+                (0u32, Vec::new(), std::collections::BTreeSet::new());
+            let mut sender = None;
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed)
+                && std::time::Instant::now() < deadline
+            {
+                if sender.is_none() {
+                    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                    let (s, conn) =
+                        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                            .await
+                            .expect("handshake");
+                    tokio::spawn(conn);
+                    sender = Some(s);
+                }
+                let Some(s) = sender.as_mut() else { continue };
+                // No ready() check, no retry: a naive client sends on whatever it holds.
+                match send(s, addr, "/").await {
+                    Ok(r) => {
+                        ok += 1;
+                        pids.insert(r.pid);
+                        if r.connection_close {
+                            sender = None;
+                        }
+                    }
+                    Err(e) => {
+                        failed.push(e);
+                        sender = None;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            (ok, failed, pids)
+        })
+    });
+    let mut pids = vec![server.pid];
+    for i in 1..=3 {
+        let old = *pids.last().expect("pid");
+        signal(old, Signal::USR1);
+        let new = mainpid(&notify.wait_nth(i, SOON, |n| n.text.contains("MAINPID=")));
+        let code = if i == 1 {
+            server.wait(SOON)
+        } else {
+            wait_exit(old, SOON)
+        };
+        assert_eq!(code, Some(0));
+        pids.push(new);
+    }
+    // Let the client make a few more requests on the last process.
+    assert_eq!(
+        get(addr, "/").expect("served").pid,
+        *pids.last().expect("pid")
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed, seen) = client.join().expect("client thread");
+    assert!(failed.is_empty(), "failed: {failed:?} ({ok} ok)");
+    assert!(
+        seen.len() >= 2,
+        "the client moved between processes: {seen:?}"
+    );
+    let last = *pids.last().expect("pid");
+    signal(last, Signal::TERM);
+    assert_eq!(wait_exit(last, SOON), Some(0));
+    assert_none_left(pids);
+}
