@@ -5,6 +5,9 @@
 //! hooks run in the order they were registered (close the database, then flush the logs).
 //!
 //! Listens on the inherited socket, or on ADDR (default `127.0.0.1:8877`).
+//!
+//! Note: SIGTERM is then not handled and kills the process without a drain. Under systemd,
+//! pair this with `KillSignal=SIGINT` in the service.
 
 mod common;
 
