@@ -12,6 +12,18 @@ use support::*;
 const RESTARTS: usize = 5;
 const LOAD_CONNECTIONS: usize = 16;
 
+/// The hello example on a free loopback port, reporting to `notify`, once it is ready.
+fn ready_hello(notify: &NotifySocket) -> (Proc, SocketAddr) {
+    let port = free_port();
+    let server = Spawn::new(example("hello"))
+        .arg(format!("127.0.0.1:{port}"))
+        .env("NOTIFY_SOCKET", &notify.path)
+        .start();
+    let addr = addr_in(&server.listen_line());
+    notify.wait_line("READY=1", SOON);
+    (server, addr)
+}
+
 fn mainpid(notice: &Notice) -> u32 {
     notice
         .lines()
@@ -91,13 +103,7 @@ fn rss_kib(pid: u32) -> u64 {
 #[ignore = "soak test: run with --ignored"]
 fn soak_200_restarts_under_load_stay_flat() {
     let notify = NotifySocket::new();
-    let port = free_port();
-    let server = Spawn::new(example("hello"))
-        .arg(format!("127.0.0.1:{port}"))
-        .env("NOTIFY_SOCKET", &notify.path)
-        .start();
-    let addr = addr_in(&server.listen_line());
-    notify.wait_line("READY=1", SOON);
+    let (server, addr) = ready_hello(&notify);
     let usage = restart_under_load(&notify, server, addr, 200);
     let (fds_first, rss_first) = usage[0];
     let (fds_last, rss_last) = usage[usage.len() - 1];
@@ -123,13 +129,7 @@ fn soak_200_restarts_under_load_stay_flat() {
 #[test]
 fn restarts_on_a_bound_address_under_load_lose_no_request() {
     let notify = NotifySocket::new();
-    let port = free_port();
-    let server = Spawn::new(example("hello"))
-        .arg(format!("127.0.0.1:{port}"))
-        .env("NOTIFY_SOCKET", &notify.path)
-        .start();
-    let addr = addr_in(&server.listen_line());
-    notify.wait_line("READY=1", SOON);
+    let (server, addr) = ready_hello(&notify);
     restart_under_load(&notify, server, addr, RESTARTS);
 }
 
@@ -159,13 +159,7 @@ fn restarts_under_systemd_socket_activate_under_load_lose_no_request() {
 #[test]
 fn http2_clients_move_to_the_new_process_without_failures() {
     let notify = NotifySocket::new();
-    let port = free_port();
-    let server = Spawn::new(example("hello"))
-        .arg(format!("127.0.0.1:{port}"))
-        .env("NOTIFY_SOCKET", &notify.path)
-        .start();
-    let addr = addr_in(&server.listen_line());
-    notify.wait_line("READY=1", SOON);
+    let (server, addr) = ready_hello(&notify);
     let load = Load::start_h2(addr, 4, "/", Duration::from_secs(60));
     load.wait_pid(server.pid, SOON);
     // Kept to the end: dropping a Proc kills its process group, which the successors share.
@@ -227,13 +221,7 @@ fn slow_request_started_before_the_restart_completes_on_the_old_process() {
 #[test]
 fn sd_notify_messages_of_a_restart_in_order_with_sender_pids() {
     let notify = NotifySocket::new();
-    let port = free_port();
-    let mut server = Spawn::new(example("hello"))
-        .arg(format!("127.0.0.1:{port}"))
-        .env("NOTIFY_SOCKET", &notify.path)
-        .start();
-    server.listen_line();
-    notify.wait_line("READY=1", SOON);
+    let (mut server, _) = ready_hello(&notify);
     server.signal(Signal::USR1);
     let handed = notify.wait_nth(1, SOON, |n| n.text.contains("MAINPID="));
     let new = mainpid(&handed);
@@ -396,13 +384,7 @@ fn failed_restarts_roll_back_and_the_old_process_keeps_serving() {
 #[test]
 fn a_storm_of_restart_signals_starts_exactly_one_child() {
     let notify = NotifySocket::new();
-    let port = free_port();
-    let mut server = Spawn::new(example("hello"))
-        .arg(format!("127.0.0.1:{port}"))
-        .env("NOTIFY_SOCKET", &notify.path)
-        .start();
-    let addr = addr_in(&server.listen_line());
-    notify.wait_line("READY=1", SOON);
+    let (mut server, addr) = ready_hello(&notify);
     for _ in 0..50 {
         server.signal(Signal::USR1);
     }
@@ -457,13 +439,7 @@ fn close_signal_during_a_restart_kills_the_child_and_leaves_nothing() {
 #[test]
 fn the_child_inherits_only_stdio_and_the_listeners() {
     let notify = NotifySocket::new();
-    let port = free_port();
-    let mut server = Spawn::new(example("hello"))
-        .arg(format!("127.0.0.1:{port}"))
-        .env("NOTIFY_SOCKET", &notify.path)
-        .start();
-    server.listen_line();
-    notify.wait_line("READY=1", SOON);
+    let (mut server, _) = ready_hello(&notify);
     let parent_fds = fds_of(server.pid);
     server.signal(Signal::USR1);
     let new = mainpid(&notify.wait_nth(1, SOON, |n| n.text.contains("MAINPID=")));
@@ -536,13 +512,7 @@ fn fd_count_is_flat_after_50_failed_restarts() {
 #[test]
 fn a_close_signal_to_the_draining_old_process_does_not_cut_its_requests() {
     let notify = NotifySocket::new();
-    let port = free_port();
-    let mut server = Spawn::new(example("hello"))
-        .arg(format!("127.0.0.1:{port}"))
-        .env("NOTIFY_SOCKET", &notify.path)
-        .start();
-    let addr = addr_in(&server.listen_line());
-    notify.wait_line("READY=1", SOON);
+    let (mut server, addr) = ready_hello(&notify);
     let slow = get_in_background(addr, "/?sleep_ms=1500", false);
     server.lines.wait_for("slow request: sleeping", SOON);
     server.signal(Signal::USR1);
@@ -573,13 +543,7 @@ fn a_close_signal_to_the_draining_old_process_does_not_cut_its_requests() {
 #[test]
 fn an_idle_keep_alive_client_that_never_retries_loses_nothing_across_restarts() {
     let notify = NotifySocket::new();
-    let port = free_port();
-    let mut server = Spawn::new(example("hello"))
-        .arg(format!("127.0.0.1:{port}"))
-        .env("NOTIFY_SOCKET", &notify.path)
-        .start();
-    let addr = addr_in(&server.listen_line());
-    notify.wait_line("READY=1", SOON);
+    let (mut server, addr) = ready_hello(&notify);
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = stop.clone();
