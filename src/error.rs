@@ -37,7 +37,6 @@ pub enum ErrorKind {
 }
 
 #[derive(Debug)]
-#[allow(dead_code)] // the fields are read through Display
 pub(crate) enum Inner {
     /// An environment variable has a value that cannot be used.
     BadVar {

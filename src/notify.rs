@@ -14,7 +14,7 @@
 //!   manager, so the new process can do its own next restart.
 
 use std::ffi::{OsStr, OsString};
-use std::io::{self, IoSlice};
+use std::io::IoSlice;
 use std::mem::MaybeUninit;
 use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
@@ -282,11 +282,6 @@ impl Target {
             socket,
         })
     }
-}
-
-/// The current `CLOCK_MONOTONIC` time for `MONOTONIC_USEC=`, required with `RELOADING=1`.
-pub(crate) fn monotonic_now() -> io::Result<NotifyState<'static>> {
-    NotifyState::monotonic_usec_now()
 }
 
 #[cfg(test)]

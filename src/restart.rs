@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::RestartFailure;
-use crate::notify::{Notifier, NotifyState, monotonic_now};
+use crate::notify::{Notifier, NotifyState};
 use crate::startup::{self, PROTOCOL_VARS, UPSTREAM_NOTIFY_VAR};
 use crate::sys::{self, ExecPlan};
 
@@ -127,7 +127,7 @@ async fn attempt(plan: Plan, cancel: CancellationToken) -> Result<HandedOver, Re
         source: io::Error::other(msg),
     })?;
     let mut reloading = vec![NotifyState::Reloading];
-    if let Ok(now) = monotonic_now() {
+    if let Ok(now) = NotifyState::monotonic_usec_now() {
         reloading.push(now);
     }
     let status = format!("Restarting: starting {}", exe.display());

@@ -228,20 +228,14 @@ fn programs_the_server_starts_do_not_inherit_the_protocol_variables() {
     let notify = NotifySocket::new();
     let port = free_port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut activator = Spawn::new("systemd-socket-activate")
-        .arg("-l")
-        .arg(addr.to_string())
-        .arg("--fdname=web")
-        .arg("-E")
-        .arg(format!("NOTIFY_SOCKET={}", notify.path.display()))
-        .arg("-E")
-        .arg("WATCHDOG_USEC=30000000")
-        .arg("-E")
-        .arg("RUST_LOG=info")
-        .arg(example("faults"))
-        .arg(addr.to_string())
-        .start();
-    activator.lines.wait_for("Listening on", SOON);
+    let mut activator = socket_activate(
+        addr.to_string(),
+        Some("web"),
+        &notify,
+        &["WATCHDOG_USEC=30000000"],
+        "faults",
+        &addr.to_string(),
+    );
     let check = |env: &str, who: &str| {
         for var in [
             "LISTEN_FDS=",

@@ -137,18 +137,8 @@ fn restarts_on_a_bound_address_under_load_lose_no_request() {
 fn restarts_under_systemd_socket_activate_under_load_lose_no_request() {
     let notify = NotifySocket::new();
     let port = free_port();
-    let server = Spawn::new("systemd-socket-activate")
-        .arg("-l")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--fdname=web")
-        .arg("-E")
-        .arg(format!("NOTIFY_SOCKET={}", notify.path.display()))
-        .arg("-E")
-        .arg("RUST_LOG=info")
-        .arg(example("hello"))
-        .arg(format!("127.0.0.1:{port}"))
-        .start();
-    server.lines.wait_for("Listening on", SOON);
+    let listen = format!("127.0.0.1:{port}");
+    let server = socket_activate(&listen, Some("web"), &notify, &[], "hello", &listen);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     // The first connection starts the program.
     assert_eq!(get(addr, "/").expect("activation request").pid, server.pid);

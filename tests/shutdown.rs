@@ -163,18 +163,8 @@ fn socket_activated_by_systemd_socket_activate_with_fdname() {
     let port = free_port();
     // The address argument is the same port: binding it would fail, so a served request proves
     // the inherited socket was used.
-    let mut activator = Spawn::new("systemd-socket-activate")
-        .arg("-l")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--fdname=web")
-        .arg("-E")
-        .arg(format!("NOTIFY_SOCKET={}", notify.path.display()))
-        .arg("-E")
-        .arg("RUST_LOG=info")
-        .arg(example("hello"))
-        .arg(format!("127.0.0.1:{port}"))
-        .start();
-    activator.lines.wait_for("Listening on", SOON);
+    let listen = format!("127.0.0.1:{port}");
+    let mut activator = socket_activate(&listen, Some("web"), &notify, &[], "hello", &listen);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let reply = get(addr, "/").expect("request through the activated socket");
     assert_eq!((reply.status, reply.body.as_str()), (200, "Hello world"));
@@ -414,18 +404,9 @@ fn unix_socket_from_systemd_socket_activate_is_served_and_restarted() {
     let dir = scratch_dir("unix");
     let path = dir.join("hello.sock");
     let port = free_port(); // only for the fallback address, which must not be used
-    let mut activator = Spawn::new("systemd-socket-activate")
-        .arg("-l")
-        .arg(&path)
-        .arg("-E")
-        .arg(format!("NOTIFY_SOCKET={}", notify.path.display()))
-        .arg("-E")
-        .arg("RUST_LOG=info")
-        .arg(example("hello"))
-        .arg(format!("127.0.0.1:{port}"))
-        .start();
-    activator.lines.wait_for("Listening on", SOON);
-    let first = unix_get(&path).expect("request over the Unix socket");
+    let fallback = format!("127.0.0.1:{port}");
+    let mut activator = socket_activate(&path, None, &notify, &[], "hello", &fallback);
+    let first = get_unix(&path, "/").expect("request over the Unix socket");
     assert_eq!(
         (first.status, first.body.as_str(), first.pid),
         (200, "Hello world", activator.pid)
@@ -438,23 +419,9 @@ fn unix_socket_from_systemd_socket_activate_is_served_and_restarted() {
     let handed = notify.wait_nth(1, SOON, |n| n.text.contains("MAINPID="));
     let new: u32 = handed.lines()[0]["MAINPID=".len()..].parse().expect("pid");
     assert_eq!(activator.wait(SOON), Some(0));
-    assert_eq!(unix_get(&path).expect("after the restart").pid, new);
+    assert_eq!(get_unix(&path, "/").expect("after the restart").pid, new);
     signal(new, Signal::TERM);
     assert_eq!(wait_exit(new, SOON), Some(0));
     assert_none_left([activator.pid, new]);
     let _ = std::fs::remove_dir_all(dir);
-}
-
-fn unix_get(path: &std::path::Path) -> Result<Reply, String> {
-    runtime().block_on(async {
-        let stream = tokio::net::UnixStream::connect(path)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| format!("handshake: {e}"))?;
-        tokio::spawn(conn);
-        send(&mut sender, SocketAddr::from(([127, 0, 0, 1], 80)), "/").await
-    })
 }

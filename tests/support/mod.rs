@@ -348,6 +348,31 @@ pub fn signal(p: u32, sig: Signal) {
     rustix::process::kill_process(pid(p), sig).unwrap_or_else(|e| panic!("kill -{sig:?} {p}: {e}"));
 }
 
+/// `systemd-socket-activate -l LISTEN [--fdname=NAME] -E NOTIFY_SOCKET=.. -E VAR=.. PROGRAM ARG`,
+/// once it listens. The program starts at the first connection and keeps the tool's pid.
+pub fn socket_activate(
+    listen: impl AsRef<std::ffi::OsStr>,
+    fdname: Option<&str>,
+    notify: &NotifySocket,
+    env: &[&str],
+    program: &str,
+    arg: &str,
+) -> Proc {
+    let mut spawn = Spawn::new("systemd-socket-activate").arg("-l").arg(listen);
+    if let Some(name) = fdname {
+        spawn = spawn.arg(format!("--fdname={name}"));
+    }
+    spawn = spawn
+        .arg("-E")
+        .arg(format!("NOTIFY_SOCKET={}", notify.path.display()));
+    for var in ["RUST_LOG=info"].iter().chain(env) {
+        spawn = spawn.arg("-E").arg(var);
+    }
+    let activator = spawn.arg(example(program)).arg(arg).start();
+    activator.lines.wait_for("Listening on", SOON);
+    activator
+}
+
 /// Waits (event-driven, through a pidfd) for `p` to exit; reaps it if it is our child (direct,
 /// or re-parented to us as subreaper). Returns the exit code; None if killed by a signal or not
 /// ours to reap.
@@ -589,13 +614,30 @@ pub fn get(addr: SocketAddr, path: &str) -> Result<Reply, String> {
         let stream = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| format!("handshake: {e}"))?;
-        tokio::spawn(conn);
-        send(&mut sender, addr, path).await
+        get_on(stream, addr, path).await
     })
+}
+
+/// One HTTP/1.1 GET on a new connection to a Unix socket.
+pub fn get_unix(socket: &Path, path: &str) -> Result<Reply, String> {
+    runtime().block_on(async {
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        get_on(stream, SocketAddr::from(([127, 0, 0, 1], 80)), path).await
+    })
+}
+
+async fn get_on<S>(stream: S, addr: SocketAddr, path: &str) -> Result<Reply, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn);
+    send(&mut sender, addr, path).await
 }
 
 /// Sends one request on an HTTP/1 connection.
