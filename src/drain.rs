@@ -1,73 +1,96 @@
-//! Serve connections so that they can be drained: finished gracefully, or cut at a deadline.
+//! The connections of one server, and the switches that drain, pass or cut them.
 //!
 //! # The rule
-//! After [`Connections::drain`] starts, every request a server has begun to read gets its
+//! After [`Connections::drain`] starts, every request the server has begun to read gets its
 //! response (unless the deadline passes first), and a busy keep-alive client is never cut
 //! between two requests:
 //! - HTTP/1 responses carry `Connection: close` from then on, so a busy keep-alive client gets
 //!   the answer to the request it sent, and sends its next request on a new connection (to the
-//!   new process, after a restart). Calling hyper's `graceful_shutdown` at once would instead
-//!   close a connection that *looks* idle while the client's next request is already on the wire.
-//! - Connections idle at drain start get a grace ([`crate::Serve::keep_alive_grace`], longer
-//!   after a hand-off: [`crate::Serve::restart_keep_alive_grace`]), then hyper's graceful
-//!   shutdown, which closes them if still idle. A client that sends within the grace gets its
-//!   answer (with `Connection: close`). This is the one race HTTP/1 leaves open (RFC 9112
-//!   9.3.1): a client that sends on a connection idle for the whole grace, at the very moment
-//!   it is closed, must retry; the grace makes it rare, not impossible.
+//!   new process, after a restart).
+//! - Connections idle at drain start get a grace ([`crate::Server::keep_alive_grace`], longer
+//!   after a hand-off), then the ones still idle are closed: *idle* meaning nothing received
+//!   since their last response. A connection with part of a request head received is not idle:
+//!   it gets the rest of its head within the header-read timeout and the deadline, and its
+//!   answer (with `Connection: close`). Bytes hyper had read ahead (pipelining) are answered
+//!   too. What HTTP/1 leaves open (RFC 9112 9.3.1) is a request that is on the wire, not yet
+//!   received, at the moment an idle connection is closed: the grace makes it rare, and after
+//!   a restart with connection hand-off it cannot happen (the connection moves instead).
 //! - HTTP/2 connections get GOAWAY at once (the protocol lets in-flight streams finish and tells
 //!   the client which ones to retry).
-//! - At the deadline every connection task still running is dropped, which closes its socket,
-//!   and counted as cut. This also covers what ignores graceful shutdown (a connection still
-//!   sending its request head, a client that never reads).
+//! - At the deadline every connection still open is cut: its task drops it, and its socket is
+//!   shut down, which also reaches connections the application owns after an upgrade.
 //!
 //! Open connections are the live sockets of a [`TaskTracker`] (each holds a token): state is
-//! derived, not counted by hand, waiting for the last one is an event, not a poll loop, and a
-//! connection upgraded to WebSocket still counts, and is still cut at the deadline.
+//! derived, not counted by hand, and waiting for the last one is an event, not a poll loop.
+//!
+//! # The header-read timeout
+//! hyper's own header-read timeout arms a timer for every request head. Here one sweeper task
+//! per server looks at every connection about once a second instead: a connection that is idle,
+//! receiving a head, or in a TLS handshake for longer than the timeout is cut. Keep-alive
+//! connections idle for that long are closed the same way.
 
 use std::future::Future;
-use std::os::fd::{AsFd, BorrowedFd};
-use std::pin::{Pin, pin};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, ready};
+use std::os::fd::{AsFd, AsRawFd};
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use hyper::body::Incoming;
-use hyper::header::{CONNECTION, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode, Version};
-use hyper_util::rt::TokioIo;
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite};
+use slab::Slab;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
-use crate::sys::SocketRegistry;
+use crate::conn::{self, CLOSE_IDLE, CLOSE_RESPONSES, CUT, Conn, DRAIN, STOPPING, Sock, TrackedIo};
+use crate::conn_info::ConnectionInfo;
 
-use crate::BoxError;
-
-/// The connections of one server, and the switches that drain them.
-#[derive(Debug)]
+/// The connections of one server.
+#[derive(Debug, Clone)]
 pub(crate) struct Connections {
-    tracker: TaskTracker,
     shared: Arc<Shared>,
-    /// Cancelled when draining starts.
-    drain: CancellationToken,
+}
+
+/// What the connections of a server share with it.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    registry: Mutex<Registry>,
+    tracker: TaskTracker,
     /// Cancelled when what is left must be cut now.
     force: CancellationToken,
+    /// 0: no header-read timeout.
+    header_timeout: Duration,
+    /// Requests begun while the `STOPPING` bit was set.
+    while_stopping: AtomicU64,
+    /// Connections cut by the header-read timeout.
+    timed_out: AtomicU64,
 }
 
 #[derive(Debug, Default)]
-struct Shared {
-    /// Set when draining starts; read by every HTTP/1 response on its way out.
-    draining: AtomicBool,
-    /// Every open connection's socket, upgraded ones included: what a forced cut shuts down.
-    sockets: SocketRegistry,
+struct Registry {
+    conns: Slab<Arc<Conn>>,
+    /// The bits every new connection starts with: what the server asked of all so far.
+    ctl_passable: u32,
+    ctl_other: u32,
     /// How many connections the cut found open; `None` until it happened.
-    cut: std::sync::Mutex<Option<usize>>,
-    /// The keep-alive grace of this drain, in microseconds; set before `drain` is cancelled.
-    grace_us: std::sync::atomic::AtomicU64,
+    cut: Option<usize>,
+}
+
+/// A connection's place in the registry; removes it when dropped.
+///
+/// Invariant (kept by its one owner, [`TrackedIo`], which declares it before the socket): the
+/// entry is removed *before* the socket closes, so every fd the registry holds is open and is
+/// the connection it was registered for. The cut and the sweeper use the fds under the lock.
+#[derive(Debug)]
+pub(crate) struct Registration {
+    key: usize,
+    shared: Arc<Shared>,
+    _token: TaskTrackerToken,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.shared.lock().conns.try_remove(self.key);
+    }
 }
 
 /// What a drain did.
@@ -77,128 +100,197 @@ pub(crate) struct Drained {
     pub(crate) cut: usize,
 }
 
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn count_request_while_stopping(&self) {
+        self.while_stopping.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 impl Connections {
-    pub(crate) fn new() -> Connections {
+    /// `header_timeout`: how long a connection may go without a complete request head
+    /// (`Duration::ZERO`: no limit).
+    pub(crate) fn new(header_timeout: Duration) -> Connections {
         Connections {
-            tracker: TaskTracker::new(),
-            shared: Arc::new(Shared::default()),
-            drain: CancellationToken::new(),
-            force: CancellationToken::new(),
+            shared: Arc::new(Shared {
+                registry: Mutex::new(Registry::default()),
+                tracker: TaskTracker::new(),
+                force: CancellationToken::new(),
+                header_timeout,
+                while_stopping: AtomicU64::new(0),
+                timed_out: AtomicU64::new(0),
+            }),
         }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Registers an accepted socket: from now on it is counted, drained and cut with the
+    /// others. `passable`: a plaintext connection a successor could take over.
+    pub(crate) fn register(&self, sock: Sock, info: ConnectionInfo, passable: bool) -> TrackedIo {
+        let fd = sock.as_fd().as_raw_fd();
+        let token = self.shared.tracker.token();
+        let mut registry = self.shared.lock();
+        let ctl = match passable {
+            true => registry.ctl_passable,
+            false => registry.ctl_other,
+        };
+        let conn = Arc::new(Conn::new(fd, passable, info, ctl));
+        let key = registry.conns.insert(Arc::clone(&conn));
+        drop(registry);
+        let registration = Registration {
+            key,
+            shared: Arc::clone(&self.shared),
+            _token: token,
+        };
+        TrackedIo::new(registration, conn, sock)
+    }
+
+    /// Raises `passable` on every plaintext connection and `other` on every other one (and on
+    /// those accepted from now on), and wakes them all to act on it.
+    pub(crate) fn command(&self, passable: u32, other: u32) {
+        let mut registry = self.shared.lock();
+        registry.ctl_passable |= passable;
+        registry.ctl_other |= other;
+        for (_, conn) in registry.conns.iter() {
+            let bits = if conn.passable { passable } else { other };
+            if conn.ctl.fetch_or(bits, Ordering::Release) & bits != bits {
+                conn.waker.wake();
+            }
+        }
+    }
+
+    /// The same bits for every connection.
+    pub(crate) fn command_all(&self, bits: u32) {
+        self.command(bits, bits);
     }
 
     /// Cancelled once [`Connections::cut`] has happened.
     pub(crate) fn force(&self) -> &CancellationToken {
-        &self.force
+        &self.shared.force
     }
 
     /// Cuts every open connection now, upgraded ones included, and returns how many there
-    /// were. Counted at the moment of the cut, before any connection task can react to it;
-    /// later calls change nothing and return the same number.
+    /// were. Counted at the moment of the cut; later calls change nothing and return the same
+    /// number.
     pub(crate) fn cut(&self) -> usize {
-        let mut cut = self.shared.cut.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = *cut {
+        let mut registry = self.shared.lock();
+        if let Some(n) = registry.cut {
             return n;
         }
-        let n = self.shared.sockets.shutdown_all();
-        *cut = Some(n);
-        // Tasks still holding a connection drop it at their next poll.
-        self.force.cancel();
+        registry.ctl_passable |= CUT;
+        registry.ctl_other |= CUT;
+        for (_, conn) in registry.conns.iter() {
+            conn.ctl.fetch_or(CUT, Ordering::Release);
+            conn.waker.wake();
+            // SAFETY: registered fds are open while registered (see `Registration`), and the
+            // lock we hold keeps their owners from deregistering, hence from closing them.
+            unsafe { crate::sys::shutdown_registered(conn.fd) };
+        }
+        let n = registry.conns.len();
+        registry.cut = Some(n);
+        drop(registry);
+        // Hooks still running are abandoned; tasks still holding a connection drop it now.
+        self.shared.force.cancel();
         n
     }
 
     /// Connections open now.
     pub(crate) fn open(&self) -> usize {
-        self.tracker.len()
+        self.shared.tracker.len()
     }
 
-    /// Serves one accepted connection on a task of its own.
-    pub(crate) fn spawn<I, S, B>(
-        &self,
-        io: I,
-        service: S,
-        builder: &Arc<auto::Builder<hyper_util::rt::TokioExecutor>>,
-    ) where
-        I: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static,
-        S: tower_service::Service<Request<Incoming>, Response = Response<B>>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: hyper::body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
-    {
-        let builder = Arc::clone(builder);
-        let conn = Arc::new(ConnFlags {
-            h2: AtomicBool::new(false),
-            shared: Arc::clone(&self.shared),
-        });
-        let drain = self.drain.clone();
-        let force = self.force.clone();
-        let io = TrackedIo {
-            registration: Registration {
-                id: self.shared.sockets.register(io.as_fd()),
-                shared: Arc::clone(&self.shared),
-                _token: self.tracker.token(),
-            },
-            io,
-        };
-        // The task is not tracked itself: its socket is (the token in `TrackedIo`), which
-        // counts each connection once, and keeps counting it after an upgrade.
-        tokio::spawn(async move {
-            let service = DrainAware {
-                inner: TowerToHyperService::new(service),
-                conn: Arc::clone(&conn),
-            };
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-            let mut connection = pin!(connection);
-            // A forced cut drops the connection (closing its socket); it is counted by
-            // `Connections::cut_all`, which also reaches upgraded connections.
-            tokio::select! {
-                result = connection.as_mut() => return log_end(result),
-                () = force.cancelled() => return,
-                () = drain.cancelled() => {}
+    /// Requests begun since the `STOPPING` bit was raised.
+    pub(crate) fn requests_while_stopping(&self) -> u64 {
+        self.shared.while_stopping.load(Ordering::Relaxed)
+    }
+
+    /// Connections closed by the header-read timeout so far.
+    pub(crate) fn timed_out(&self) -> u64 {
+        self.shared.timed_out.load(Ordering::Relaxed)
+    }
+
+    /// The lame duck: keep serving, but HTTP/1 responses say `Connection: close` and HTTP/2
+    /// connections get GOAWAY, so clients move away; requests are counted.
+    pub(crate) fn lame_duck(&self) {
+        self.command_all(CLOSE_RESPONSES | DRAIN | STOPPING);
+    }
+
+    /// The sweeper: enforces the header-read timeout, about once a second. Runs until aborted.
+    pub(crate) fn sweeper(&self) -> impl Future<Output = ()> + Send + 'static {
+        let shared = Arc::clone(&self.shared);
+        async move {
+            let timeout = shared.header_timeout;
+            if timeout.is_zero() {
+                return std::future::pending().await;
             }
-            if !conn.h2.load(Ordering::Relaxed) {
-                // HTTP/1 (or nothing read yet): responses now say `Connection: close`; give an
-                // idle keep-alive client a moment to send what it may be sending.
-                tokio::select! {
-                    result = connection.as_mut() => return log_end(result),
-                    () = force.cancelled() => return,
-                    () = tokio::time::sleep(conn.shared.grace()) => {}
+            let limit = u32::try_from(timeout.as_millis().div_ceil(conn::TICK.as_millis()))
+                .unwrap_or(u32::MAX);
+            let period = (timeout / 4).clamp(conn::TICK, Duration::from_secs(1));
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let now = conn::advance_coarse_clock();
+                let registry = shared.lock();
+                for (_, conn) in registry.conns.iter() {
+                    let (phase, since) = conn.phase();
+                    if phase.is_timed()
+                        && now.wrapping_sub(since) > limit
+                        && conn.ctl.fetch_or(CUT, Ordering::Release) & CUT == 0
+                    {
+                        shared.timed_out.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(
+                            ?phase,
+                            ?timeout,
+                            "no complete request head within the header-read timeout: closing"
+                        );
+                        conn.waker.wake();
+                    }
                 }
             }
-            connection.as_mut().graceful_shutdown();
-            tokio::select! {
-                result = connection.as_mut() => log_end(result),
-                () = force.cancelled() => {}
-            }
-        });
+        }
     }
 
-    /// Drains: stops keep-alive, sends GOAWAY, waits for the last connection to close, and cuts
-    /// what is left at `deadline` (or as soon as [`Connections::force`] is cancelled).
-    /// `progress` is called about once a second with the number of connections left.
+    /// Drains: stops keep-alive, sends GOAWAY, closes idle connections after `grace`, waits for
+    /// the last connection to close, and cuts what is left at `deadline` (or as soon as
+    /// [`Connections::force`] is cancelled). `progress` is called about once a second with
+    /// the number of connections left.
     pub(crate) async fn drain(
         &self,
         deadline: Instant,
-        keep_alive_grace: Duration,
+        grace: Duration,
+        progress: impl FnMut(usize),
+    ) -> Drained {
+        self.command_all(CLOSE_RESPONSES | DRAIN | STOPPING);
+        self.wait(deadline, grace, CLOSE_IDLE, CLOSE_IDLE, progress)
+            .await
+    }
+
+    /// Waits until every connection has closed, raising `after_grace` bits once `grace` is
+    /// over, and cutting what is left at `deadline` (or on a forced cut).
+    pub(crate) async fn wait(
+        &self,
+        deadline: Instant,
+        grace: Duration,
+        after_grace_passable: u32,
+        after_grace_other: u32,
         mut progress: impl FnMut(usize),
     ) -> Drained {
-        let open_at_start = self.tracker.len();
-        let grace_us = u64::try_from(keep_alive_grace.as_micros()).unwrap_or(u64::MAX);
-        // Ordered before the cancel below, which is what the connection tasks wait on.
-        self.shared.grace_us.store(grace_us, Ordering::Release);
-        self.shared.draining.store(true, Ordering::Relaxed);
-        self.tracker.close();
-        self.drain.cancel();
+        let open_at_start = self.shared.tracker.len();
+        self.shared.tracker.close();
         let mut tick = tokio::time::interval_at(
             Instant::now() + Duration::from_secs(1),
             Duration::from_secs(1),
         );
-        let mut wait = pin!(self.tracker.wait());
+        let grace_over = crate::instant_after(Instant::now(), grace);
+        let mut grace_pending = true;
+        let mut wait = pin!(self.shared.tracker.wait());
         // After a cut, connection tasks end at their next poll; one that does not (a handler
         // blocking its thread) must not hold the process past its deadline for ever.
         let mut give_up = None;
@@ -206,36 +298,29 @@ impl Connections {
             tokio::select! {
                 biased;
                 () = &mut wait => break,
-                () = self.force.cancelled(), if give_up.is_none() => {
+                () = self.shared.force.cancelled(), if give_up.is_none() => {
                     give_up = Some(Instant::now() + Duration::from_secs(1));
                 }
                 () = tokio::time::sleep_until(deadline), if give_up.is_none() => {
-                    tracing::warn!(open = self.tracker.len(), "drain timeout reached: cutting the connections still open");
+                    tracing::warn!(open = self.shared.tracker.len(), "drain timeout reached: cutting the connections still open");
                     self.cut();
+                }
+                () = tokio::time::sleep_until(grace_over), if grace_pending => {
+                    grace_pending = false;
+                    self.command(after_grace_passable, after_grace_other);
                 }
                 () = sleep_until_some(give_up) => {
                     tracing::error!(
-                        stuck = self.tracker.len(),
+                        stuck = self.shared.tracker.len(),
                         "connections still not closed 1 s after being cut (a handler blocking its thread?); not waiting for them"
                     );
                     break;
                 }
-                _ = tick.tick() => progress(self.tracker.len()),
+                _ = tick.tick() => progress(self.shared.tracker.len()),
             }
         }
-        let cut = self
-            .shared
-            .cut
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .unwrap_or(0);
+        let cut = self.shared.lock().cut.unwrap_or(0);
         Drained { open_at_start, cut }
-    }
-}
-
-impl Shared {
-    fn grace(&self) -> Duration {
-        Duration::from_micros(self.grace_us.load(Ordering::Acquire))
     }
 }
 
@@ -246,153 +331,16 @@ async fn sleep_until_some(when: Option<Instant>) {
     }
 }
 
-fn log_end(result: Result<(), BoxError>) {
-    if let Err(e) = result {
-        // Clients resetting or timing out is routine; it is not the server's error.
-        tracing::debug!(error = %e, "connection ended with an error");
-    }
-}
-
-/// Per-connection state shared between the connection task and its service.
+/// Dropped with the server (its future completed, or was dropped): cuts what is still open,
+/// so no connection outlives the server that accepted it.
 #[derive(Debug)]
-struct ConnFlags {
-    /// Set by the first HTTP/2 request: the connection can be sent GOAWAY at once.
-    h2: AtomicBool,
-    shared: Arc<Shared>,
-}
+pub(crate) struct CutOnDrop(pub(crate) Connections);
 
-/// The user's service, adding `Connection: close` to HTTP/1 responses once draining started.
-#[derive(Debug)]
-struct DrainAware<S> {
-    inner: TowerToHyperService<S>,
-    conn: Arc<ConnFlags>,
-}
-
-impl<S, B> hyper::service::Service<Request<Incoming>> for DrainAware<S>
-where
-    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone,
-{
-    type Response = Response<B>;
-    type Error = S::Error;
-    type Future =
-        DrainAwareFuture<hyper_util::service::TowerToHyperServiceFuture<S, Request<Incoming>>>;
-
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let http1 = req.version() < Version::HTTP_2;
-        if !http1 {
-            self.conn.h2.store(true, Ordering::Relaxed);
-        }
-        DrainAwareFuture {
-            connect: req.method() == Method::CONNECT,
-            inner: self.inner.call(req),
-            // Only HTTP/1 responses need the check; HTTP/2 has GOAWAY instead.
-            conn: http1.then(|| Arc::clone(&self.conn)),
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The response future of [`DrainAware`].
-    struct DrainAwareFuture<F> {
-        #[pin]
-        inner: F,
-        conn: Option<Arc<ConnFlags>>,
-        connect: bool,
-    }
-}
-
-impl<F, B, E> Future for DrainAwareFuture<F>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-{
-    type Output = Result<Response<B>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let mut result = ready!(this.inner.poll(cx));
-        if let (Ok(response), Some(conn)) = (&mut result, this.conn.as_ref()) {
-            // Not on an upgrade (101, or a CONNECT tunnel): `Connection: close` there would
-            // contradict `Connection: upgrade`, and the client must reject it (RFC 6455 4.1).
-            // Upgraded connections are tracked anyway and cut at the deadline.
-            let upgrade = response.status() == StatusCode::SWITCHING_PROTOCOLS
-                || (*this.connect && response.status().is_success());
-            if !upgrade && conn.shared.draining.load(Ordering::Relaxed) {
-                response
-                    .headers_mut()
-                    .insert(CONNECTION, HeaderValue::from_static("close"));
-            }
-        }
-        Poll::Ready(result)
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A connection's socket, registered for a forced cut and counted by the tracker for as long
-    /// as it exists: in hyper's hands, or in the application's after an upgrade.
-    struct TrackedIo<I> {
-        // Declared first, so dropped first: deregistered before the socket closes (the
-        // registry's invariant).
-        registration: Registration,
-        #[pin]
-        io: I,
-    }
-}
-
-#[derive(Debug)]
-struct Registration {
-    id: u64,
-    shared: Arc<Shared>,
-    _token: TaskTrackerToken,
-}
-
-impl Drop for Registration {
+impl Drop for CutOnDrop {
     fn drop(&mut self) {
-        self.shared.sockets.deregister(self.id);
-    }
-}
-
-impl<I: AsyncRead> AsyncRead for TrackedIo<I> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        self.project().io.poll_read(cx, buf)
-    }
-}
-
-impl<I: AsyncWrite> AsyncWrite for TrackedIo<I> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        self.project().io.poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        self.project().io.poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().io.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().io.poll_shutdown(cx)
-    }
-}
-
-impl<I: AsFd> AsFd for TrackedIo<I> {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.io.as_fd()
+        if self.0.open() > 0 {
+            let n = self.0.cut();
+            tracing::warn!(cut = n, "server dropped: its connections were cut");
+        }
     }
 }

@@ -10,6 +10,9 @@ use std::io;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
+/// The error type services and bodies may return.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// An error from acquiring listeners, serving, or restarting.
 ///
 /// Convert it into an [`io::Error`] with `From` when a function of yours returns `io::Result`.
@@ -32,6 +35,10 @@ pub enum ErrorKind {
     Bind,
     /// Registering a signal handler failed (for example a forbidden signal like `SIGKILL`).
     Signal,
+    /// The server is configured in a way that cannot work: a listener no service claims, a
+    /// service for a listener that does not exist, two services for one listener, a second
+    /// restart-capable server in the process.
+    Config,
     /// Any other I/O error.
     Io,
 }
@@ -62,6 +69,7 @@ pub(crate) enum Inner {
         context: &'static str,
         source: io::Error,
     },
+    Config(String),
 }
 
 /// Why a restart did not hand over. Not an [`Error`]: a failed restart is logged and reported
@@ -107,6 +115,10 @@ impl Error {
         Error::new(Inner::Io { context, source })
     }
 
+    pub(crate) fn config(message: impl Into<String>) -> Error {
+        Error::new(Inner::Config(message.into()))
+    }
+
     /// The coarse kind of this error.
     pub fn kind(&self) -> ErrorKind {
         match self.inner {
@@ -115,6 +127,7 @@ impl Error {
             Inner::Bind { .. } => ErrorKind::Bind,
             Inner::Signal { .. } => ErrorKind::Signal,
             Inner::Io { .. } => ErrorKind::Io,
+            Inner::Config(_) => ErrorKind::Config,
         }
     }
 
@@ -158,6 +171,7 @@ impl fmt::Display for Error {
                 write!(f, "could not listen for signal {signal}: {source}")
             }
             Inner::Io { context, source } => write!(f, "{context}: {source}"),
+            Inner::Config(msg) => f.write_str(msg),
         }
     }
 }
@@ -202,7 +216,9 @@ impl std::error::Error for Error {
 impl From<Error> for io::Error {
     fn from(err: Error) -> io::Error {
         let kind = match err.kind() {
-            ErrorKind::Environment | ErrorKind::InheritedFd => io::ErrorKind::InvalidInput,
+            ErrorKind::Environment | ErrorKind::InheritedFd | ErrorKind::Config => {
+                io::ErrorKind::InvalidInput
+            }
             ErrorKind::Bind => match &err.inner {
                 Inner::Bind { source, .. } => source.kind(),
                 _ => io::ErrorKind::Other,

@@ -55,21 +55,29 @@ compile_error!(
     "handover supports Linux only: it relies on pidfds, SO_PASSCRED and the LISTEN_FDS protocol of systemd"
 );
 
+mod accept;
+mod conn;
+mod conn_info;
 mod drain;
 mod error;
+mod handle;
 mod hooks;
+mod lifecycle;
 mod listen;
 mod notify;
 mod restart;
-mod serve;
+mod server;
 mod signals;
 mod startup;
 mod sys;
 
+pub use accept::HttpService;
+pub use conn_info::{ConnectionInfo, Local, Peer, PeerCredentials};
 pub use error::{Error, ErrorKind};
+pub use handle::{Handle, RestartError, RestartErrorKind, Restarted, State};
 pub use hooks::HooksReport;
 pub use listen::{Listener, Listeners, Origin};
-pub use serve::{Reason, Serve, Shutdown, serve};
+pub use server::{Reason, Server, Shutdown, serve};
 
 /// Signal numbers, for [`Serve::close_signals`] and [`Serve::restart_signals`].
 pub mod signal {
@@ -78,5 +86,12 @@ pub mod signal {
     };
 }
 
-/// The error type services and bodies may return.
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// `now + d`, or a point far in the future (30 years) if that overflows: every duration the
+/// application gives is accepted, `Duration::MAX` meaning "never".
+pub(crate) fn instant_after(
+    now: tokio::time::Instant,
+    d: std::time::Duration,
+) -> tokio::time::Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(30 * 365 * 86_400))
+}

@@ -61,8 +61,10 @@ pub enum Origin {
 
 impl Listener {
     /// The name of the listener: its `LISTEN_FDNAMES` entry when inherited (`unknown` if the
-    /// manager gave none), otherwise the address it was bound to, with `:` (which the protocol
-    /// uses as separator) written as `_`: `127.0.0.1_8877`.
+    /// manager gave none), the name given to [`Listeners::take_or_bind`], or else the address
+    /// it was bound to, with `:` (which the protocol uses as separator) written as `_`:
+    /// `127.0.0.1_8877`. Services are chosen by it ([`crate::Server::service`]), and a restart
+    /// passes it on in `LISTEN_FDNAMES`.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -299,6 +301,47 @@ impl Listeners {
         }
     }
 
+    /// The listener named `name` among the inherited ones, or else a TCP listener bound on
+    /// `addr`, named `name` either way: the set-up of an application with several listeners,
+    /// which works the same under systemd (`FileDescriptorName=name`), under `systemfd`
+    /// (`--fdname`, or the `-s name::addr` form) and on its own.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let mut listeners = handover::Listeners::from_env()?;
+    /// let web = listeners.take_or_bind("web", "127.0.0.1:8080".parse().unwrap())?;
+    /// let admin = listeners.take_or_bind("admin", "127.0.0.1:8081".parse().unwrap())?;
+    /// assert_eq!((web.name(), admin.name()), ("web", "admin"));
+    /// # Ok::<(), handover::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Listeners::bind`].
+    pub fn take_or_bind(&mut self, name: &str, addr: SocketAddr) -> Result<Listener, Error> {
+        if let Some(l) = self.take(name) {
+            return Ok(l);
+        }
+        let bound = Listeners::bind(addr)?.list.remove(0);
+        Ok(bound.with_name(name))
+    }
+
+    /// The listener named `name` among the inherited ones, or else a Unix stream listener
+    /// bound at `path` (see [`Listeners::bind_unix`]), named `name` either way.
+    ///
+    /// # Errors
+    /// As [`Listeners::bind_unix`].
+    pub fn take_or_bind_unix(
+        &mut self,
+        name: &str,
+        path: impl AsRef<Path>,
+    ) -> Result<Listener, Error> {
+        if let Some(l) = self.take(name) {
+            return Ok(l);
+        }
+        let bound = Listeners::bind_unix(path)?.list.remove(0);
+        Ok(bound.with_name(name))
+    }
+
     /// Removes and returns the first listener named `name` (see [`Listener::name`]).
     pub fn take(&mut self, name: &str) -> Option<Listener> {
         let index = self.list.iter().position(|l| l.name == name)?;
@@ -335,6 +378,32 @@ impl From<Listener> for Listeners {
         Listeners {
             list: vec![listener],
         }
+    }
+}
+
+impl From<Vec<Listener>> for Listeners {
+    fn from(list: Vec<Listener>) -> Listeners {
+        Listeners { list }
+    }
+}
+
+impl<const N: usize> From<[Listener; N]> for Listeners {
+    fn from(list: [Listener; N]) -> Listeners {
+        Listeners { list: list.into() }
+    }
+}
+
+impl FromIterator<Listener> for Listeners {
+    fn from_iter<I: IntoIterator<Item = Listener>>(iter: I) -> Listeners {
+        Listeners {
+            list: iter.into_iter().collect(),
+        }
+    }
+}
+
+impl Extend<Listener> for Listeners {
+    fn extend<I: IntoIterator<Item = Listener>>(&mut self, iter: I) {
+        self.list.extend(iter);
     }
 }
 

@@ -47,6 +47,31 @@ pub(crate) struct HandedOver {
     pub(crate) ready_after: Duration,
 }
 
+impl HandedOver {
+    /// What the application learns of it.
+    pub(crate) fn restarted(&self) -> crate::handle::Restarted {
+        crate::handle::Restarted {
+            pid: self.pid,
+            ready_after: self.ready_after,
+        }
+    }
+
+    /// Sends `sig` to the new process: a close signal that raced with the hand-off was meant
+    /// for the service, which is the new process now.
+    pub(crate) fn forward_signal(&self, sig: i32) {
+        let (Some(pid), Some(signal)) = (
+            rustix::process::Pid::from_raw(self.pid as i32),
+            Signal::from_named_raw(sig),
+        ) else {
+            return;
+        };
+        tracing::info!(pid = self.pid, signal = %crate::signals::name(sig), "forwarding the close signal to the new process");
+        if let Err(e) = rustix::process::kill_process(pid, signal) {
+            tracing::error!(pid = self.pid, error = %e, "could not forward the close signal");
+        }
+    }
+}
+
 /// A restart in progress, on a task of its own.
 #[derive(Debug)]
 pub(crate) struct Restarting {

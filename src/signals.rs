@@ -3,9 +3,17 @@
 //! The handlers are installed when serving starts and stay installed until serving returns,
 //! so a signal that arrives during a restart or a drain is seen (and coalesced, or turned into
 //! "force now") instead of killing the process with the default action.
+//!
+//! When the last server ends, the signals that had their default disposition before get its
+//! effect back: a `SIGTERM` after `serve(..).await` returned ends the process, as it would
+//! have before serving. (signal-hook cannot uninstall its handler; it emulates the default
+//! action instead, through `register_conditional_default`, armed only while no server runs.)
 
+use std::collections::BTreeSet;
 use std::future::poll_fn;
 use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use futures_core::Stream;
 use signal_hook_tokio::Signals;
@@ -50,12 +58,27 @@ impl SignalEvents {
                 }));
             }
         }
+        let mut defaults = DEFAULTS.lock().unwrap_or_else(|p| p.into_inner());
+        for &sig in &all {
+            if !defaults.armed.contains(&sig) && crate::sys::has_default_disposition(sig) {
+                // Registered once per process and signal, before our own handler exists: it
+                // does nothing while a server runs (`no_server` is false), and the default
+                // action otherwise.
+                if signal_hook::flag::register_conditional_default(sig, Arc::clone(no_server()))
+                    .is_ok()
+                {
+                    defaults.armed.insert(sig);
+                }
+            }
+        }
         let signals = Signals::new(&all).map_err(|source| {
             Error::new(Inner::Signal {
                 signal: all.first().copied().unwrap_or(0),
                 source,
             })
         })?;
+        defaults.servers += 1;
+        no_server().store(false, std::sync::atomic::Ordering::SeqCst);
         Ok(SignalEvents {
             signals,
             close: close.to_vec(),
@@ -77,7 +100,31 @@ impl SignalEvents {
 impl Drop for SignalEvents {
     fn drop(&mut self) {
         self.signals.handle().close();
+        let mut defaults = DEFAULTS.lock().unwrap_or_else(|p| p.into_inner());
+        defaults.servers = defaults.servers.saturating_sub(1);
+        if defaults.servers == 0 {
+            no_server().store(true, std::sync::atomic::Ordering::SeqCst);
+        }
     }
+}
+
+/// Which signals have their default action emulated when no server runs, and how many
+/// servers run.
+#[derive(Default)]
+struct Defaults {
+    armed: BTreeSet<i32>,
+    servers: usize,
+}
+
+static DEFAULTS: Mutex<Defaults> = Mutex::new(Defaults {
+    armed: BTreeSet::new(),
+    servers: 0,
+});
+
+/// True while no server runs: the emulated default actions are armed.
+fn no_server() -> &'static Arc<AtomicBool> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    FLAG.get_or_init(|| Arc::new(AtomicBool::new(true)))
 }
 
 /// The conventional name of a signal number, for logs.

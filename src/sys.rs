@@ -1,7 +1,9 @@
 //! All `unsafe` and raw-fd work of the crate, in one place.
 //!
-//! Three things need it:
+//! What needs it:
 //! - adopting the fds a service manager handed us by number ([`adopt_inherited`]);
+//! - shutting down connection sockets by number at a forced cut ([`shutdown_registered`]);
+//! - reading a signal's disposition ([`has_default_disposition`]);
 //! - removing environment variables, sound only while the process has one thread;
 //! - starting the restart child with the listeners at fds 3.. and `LISTEN_PID` set to the
 //!   child's *own* pid ([`spawn`]), which has to happen between `fork` and `execve`, where only
@@ -79,43 +81,27 @@ pub(crate) fn register_readable(
         .map_err(|e| e.into_parts())
 }
 
-/// The sockets of live connections, so that a forced shutdown can cut every one of them,
-/// including connections hyper no longer drives (upgraded to WebSocket and handed to the
-/// application).
+/// `shutdown(SHUT_RDWR)` on a connection's socket by number: whoever reads or writes it gets
+/// EOF or an error and lets go. The fd stays open (its owner closes it).
 ///
-/// Invariant, kept by the one user (`drain::TrackedIo`): an entry is removed *before* its fd is
-/// closed. [`SocketRegistry::shutdown_all`] uses the fds under the same lock, so every fd it
-/// touches is open and is the connection it was registered for.
-#[derive(Debug, Default)]
-pub(crate) struct SocketRegistry {
-    inner: std::sync::Mutex<(u64, std::collections::HashMap<u64, RawFd>)>,
+/// # Safety
+/// `fd` must be open, and stay open for the duration of the call: the caller holds the lock of
+/// the registry the fd was taken from, whose entries are removed before their sockets close
+/// (see `drain::Registration`).
+pub(crate) unsafe fn shutdown_registered(fd: RawFd) {
+    // SAFETY: the caller guarantees the fd is open for the duration of this borrow.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Both);
 }
 
-impl SocketRegistry {
-    pub(crate) fn register(&self, fd: BorrowedFd<'_>) -> u64 {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.0 += 1;
-        let id = inner.0;
-        inner.1.insert(id, fd.as_raw_fd());
-        id
-    }
-
-    pub(crate) fn deregister(&self, id: u64) {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.1.remove(&id);
-    }
-
-    /// `shutdown(SHUT_RDWR)` on every registered socket: whoever reads or writes it gets EOF or
-    /// an error and lets go. The fds stay open (their owners close them). Returns how many.
-    pub(crate) fn shutdown_all(&self) -> usize {
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        for &fd in inner.1.values() {
-            // SAFETY: registered fds are open while registered (see the type's invariant), and
-            // the lock we hold keeps their owners from deregistering, hence from closing them.
-            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-            let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Both);
-        }
-        inner.1.len()
+/// Whether `sig` has its default disposition (not ignored, no handler installed).
+pub(crate) fn has_default_disposition(sig: i32) -> bool {
+    // SAFETY: sigaction with a null new action only reads the current one into `current`,
+    // a plain-data struct we own.
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(sig, std::ptr::null(), &mut current) == 0
+            && current.sa_sigaction == libc::SIG_DFL
     }
 }
 

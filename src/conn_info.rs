@@ -1,0 +1,157 @@
+//! What a request knows about its connection.
+//!
+//! Every request handover serves carries a [`ConnectionInfo`] in its extensions: the peer, the
+//! local address, the name of the listener it came in on, and a [`Handle`] to the server (its
+//! lifecycle [`State`], for a `/healthz`). It is made once per connection, at accept (or when a
+//! connection handed over by the previous process arrives), and shared by the connection's
+//! requests: each request gets a clone of one `Arc`.
+//!
+//! With the `axum` feature, requests on TCP connections also carry
+//! `axum::extract::ConnectInfo<SocketAddr>`, so an axum handler that extracts
+//! `ConnectInfo<SocketAddr>` works unchanged.
+//!
+//! # Example
+//! ```
+//! use handover::ConnectionInfo;
+//!
+//! async fn whoami(req: hyper::Request<hyper::body::Incoming>) -> String {
+//!     match req.extensions().get::<ConnectionInfo>() {
+//!         Some(conn) => format!("{:?} on {}", conn.peer(), conn.listener()),
+//!         None => "not served by handover".to_string(),
+//!     }
+//! }
+//! ```
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::handle::{Handle, State};
+
+/// The connection a request came in on; in the extensions of every request.
+///
+/// Cheap to clone (one `Arc`).
+#[derive(Clone)]
+pub struct ConnectionInfo {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    listener: Arc<str>,
+    peer: Peer,
+    local: Local,
+    handle: Handle,
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Peer {
+    /// A TCP peer (IPv4 or IPv6).
+    Tcp(SocketAddr),
+    /// A Unix-socket peer.
+    Unix {
+        /// The peer's socket path, if it bound one (clients usually do not).
+        path: Option<PathBuf>,
+        /// The peer's credentials at connect time (`SO_PEERCRED`), if the kernel gave them.
+        credentials: Option<PeerCredentials>,
+    },
+}
+
+/// The credentials of a Unix-socket peer, as the kernel recorded them when it connected
+/// (`SO_PEERCRED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCredentials {
+    /// The peer's process id, if it is visible from this PID namespace.
+    pub pid: Option<u32>,
+    /// The peer's effective user id.
+    pub uid: u32,
+    /// The peer's effective group id.
+    pub gid: u32,
+}
+
+/// Where a connection arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Local {
+    /// A TCP address of this host.
+    Tcp(SocketAddr),
+    /// A Unix socket path (`None` for an abstract or unnamed socket).
+    Unix(Option<PathBuf>),
+}
+
+impl ConnectionInfo {
+    pub(crate) fn new(listener: Arc<str>, peer: Peer, local: Local, handle: Handle) -> Self {
+        ConnectionInfo {
+            inner: Arc::new(Inner {
+                listener,
+                peer,
+                local,
+                handle,
+            }),
+        }
+    }
+
+    /// The name of the listener the connection came in on (see [`crate::Listener::name`]).
+    pub fn listener(&self) -> &str {
+        &self.inner.listener
+    }
+
+    /// The peer.
+    pub fn peer(&self) -> &Peer {
+        &self.inner.peer
+    }
+
+    /// The peer's TCP address, for TCP connections.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        match self.inner.peer {
+            Peer::Tcp(addr) => Some(addr),
+            Peer::Unix { .. } => None,
+        }
+    }
+
+    /// Where the connection arrived.
+    pub fn local(&self) -> &Local {
+        &self.inner.local
+    }
+
+    /// The local TCP address, for TCP connections.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self.inner.local {
+            Local::Tcp(addr) => Some(addr),
+            Local::Unix(_) => None,
+        }
+    }
+
+    /// The server's lifecycle state now: a `/healthz` answers 503 once
+    /// [`State::is_shutting_down`] is true.
+    pub fn state(&self) -> State {
+        self.inner.handle.state()
+    }
+
+    /// A handle to the server that serves this connection (restart or shut it down from a
+    /// request handler, watch its state).
+    pub fn handle(&self) -> &Handle {
+        &self.inner.handle
+    }
+}
+
+impl fmt::Debug for ConnectionInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionInfo")
+            .field("listener", &self.inner.listener)
+            .field("peer", &self.inner.peer)
+            .field("local", &self.inner.local)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Peer {
+    pub(crate) fn unix(path: Option<&Path>, credentials: Option<PeerCredentials>) -> Peer {
+        Peer::Unix {
+            path: path.map(Path::to_path_buf),
+            credentials,
+        }
+    }
+}
