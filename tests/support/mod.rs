@@ -9,6 +9,9 @@
 #![allow(dead_code)] // each test file uses a different part
 #![allow(unreachable_pub)] // a module shared by test crates, not an API
 
+pub mod idle;
+pub mod proxy;
+
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
