@@ -1,35 +1,227 @@
-//! Run with: `cargo run --example axum [ADDR]`
+//! Run with: `cargo run --features axum --example axum [WEB_ADDR] [ADMIN]`
 //!
-//! An `axum::Router` served by handover: the shape is axum's own
-//! `serve(listener, app).with_graceful_shutdown(..)`, plus restarts, socket activation and
-//! sd_notify. Listens on the inherited socket, or on ADDR (default `127.0.0.1:8877`).
+//! A realistic axum service under handover: shared state, a slow route, the peer address
+//! through axum's own `ConnectInfo` extractor, an admin router on a listener of its own that
+//! restarts and stops the service through the [`handover::Handle`], readiness and liveness
+//! probes that read the lifecycle state, and a shutdown hook.
+//!
+//! Two listeners, by name: `web` and `admin`. Inherited when the service manager passes them
+//! (systemd's `FileDescriptorName=web` / `=admin`, `systemd-socket-activate --fdname=web:admin`,
+//! `systemfd -s web::8877 -s admin::8878`), bound otherwise: `web` on WEB_ADDR (default
+//! `127.0.0.1:8877`), `admin` on ADMIN (default `127.0.0.1:8878`, or `unix:/path/admin.sock`).
+//!
+//! ```text
+//! web:   GET /            Hello world
+//!        GET /slow?ms=N   answers after N ms (default 2000)
+//!        GET /whoami      the peer address, from axum's ConnectInfo<SocketAddr>
+//!        GET /healthz     readiness: 200, or 503 once a shutdown began (the lame duck)
+//!        GET /livez       liveness: 200 until the process exits
+//! admin: GET /ping        Hello world (for load balancer checks of the admin listener)
+//!        POST /restart    restart through the handle: 200 "restarted: pid N", 409 if one is
+//!                         already running, 500 with the reason if the new process failed
+//!        POST /shutdown   graceful shutdown (?now: cut everything)
+//!        GET /state       the lifecycle state
+//!        GET /whoami      the connection as handover describes it (Unix peers: their uid/pid)
+//! ```
+//! Every response carries `x-pid`, the process that answered.
+//!
+//! `HANDOVER_SHUTDOWN_DELAY_MS` sets the lame duck (behind a load balancer or in Kubernetes:
+//! see the README), `HANDOVER_DRAIN_TIMEOUT_MS` and `HANDOVER_READY_TIMEOUT_MS` the timeouts.
+//!
+//! Why no `#[tokio::main]`: the listeners are taken first, while the process has one thread,
+//! so that handover can also remove the `LISTEN_*` variables from the environment (removing
+//! variables is unsound once other threads run). Under `#[tokio::main]` everything works the
+//! same, but the variables stay in the environment of the programs the service starts.
 
 mod common;
 
 use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use axum::Router;
-use axum::routing::get;
+use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// What the handlers share.
+struct App {
+    handle: handover::Handle,
+    hits: AtomicU64,
+}
+
+fn main() -> ExitCode {
     common::init_tracing();
-    let addr: SocketAddr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:8877".to_string())
-        .parse()?;
-    // Under #[tokio::main] the runtime's threads already exist: this works the same, but
-    // leaves the LISTEN_* variables in the environment (see Listeners::from_env).
-    let listeners = handover::Listeners::from_env_or_bind(addr)?;
+    let mut args = std::env::args().skip(1);
+    let web_addr = args.next().unwrap_or_else(|| "127.0.0.1:8877".to_string());
+    let admin_addr = args.next().unwrap_or_else(|| "127.0.0.1:8878".to_string());
+    let listeners = match listeners(&web_addr, &admin_addr) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
     for l in listeners.iter() {
-        println!("listen on: {}, pid: {}", l.url(), std::process::id());
+        println!(
+            "listen on: {} ({}), pid: {}",
+            l.url(),
+            l.name(),
+            std::process::id()
+        );
     }
-    let app = Router::new()
+
+    let server = handover::Server::new(listeners);
+    let app = Arc::new(App {
+        handle: server.handle(),
+        hits: AtomicU64::new(0),
+    });
+    let mut server = server
+        .service("web", web(Arc::clone(&app)))
+        .service("admin", admin(Arc::clone(&app)))
+        .on_shutdown_async(move || async move {
+            let hits = app.hits.load(Ordering::Relaxed);
+            tracing::info!(hits, "shutdown hook: flushing the hit counter");
+        });
+    if let Some(d) = common::env_ms("HANDOVER_SHUTDOWN_DELAY_MS") {
+        server = server.shutdown_delay(d);
+    }
+    if let Some(d) = common::env_ms("HANDOVER_DRAIN_TIMEOUT_MS") {
+        server = server.drain_timeout(d);
+    }
+    if let Some(d) = common::env_ms("HANDOVER_READY_TIMEOUT_MS") {
+        server = server.ready_timeout(d);
+    }
+    common::run(server)
+}
+
+/// `web` and `admin`, inherited by name or bound.
+fn listeners(web: &str, admin: &str) -> Result<handover::Listeners, String> {
+    let mut inherited = handover::Listeners::from_env().map_err(|e| e.to_string())?;
+    let web: SocketAddr = web
+        .parse()
+        .map_err(|e| format!("{web:?} is not an address like 127.0.0.1:8877: {e}"))?;
+    let web = inherited
+        .take_or_bind("web", web)
+        .map_err(|e| e.to_string())?;
+    let admin = match admin.strip_prefix("unix:") {
+        Some(path) => inherited.take_or_bind_unix("admin", path),
+        None => {
+            let addr: SocketAddr = admin
+                .parse()
+                .map_err(|e| format!("{admin:?} is not an address or unix:PATH: {e}"))?;
+            inherited.take_or_bind("admin", addr)
+        }
+    }
+    .map_err(|e| e.to_string())?;
+    for extra in inherited {
+        tracing::warn!(name = extra.name(), url = %extra.url(), "inherited listener not used by this service; closing it");
+    }
+    Ok([web, admin].into())
+}
+
+/// The public router.
+fn web(app: Arc<App>) -> Router {
+    Router::new()
         .route("/", get(common::hello))
-        .route("/health", get(|| async { "ok" }));
-    let shutdown = handover::serve(listeners, app)
-        .on_shutdown_async(|| async { tracing::info!("flushing caches") })
-        .await?;
-    tracing::info!(?shutdown, "server closed");
-    Ok(())
+        .route("/slow", get(slow))
+        .route("/whoami", get(whoami))
+        .route("/healthz", get(healthz))
+        .route("/livez", get(|| async { "alive" }))
+        .with_state(app)
+        .layer(axum::middleware::map_response(with_pid))
+}
+
+/// The admin router, on a listener of its own.
+fn admin(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/ping", get(common::hello))
+        .route("/restart", post(restart))
+        .route("/shutdown", post(shutdown))
+        .route(
+            "/state",
+            get(|State(app): State<Arc<App>>| async move { app.handle.state().to_string() }),
+        )
+        .route(
+            "/whoami",
+            get(
+                |Extension(conn): Extension<handover::ConnectionInfo>| async move {
+                    format!(
+                        "listener={} peer={:?} local={:?}",
+                        conn.listener(),
+                        conn.peer(),
+                        conn.local()
+                    )
+                },
+            ),
+        )
+        .with_state(app)
+        .layer(axum::middleware::map_response(with_pid))
+}
+
+async fn slow(State(app): State<Arc<App>>, RawQuery(query): RawQuery) -> &'static str {
+    app.hits.fetch_add(1, Ordering::Relaxed);
+    let ms = query
+        .as_deref()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(2000)
+        .min(60_000);
+    tracing::info!(ms, "slow request: sleeping");
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    "slow answer"
+}
+
+/// axum's own extractor: the peer address reaches it because handover puts
+/// `ConnectInfo<SocketAddr>` in every request of a TCP connection (the `axum` feature).
+async fn whoami(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(conn): Extension<handover::ConnectionInfo>,
+) -> String {
+    format!("peer={peer} listener={}", conn.listener())
+}
+
+/// Readiness: fails from the moment a shutdown begins, so a load balancer (or Kubernetes)
+/// stops sending traffic while the lame duck still serves what comes.
+async fn healthz(State(app): State<Arc<App>>) -> Response {
+    let state = app.handle.state();
+    if state.is_shutting_down() {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("{state}\n")).into_response()
+    } else {
+        format!("ok ({state})\n").into_response()
+    }
+}
+
+async fn restart(State(app): State<Arc<App>>) -> Response {
+    match app.handle.restart().await {
+        Ok(r) => format!("restarted: pid {} serves now\n", r.pid).into_response(),
+        Err(e) => {
+            let status = match e.kind() {
+                handover::RestartErrorKind::AlreadyRestarting => StatusCode::CONFLICT,
+                handover::RestartErrorKind::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            (status, format!("{e}\n")).into_response()
+        }
+    }
+}
+
+async fn shutdown(State(app): State<Arc<App>>, RawQuery(query): RawQuery) -> &'static str {
+    if query.as_deref() == Some("now") {
+        app.handle.shutdown_now();
+        "shutting down now\n"
+    } else {
+        app.handle.shutdown();
+        "shutting down\n"
+    }
+}
+
+async fn with_pid(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert("x-pid", HeaderValue::from(std::process::id()));
+    response
 }

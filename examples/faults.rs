@@ -12,11 +12,20 @@
 //! byte echo, like a WebSocket would: a connection hyper no longer drives, which a drain must
 //! still wait for, and cut at its deadline.
 //!
+//! Misconfigurations, for the start-up error tests: `SERVICES=a,b,*` serves the listeners
+//! named `a` and `b` with a service each and the rest with a default one (`*`); `SECOND_SERVER=1`
+//! starts a second restart-capable server in the same process once the first serves;
+//! `MAX_HEADERS=N` sets hyper's HTTP/1 header limit.
+//!
+//! `SERVE_FOR_MS=N` drops the serve future after N ms (`tokio::time::timeout`);
+//! `AFTER_SERVE_MS=N` sleeps N ms after serving, as an application's clean-up would.
+//!
 //! `GET /env` runs `env` as a subprocess and answers with its output: what a program the
 //! application starts sees of the environment (no `LISTEN_*`, `NOTIFY_SOCKET`, `WATCHDOG_*`).
 
 mod common;
 
+use std::future::IntoFuture;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -60,13 +69,43 @@ async fn route(
     Ok(response)
 }
 
+/// `AFTER_SERVE_MS=N`: the application's clean-up after serving, N ms long. Signals have their
+/// default action again by then: a `SIGTERM` ends the process.
+fn after_serve(code: ExitCode) -> ExitCode {
+    if let Some(cleanup) = common::env_ms("AFTER_SERVE_MS") {
+        tracing::info!(?cleanup, "after serve: cleaning up");
+        std::thread::sleep(cleanup);
+        tracing::info!("after serve: clean-up done");
+    }
+    code
+}
+
 fn main() -> ExitCode {
     common::init_tracing();
     let listeners = match common::listen() {
         Ok(l) => l,
         Err(code) => return code,
     };
-    let mut server = handover::serve(listeners, tower::service_fn(route));
+    let service = tower::service_fn(route);
+    let mut server = match std::env::var("SERVICES") {
+        // SERVICES=a,b,*: a service for the listeners named a and b, and a default one.
+        Ok(names) => names.split(',').filter(|name| !name.is_empty()).fold(
+            handover::Server::new(listeners),
+            |s, name| match name {
+                "*" => s.default_service(service),
+                name => s.service(name, service),
+            },
+        ),
+        Err(_) => handover::serve(listeners, service),
+    };
+    if let Some(max) = std::env::var("MAX_HEADERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        server = server.http1(|h1| {
+            h1.max_headers(max);
+        });
+    }
     if let Some(t) = common::env_ms("HANDOVER_DRAIN_TIMEOUT_MS") {
         server = server.drain_timeout(t);
     }
@@ -105,5 +144,42 @@ fn main() -> ExitCode {
             },
         };
     }
-    common::run(server)
+    if let Some(limit) = common::env_ms("SERVE_FOR_MS") {
+        // The serve future dropped by a timeout: what does it leave behind?
+        let runtime = match tokio::runtime::Runtime::new() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("cannot start the tokio runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let outcome = runtime
+            .block_on(async move { tokio::time::timeout(limit, server.into_future()).await });
+        match outcome {
+            Ok(Ok(shutdown)) => tracing::info!(?shutdown, "server closed"),
+            Ok(Err(e)) => tracing::error!("server error: {e}"),
+            Err(_) => tracing::info!(?limit, "serve future dropped by its timeout"),
+        }
+        return after_serve(ExitCode::SUCCESS);
+    }
+    if std::env::var_os("SECOND_SERVER").is_none() {
+        return after_serve(common::run(server));
+    }
+    // A second restart-capable server in the same process, once the first serves: refused.
+    let mut state = server.handle().watch();
+    common::run(async move {
+        tokio::spawn(async move {
+            let _ = state.wait_for(|s| *s == handover::State::Serving).await;
+            let second = handover::Listeners::bind(([127, 0, 0, 1], 0).into())
+                .map(|l| handover::serve(l, tower::service_fn(route)));
+            match second {
+                Ok(second) => match second.await {
+                    Ok(_) => tracing::error!("second server: served"),
+                    Err(e) => tracing::error!("second server: {e}"),
+                },
+                Err(e) => tracing::error!("second server: could not bind: {e}"),
+            }
+        });
+        server.await
+    })
 }

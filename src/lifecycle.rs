@@ -786,11 +786,7 @@ struct Accepting {
 }
 
 impl Accepting {
-    fn start(
-        bound: &[Bound],
-        acceptors: Vec<Acceptor>,
-        cx: &ConnContext,
-    ) -> Accepting {
+    fn start(bound: &[Bound], acceptors: Vec<Acceptor>, cx: &ConnContext) -> Accepting {
         let stop = CancellationToken::new();
         let (dead_tx, dead) = mpsc::unbounded_channel();
         let loops = bound

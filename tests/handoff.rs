@@ -40,15 +40,6 @@ fn ready_hello(notify: &NotifySocket) -> (Proc, SocketAddr) {
     (server, addr)
 }
 
-fn mainpid(notice: &Notice) -> u32 {
-    notice
-        .lines()
-        .iter()
-        .find_map(|l| l.strip_prefix("MAINPID="))
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no MAINPID in {notice:?}"))
-}
-
 /// Stops the workload and fails with what it saw so far.
 fn give_up(load: IdleClients, why: String) -> ! {
     let report = load.stop();

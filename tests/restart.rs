@@ -24,15 +24,6 @@ fn ready_hello(notify: &NotifySocket) -> (Proc, SocketAddr) {
     (server, addr)
 }
 
-fn mainpid(notice: &Notice) -> u32 {
-    notice
-        .lines()
-        .iter()
-        .find_map(|l| l.strip_prefix("MAINPID="))
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no MAINPID in {notice:?}"))
-}
-
 /// Restarts the server `restarts` times under a keep-alive load and checks every request was
 /// answered, each restart moved to a new pid, and one server is left, then none. Returns the
 /// fd count and RSS (KiB) of each serving process, taken once it answered.

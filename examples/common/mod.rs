@@ -10,15 +10,32 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response};
 
-/// Logs to stderr; `RUST_LOG` filters (default `info`).
+/// Logs to stderr; `RUST_LOG` filters (default `info`). Every line carries the pid (an old and
+/// a new process share one stderr during a restart); colours only on a terminal (not in the
+/// journal, nor in a file).
 pub(crate) fn init_tracing() {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+        .with_timer(WithPid(tracing_subscriber::fmt::time::SystemTime))
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// The time of each log line, followed by the pid of the process that wrote it.
+struct WithPid<T>(T);
+
+impl<T: tracing_subscriber::fmt::time::FormatTime> tracing_subscriber::fmt::time::FormatTime
+    for WithPid<T>
+{
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        self.0.format_time(w)?;
+        write!(w, " [{}]", std::process::id())
+    }
 }
 
 /// Answers `Hello world`. For experiments and tests: `?sleep_ms=N` delays the answer by N ms

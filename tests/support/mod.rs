@@ -40,15 +40,27 @@ pub fn example(name: &str) -> PathBuf {
     if let Some(p) = map.get(name) {
         return p.clone();
     }
-    let built = escargot::CargoBuild::new()
+    let mut build = escargot::CargoBuild::new()
         .example(name)
         .current_release()
-        .current_target()
+        .current_target();
+    if let Some(features) = features_of(name) {
+        build = build.features(features);
+    }
+    let built = build
         .run()
         .unwrap_or_else(|e| panic!("building example {name}: {e}"));
     let path = built.path().to_path_buf();
     map.insert(name.to_string(), path.clone());
     path
+}
+
+/// The cargo features an example needs (its `required-features`).
+fn features_of(example: &str) -> Option<&'static str> {
+    match example {
+        "axum" => Some("axum"),
+        _ => None,
+    }
 }
 
 /// Makes the test process a child subreaper (once).
@@ -621,6 +633,58 @@ pub fn get(addr: SocketAddr, path: &str) -> Result<Reply, String> {
     })
 }
 
+/// One HTTP/1.1 request with `method` on a new connection.
+pub fn request(addr: SocketAddr, method: &str, path: &str) -> Result<Reply, String> {
+    let method = hyper::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
+    runtime().block_on(async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}{path}"))
+            .header("host", addr.to_string())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        reply(resp).await
+    })
+}
+
+/// `GET path` over a plain socket with `Connection: close`; returns the client's local port,
+/// the status code and the body (for checks against what the server saw of the client).
+pub fn get_from_port(addr: SocketAddr, path: &str) -> Result<(u16, u16, String), String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(SOON)).map_err(|e| e.to_string())?;
+    let port = s.local_addr().map_err(|e| e.to_string())?.port();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("write: {e}"))?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)
+        .map_err(|e| format!("read: {e}"))?;
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status line in {answer:?}"))?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((port, status, body))
+}
+
 /// One HTTP/1.1 GET on a new connection to a Unix socket.
 pub fn get_unix(socket: &Path, path: &str) -> Result<Reply, String> {
     runtime().block_on(async {
@@ -1060,6 +1124,22 @@ pub fn restore_binary(name: &str, path: &Path) {
     std::fs::rename(&tmp, path).expect("rename over binary");
 }
 
+/// Waits for the `listen on:` line of the listener named `name` (`listen on: URL (NAME), pid:
+/// N`, as the axum example prints them); returns the line.
+pub fn listen_line_of(lines: &Lines, name: &str) -> String {
+    lines.wait_for(&format!("({name}), pid:"), SOON)
+}
+
+/// The `MAINPID=` of a hand-off datagram.
+pub fn mainpid(notice: &Notice) -> u32 {
+    notice
+        .lines()
+        .iter()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no MAINPID in {notice:?}"))
+}
+
 /// Parses `pid: N` out of a `listen on:` line.
 pub fn pid_in(line: &str) -> u32 {
     line.rsplit("pid: ")
@@ -1075,7 +1155,7 @@ pub fn addr_in(line: &str) -> SocketAddr {
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         + 7;
     let rest = &line[start..];
-    let end = rest.find(',').unwrap_or(rest.len());
+    let end = rest.find([',', ' ']).unwrap_or(rest.len());
     rest[..end]
         .parse()
         .unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"))
