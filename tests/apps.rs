@@ -290,8 +290,9 @@ fn misconfigured(env: &[(&str, &str)], notify: &NotifySocket) -> (Proc, String) 
 #[test]
 fn a_configuration_that_cannot_work_is_an_error_at_start_up() {
     let notify = NotifySocket::new();
-    // name → SERVICES value and the error it must give.
-    let cases: [(&str, fn(&str) -> String, fn(&str) -> String); 3] = [
+    // Each case: its name, the SERVICES value for a listener name, the error it must give.
+    type Case = (&'static str, fn(&str) -> String, fn(&str) -> String);
+    let cases: [Case; 3] = [
         (
             "unclaimed listener",
             |_| String::new(),
