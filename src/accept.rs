@@ -230,6 +230,37 @@ pub(crate) fn unix_peer(s: &tokio::net::UnixStream, path: Option<&std::path::Pat
     Peer::unix(path, credentials)
 }
 
+/// A connection the previous process passed (see `handoff`), ready to be served like one
+/// accepted here: registered, with what is known about it.
+pub(crate) fn adopt_passed(
+    fd: std::os::fd::OwnedFd,
+    listener: Arc<str>,
+    cx: &ConnContext,
+) -> std::io::Result<TrackedIo> {
+    let family = rustix::net::getsockname(&fd)?.address_family();
+    let (sock, peer, local) = if family == rustix::net::AddressFamily::UNIX {
+        let s = std::os::unix::net::UnixStream::from(fd);
+        s.set_nonblocking(true)?;
+        let s = tokio::net::UnixStream::from_std(s)?;
+        let peer_path = s.peer_addr().ok();
+        let peer = unix_peer(&s, peer_path.as_ref().and_then(|a| a.as_pathname()));
+        let local = Local::Unix(
+            s.local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(std::path::Path::to_path_buf)),
+        );
+        (Sock::Unix(s), peer, local)
+    } else {
+        let s = std::net::TcpStream::from(fd);
+        s.set_nonblocking(true)?;
+        let s = tokio::net::TcpStream::from_std(s)?;
+        let (peer, local) = (s.peer_addr()?, s.local_addr()?);
+        (Sock::Tcp(s), Peer::Tcp(peer), Local::Tcp(local))
+    };
+    let info = ConnectionInfo::new(listener, peer, local, cx.handle.clone());
+    Ok(cx.connections.register(sock, info, true))
+}
+
 /// Accepts until `stop`, serving each connection with `service` on a task of its own.
 pub(crate) async fn accept_loop(
     acceptor: Acceptor,

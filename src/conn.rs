@@ -137,6 +137,9 @@ pub(crate) struct Conn {
     pub(crate) fd: RawFd,
     /// A plaintext connection, which a successor can take over.
     pub(crate) passable: bool,
+    /// On its way to the successor: neither cut nor timed out here (a shutdown would end it
+    /// for the successor too).
+    in_flight: AtomicBool,
     pub(crate) info: ConnectionInfo,
 }
 
@@ -149,8 +152,17 @@ impl Conn {
             waker: AtomicWaker::new(),
             fd,
             passable,
+            in_flight: AtomicBool::new(false),
             info,
         }
+    }
+
+    pub(crate) fn mark_in_flight(&self, in_flight: bool) {
+        self.in_flight.store(in_flight, Ordering::Release);
+    }
+
+    pub(crate) fn is_in_flight(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire)
     }
 
     pub(crate) fn phase(&self) -> (Phase, u32) {
@@ -562,10 +574,20 @@ pub(crate) struct Http {
     pub(crate) h2: hyper::server::conn::http2::Builder<TokioExecutor>,
 }
 
-/// Where an accepted connection goes once taken apart for a hand-off.
+/// Where a connection goes once taken apart for a hand-off (`handoff::Outbox`).
 pub(crate) trait HandOff: Send + Sync + 'static {
-    /// Takes the connection; gives it back if it cannot be passed (then it is served here).
-    fn pass(&self, io: TrackedIo, read: Bytes) -> Result<(), (TrackedIo, Bytes)>;
+    /// Takes the connection on its way to the successor; the outcome comes once the successor
+    /// acknowledged it (`Passed`), or it is given back (`Kept`: serve it here).
+    fn pass(&self, io: TrackedIo, read: Bytes) -> tokio::sync::oneshot::Receiver<PassOutcome>;
+}
+
+/// How passing a connection ended.
+#[derive(Debug)]
+pub(crate) enum PassOutcome {
+    /// The successor has it.
+    Passed,
+    /// It is still ours: serve it here (with `Connection: close`).
+    Kept(TrackedIo, Bytes),
 }
 
 impl std::fmt::Debug for dyn HandOff {
@@ -575,10 +597,15 @@ impl std::fmt::Debug for dyn HandOff {
 }
 
 /// Passes `io` to the successor if one takes connections; gives it back otherwise.
-fn pass(slot: &HandOffSlot, io: TrackedIo, read: Bytes) -> Result<(), (TrackedIo, Bytes)> {
-    match slot.get() {
-        Some(h) => h.pass(io, read),
-        None => Err((io, read)),
+async fn pass(slot: &HandOffSlot, io: TrackedIo, read: Bytes) -> Result<(), (TrackedIo, Bytes)> {
+    let Some(h) = slot.get() else {
+        return Err((io, read));
+    };
+    match h.pass(io, read).await {
+        Ok(PassOutcome::Passed) => Ok(()),
+        Ok(PassOutcome::Kept(io, read)) => Err((io, read)),
+        // The hand-off task is gone without a word; the connection went with it.
+        Err(_) => Ok(()),
     }
 }
 
@@ -616,7 +643,7 @@ pub(crate) async fn serve_plain<S, B>(
             Detected::Idle(bits) => {
                 // Nothing was sent on it yet: pass it on as it is, or close it.
                 if bits & HAND_OFF != 0 && conn.passable {
-                    match pass(&hand_off, io, Bytes::new()) {
+                    match pass(&hand_off, io, Bytes::new()).await {
                         Ok(()) => return,
                         Err((back, _)) => return close(back).await,
                     }
@@ -653,7 +680,7 @@ pub(crate) async fn serve_plain<S, B>(
         let tracked = taken.inner;
         let read = join(taken.prefix, read);
         if bits & HAND_OFF != 0 {
-            match pass(&hand_off, tracked, read) {
+            match pass(&hand_off, tracked, read).await {
                 Ok(()) => return,
                 Err((back, read)) => {
                     // Not passed (the successor's channel failed): serve it here, with

@@ -185,14 +185,19 @@ impl Connections {
         }
         registry.ctl_passable |= CUT;
         registry.ctl_other |= CUT;
+        let mut n = 0;
         for (_, conn) in registry.conns.iter() {
+            if conn.is_in_flight() {
+                // The successor's now, or about to be: not ours to end.
+                continue;
+            }
+            n += 1;
             conn.ctl.fetch_or(CUT, Ordering::Release);
             conn.waker.wake();
             // SAFETY: registered fds are open while registered (see `Registration`), and the
             // lock we hold keeps their owners from deregistering, hence from closing them.
             unsafe { crate::sys::shutdown_registered(conn.fd) };
         }
-        let n = registry.conns.len();
         registry.cut = Some(n);
         drop(registry);
         // Hooks still running are abandoned; tasks still holding a connection drop it now.
@@ -242,6 +247,7 @@ impl Connections {
                     let (phase, since) = conn.phase();
                     if phase.is_timed()
                         && now.wrapping_sub(since) > limit
+                        && !conn.is_in_flight()
                         && conn.ctl.fetch_or(CUT, Ordering::Release) & CUT == 0
                     {
                         shared.timed_out.fetch_add(1, Ordering::Relaxed);

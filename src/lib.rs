@@ -61,6 +61,7 @@ mod conn_info;
 mod drain;
 mod error;
 mod handle;
+mod handoff;
 mod hooks;
 mod lifecycle;
 mod listen;

@@ -75,9 +75,18 @@ pub(crate) fn set_cloexec_raw(fd: RawFd) -> io::Result<()> {
 pub(crate) fn register_readable(
     fd: OwnedFd,
 ) -> Result<tokio::io::unix::AsyncFd<OwnedFd>, (OwnedFd, io::Error)> {
+    register(fd, tokio::io::Interest::READABLE)
+}
+
+/// Registers an owned fd with the tokio reactor for `interest`. On failure the fd is given back
+/// with the error.
+pub(crate) fn register(
+    fd: OwnedFd,
+    interest: tokio::io::Interest,
+) -> Result<tokio::io::unix::AsyncFd<OwnedFd>, (OwnedFd, io::Error)> {
     // SAFETY: an OwnedFd is open for as long as it lives and always returns the same number
     // from as_raw_fd; the AsyncFd owns it until it is dropped.
-    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
         .map_err(|e| e.into_parts())
 }
 

@@ -1,0 +1,445 @@
+//! Passing established HTTP/1 connections to the successor, so that an idle keep-alive client
+//! never sees its connection closed by a restart.
+//!
+//! Closing an idle keep-alive connection races with the client's next request (RFC 9112
+//! 9.3.1): on a real network the request may be on the wire for a round trip, and is lost.
+//! Instead, after a hand-off, the old process passes every plaintext HTTP/1 connection to the
+//! new process at a request boundary: at once if it is idle, right after its response if it is
+//! busy. The socket goes over the parent/child channel with `SCM_RIGHTS`, together with the
+//! bytes hyper had read from it that no request consumed (pipelined or early bytes) and the
+//! name of its listener; the new process serves it exactly as a freshly accepted connection,
+//! first feeding it those bytes. The client sees nothing.
+//!
+//! # The channel
+//! A `SOCK_SEQPACKET` socket pair made for each restart (see `restart`): the new process has
+//! its end at the fd named by `HANDOVER_CHANNEL_FD`, and says it takes connections with the
+//! [`ACCEPTS_CONNECTIONS`] line in its `READY=1` message. Messages, old → new:
+//! - `CONNS <seq> <n>\n`, then for each connection `<listener name>\n<byte count>\n<bytes>`,
+//!   with the `n` sockets attached (`SCM_RIGHTS`, in the same order);
+//! - `DONE\n`: nothing more will come.
+//!
+//! New → old: `ACK <seq>\n`, sent as soon as a batch is received, **before** any of its
+//! connections is read from.
+//!
+//! # Invariants
+//! - A connection is served by exactly one process at any time. The old process stops
+//!   serving it before passing it (hyper has let go of it: it was taken apart between two
+//!   requests), and the new one starts only after acknowledging it. The old process keeps its
+//!   copy of the socket until the acknowledgement: if the new process dies before that, it never
+//!   read from the connection, so the old one can still serve it (fallback).
+//! - The old process closes its copy only after the acknowledgement, and never shuts a passed
+//!   socket down (a shutdown acts on the socket, not on one process's fd): the forced cut skips
+//!   connections in flight.
+//! - Batches of at most [`MAX_BATCH`] sockets and [`MAX_BATCH_BYTES`] bytes, at most
+//!   [`WINDOW`] batches unacknowledged: a flood of connections moves without blocking the old
+//!   process, and without more sockets in flight than the kernel allows a sender.
+//! - What goes wrong (a send fails, the new process dies or stops reading) falls back to
+//!   what happens without a successor that takes connections: `Connection: close` on the next
+//!   response, and the keep-alive grace, for every connection not acknowledged yet.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::accept::{ConnContext, ServeConn};
+use crate::conn::{HandOff, PassOutcome, TrackedIo};
+
+/// The line a new process adds to its `READY=1` when it takes connections.
+pub(crate) const ACCEPTS_CONNECTIONS: &str = "X_HANDOVER_CONNECTIONS=1";
+
+/// Most sockets in one message (the kernel allows 253).
+pub(crate) const MAX_BATCH: usize = 64;
+/// Most carried bytes in one message; a connection with more is not passed.
+pub(crate) const MAX_BATCH_BYTES: usize = 48 * 1024;
+/// Most batches sent and not acknowledged.
+pub(crate) const WINDOW: usize = 8;
+
+// ---------------------------------------------------------------------------------------------
+// The old process's side.
+
+/// A connection on its way to the successor, and where to report how it went.
+struct Parcel {
+    io: TrackedIo,
+    read: Bytes,
+    done: oneshot::Sender<PassOutcome>,
+}
+
+/// Where connection tasks put the connections they pass; see [`send`].
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    tx: mpsc::UnboundedSender<Parcel>,
+    failed: Arc<AtomicBool>,
+}
+
+impl HandOff for Outbox {
+    fn pass(&self, io: TrackedIo, read: Bytes) -> oneshot::Receiver<PassOutcome> {
+        let (done, outcome) = oneshot::channel();
+        if self.failed.load(Ordering::Acquire) || read.len() > MAX_BATCH_BYTES {
+            let _ = done.send(PassOutcome::Kept(io, read));
+            return outcome;
+        }
+        io.conn().mark_in_flight(true);
+        if let Err(mpsc::error::SendError(p)) = self.tx.send(Parcel { io, read, done }) {
+            p.io.conn().mark_in_flight(false);
+            let _ = p.done.send(PassOutcome::Kept(p.io, p.read));
+        }
+        outcome
+    }
+}
+
+/// How the passing went, for the drain's report.
+#[derive(Debug, Default)]
+pub(crate) struct Sent {
+    /// Connections the successor acknowledged.
+    pub(crate) passed: AtomicUsize,
+    /// Connections given back (the channel failed): served here, with `Connection: close`.
+    pub(crate) kept: AtomicUsize,
+    /// Set when the channel failed; every later connection is kept.
+    pub(crate) failed: Arc<AtomicBool>,
+    /// Notified when `failed` is set.
+    pub(crate) on_failure: Notify,
+}
+
+/// Starts passing connections to the successor over `channel`. Returns where to put them and
+/// the counters; the task ends once the outbox is dropped and everything sent was
+/// acknowledged (then it sends `DONE`), or the channel fails.
+pub(crate) fn send(channel: OwnedFd, to_pid: u32) -> std::io::Result<(Arc<Outbox>, Arc<Sent>)> {
+    let channel = crate::sys::register(channel, Interest::READABLE | Interest::WRITABLE)
+        .map_err(|(_, e)| e)?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let sent = Arc::new(Sent::default());
+    let outbox = Arc::new(Outbox {
+        tx,
+        failed: Arc::clone(&sent.failed),
+    });
+    tokio::spawn(sender(channel, rx, Arc::clone(&sent), to_pid));
+    Ok((outbox, sent))
+}
+
+async fn sender(
+    channel: AsyncFd<OwnedFd>,
+    mut rx: mpsc::UnboundedReceiver<Parcel>,
+    sent: Arc<Sent>,
+    to_pid: u32,
+) {
+    let mut unacked: VecDeque<(u64, Vec<Parcel>)> = VecDeque::new();
+    // A parcel that did not fit in the last batch: the first of the next one.
+    let mut next: Option<Parcel> = None;
+    let mut seq = 0u64;
+    let mut open = true;
+    let failure = loop {
+        if !open && next.is_none() && unacked.is_empty() {
+            // Everything passed: tell the successor, which then stops listening.
+            let _ = channel
+                .async_io(Interest::WRITABLE, |fd| send_msg(fd, b"DONE\n", &[]))
+                .await;
+            break None;
+        }
+        let room = unacked.len() < WINDOW;
+        tokio::select! {
+            biased;
+            ack = channel.async_io(Interest::READABLE, recv_ack), if !unacked.is_empty() => match ack {
+                Ok(Some(acked)) => acknowledged(&mut unacked, acked, &sent),
+                Ok(None) => break Some(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the new process closed the connection channel",
+                )),
+                Err(e) => break Some(e),
+            },
+            parcel = next_parcel(&mut next, &mut rx), if room && (open || next.is_some()) => {
+                let Some(first) = parcel else {
+                    open = false;
+                    continue;
+                };
+                let batch = fill_batch(first, &mut rx, &mut next);
+                if let Err(e) = send_batch(&channel, seq, &batch).await {
+                    give_back(batch, &sent);
+                    break Some(e);
+                }
+                tracing::debug!(seq, connections = batch.len(), to_pid, "passing connections to the new process");
+                unacked.push_back((seq, batch));
+                seq += 1;
+            }
+        }
+    };
+    if let Some(e) = failure {
+        tracing::warn!(error = %e, to_pid, "passing connections to the new process failed; the rest are served here until they close (Connection: close)");
+        sent.failed.store(true, Ordering::Release);
+        sent.on_failure.notify_waiters();
+        // Not acknowledged: the successor never read from them (it acknowledges first), so
+        // they are still ours to serve.
+        for (_, batch) in unacked {
+            give_back(batch, &sent);
+        }
+        give_back(next, &sent);
+        rx.close();
+        while let Ok(p) = rx.try_recv() {
+            give_back(std::iter::once(p), &sent);
+        }
+    }
+    let passed = sent.passed.load(Ordering::Relaxed);
+    let kept = sent.kept.load(Ordering::Relaxed);
+    tracing::info!(passed, kept, to_pid, "connection hand-off finished");
+}
+
+async fn next_parcel(
+    next: &mut Option<Parcel>,
+    rx: &mut mpsc::UnboundedReceiver<Parcel>,
+) -> Option<Parcel> {
+    match next.take() {
+        Some(p) => Some(p),
+        None => rx.recv().await,
+    }
+}
+
+/// A batch from `first` and what is queued, within the batch limits; what does not fit goes
+/// to `next`.
+fn fill_batch(
+    first: Parcel,
+    rx: &mut mpsc::UnboundedReceiver<Parcel>,
+    next: &mut Option<Parcel>,
+) -> Vec<Parcel> {
+    let mut bytes = first.read.len();
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(p) if bytes + p.read.len() <= MAX_BATCH_BYTES => {
+                bytes += p.read.len();
+                batch.push(p);
+            }
+            Ok(p) => {
+                *next = Some(p);
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// The batches up to `acked` are the successor's now.
+fn acknowledged(unacked: &mut VecDeque<(u64, Vec<Parcel>)>, acked: u64, sent: &Sent) {
+    while unacked.front().is_some_and(|(s, _)| *s <= acked) {
+        let Some((_, batch)) = unacked.pop_front() else {
+            break;
+        };
+        sent.passed.fetch_add(batch.len(), Ordering::Relaxed);
+        for parcel in batch {
+            // Dropping the parcel closes our copy of the socket (never a shutdown, which
+            // would end the connection for the successor too).
+            let _ = parcel.done.send(PassOutcome::Passed);
+        }
+    }
+}
+
+fn give_back(parcels: impl IntoIterator<Item = Parcel>, sent: &Sent) {
+    for p in parcels {
+        p.io.conn().mark_in_flight(false);
+        sent.kept.fetch_add(1, Ordering::Relaxed);
+        let _ = p.done.send(PassOutcome::Kept(p.io, p.read));
+    }
+}
+
+async fn send_batch(channel: &AsyncFd<OwnedFd>, seq: u64, batch: &[Parcel]) -> std::io::Result<()> {
+    let mut msg = format!("CONNS {seq} {}\n", batch.len()).into_bytes();
+    for p in batch {
+        msg.extend_from_slice(p.io.conn().info.listener().as_bytes());
+        msg.push(b'\n');
+        msg.extend_from_slice(p.read.len().to_string().as_bytes());
+        msg.push(b'\n');
+        msg.extend_from_slice(&p.read);
+    }
+    let fds: Vec<BorrowedFd<'_>> = batch.iter().map(|p| p.io.as_fd()).collect();
+    channel
+        .async_io(Interest::WRITABLE, |fd| send_msg(fd, &msg, &fds))
+        .await
+}
+
+fn send_msg(fd: &OwnedFd, msg: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_BATCH))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(std::io::Error::other("too many sockets for one message"));
+    }
+    let n = rustix::net::sendmsg(
+        fd,
+        &[IoSlice::new(msg)],
+        &mut control,
+        SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+    )?;
+    if n != msg.len() {
+        return Err(std::io::Error::other("a connection message was cut short"));
+    }
+    Ok(())
+}
+
+/// `Ok(Some(seq))`: the batches up to `seq` are acknowledged. `Ok(None)`: end of the channel.
+fn recv_ack(fd: &OwnedFd) -> std::io::Result<Option<u64>> {
+    let mut buf = [0u8; 64];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = rustix::net::recvmsg(
+        fd,
+        &mut [std::io::IoSliceMut::new(&mut buf)],
+        &mut control,
+        RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
+    )?;
+    if msg.bytes == 0 {
+        return Ok(None);
+    }
+    let text = std::str::from_utf8(&buf[..msg.bytes]).unwrap_or("");
+    text.strip_prefix("ACK ")
+        .and_then(|s| s.trim().parse().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("unexpected message on the connection channel: {text:?}"),
+            )
+        })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The new process's side.
+
+/// Receives the connections the previous process passes, until it says `DONE` (or the
+/// channel ends), and serves each with the service of its listener.
+pub(crate) async fn receive(
+    channel: OwnedFd,
+    services: Vec<(Arc<str>, Box<dyn ServeConn>)>,
+    cx: ConnContext,
+) -> usize {
+    let channel = match crate::sys::register(channel, Interest::READABLE | Interest::WRITABLE) {
+        Ok(c) => c,
+        Err((_, e)) => {
+            tracing::error!(error = %e, "cannot watch the connection channel; no connections will be taken over");
+            return 0;
+        }
+    };
+    let mut taken = 0;
+    let mut buf = vec![0u8; MAX_BATCH_BYTES + 64 * (MAX_BATCH + 1)];
+    loop {
+        let received = channel
+            .async_io(Interest::READABLE, |fd| recv_batch(fd, &mut buf))
+            .await;
+        let (len, fds) = match received {
+            Ok(Some(x)) => x,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "the connection channel failed");
+                break;
+            }
+        };
+        let Some(batch) = parse_batch(&buf[..len], fds) else {
+            if buf[..len] == *b"DONE\n" {
+                break;
+            }
+            tracing::warn!("unexpected message on the connection channel; ignored");
+            continue;
+        };
+        // Acknowledge first: until this is sent, the connections are still the old process's.
+        let ack = format!("ACK {}\n", batch.seq);
+        if let Err(e) = channel
+            .async_io(Interest::WRITABLE, |fd| send_msg(fd, ack.as_bytes(), &[]))
+            .await
+        {
+            tracing::warn!(error = %e, "could not acknowledge passed connections; the old process keeps them");
+            break;
+        }
+        for (name, read, fd) in batch.conns {
+            let Some((_, service)) = services.iter().find(|(n, _)| **n == *name) else {
+                tracing::warn!(listener = %name, "a connection from a listener this process does not serve was passed; closing it");
+                continue;
+            };
+            match crate::accept::adopt_passed(fd, Arc::from(name.as_str()), &cx) {
+                Ok(io) => {
+                    taken += 1;
+                    tokio::spawn(service.serve(io, read, &cx));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "a passed connection could not be served; closing it")
+                }
+            }
+        }
+    }
+    tracing::info!(
+        connections = taken,
+        "took over connections from the previous process"
+    );
+    taken
+}
+
+struct Batch {
+    seq: u64,
+    conns: Vec<(String, Bytes, OwnedFd)>,
+}
+
+fn recv_batch(fd: &OwnedFd, buf: &mut [u8]) -> std::io::Result<Option<(usize, Vec<OwnedFd>)>> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_BATCH))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = rustix::net::recvmsg(
+        fd,
+        &mut [std::io::IoSliceMut::new(buf)],
+        &mut control,
+        RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
+    )?;
+    if msg.bytes == 0 && !msg.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+        return Ok(None);
+    }
+    let mut fds = Vec::new();
+    for cmsg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = cmsg {
+            fds.extend(received);
+        }
+    }
+    Ok(Some((msg.bytes, fds)))
+}
+
+/// Parses a `CONNS` message; `None` if it is not one, or is malformed (then its sockets are
+/// closed, which the old process sees as connections it never got acknowledged: it keeps
+/// serving them).
+fn parse_batch(mut msg: &[u8], fds: Vec<OwnedFd>) -> Option<Batch> {
+    let header = take_line(&mut msg)?;
+    let mut words = header.strip_prefix("CONNS ")?.split(' ');
+    let seq: u64 = words.next()?.parse().ok()?;
+    let n: usize = words.next()?.parse().ok()?;
+    if n != fds.len() {
+        return None;
+    }
+    let mut conns = Vec::with_capacity(n);
+    for fd in fds {
+        let name = take_line(&mut msg)?.to_string();
+        let len: usize = take_line(&mut msg)?.parse().ok()?;
+        let read = Bytes::copy_from_slice(msg.get(..len)?);
+        msg = &msg[len..];
+        conns.push((name, read, fd));
+    }
+    Some(Batch { seq, conns })
+}
+
+fn take_line<'a>(msg: &mut &'a [u8]) -> Option<&'a str> {
+    let end = msg.iter().position(|&b| b == b'\n')?;
+    let line = std::str::from_utf8(&msg[..end]).ok()?;
+    *msg = &msg[end + 1..];
+    Some(line)
+}
+
+impl std::fmt::Debug for Parcel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parcel")
+            .field("read", &self.read.len())
+            .finish_non_exhaustive()
+    }
+}
