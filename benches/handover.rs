@@ -4,23 +4,42 @@
 //! Run with `cargo bench --bench handover`; `HANDOVER_BENCH_QUICK=1` for a smoke run of a few
 //! seconds (`tests/bench_smoke.rs` runs it so, in the test profile). Both examples are built
 //! with escargot in the bench's profile (release, under `cargo bench`) and run as processes;
-//! all traffic is HTTP/1.1 over loopback. What is measured:
+//! all traffic is over loopback. What is measured:
 //!
-//! 1. **Throughput**: requests/s of `hello` and `plain` under the same keep-alive load, runs
+//! 1. **Instructions per request** (the headline: deterministic, unlike wall-clock time on a
+//!    shared machine): each server under `valgrind --tool=callgrind`, the marginal cost of
+//!    `HANDOVER_BENCH_CG_REQUESTS` requests after `HANDOVER_BENCH_CG_BASE` (callgrind dumps
+//!    between the phases, so start-up and shutdown cancel out; see `handover/instr.rs`), for
+//!    HTTP/1.1 keep-alive, HTTP/2 (prior knowledge, several streams per connection) and a new
+//!    connection per request (`Connection: close`). Ratio plain/hello (target: ≥ 0.97 for
+//!    HTTP/1.1 keep-alive). Valgrind is installed with apt-get if missing and we are root;
+//!    otherwise, and in quick mode without valgrind, the scenario prints `SKIPPED:` and why.
+//! 2. **Throughput**: requests/s of `hello` and `plain` under the same keep-alive load, runs
 //!    alternating, medians compared (target: ratio ≥ 0.97). Also the server CPU time per request.
-//! 2. **Restarts under load**: failed requests over N restarts (SIGUSR1, wait for the
+//! 3. **Restarts under load**: failed requests over N restarts (SIGUSR1, wait for the
 //!    `MAINPID=`+`READY=1` datagram, wait for the old process to exit, next) under keep-alive
 //!    load, with the instant handler and with `/?sleep_ms=200` (target: 0 failed).
-//! 3. **Restart latency**: SIGUSR1 → `MAINPID`/`READY=1` received, against the time a fresh
+//! 4. **Restart latency**: SIGUSR1 → `MAINPID`/`READY=1` received, against the time a fresh
 //!    `hello` takes from spawn to `READY=1` in the same conditions (target: within process
 //!    start + 20 ms): idle, and under load (a fresh `hello` on another port is started and
 //!    stopped right before each restart); and from the last connection to the old process seen
 //!    closed to that process's exit.
-//! 4. **Idle shutdown**: SIGTERM → exit, `hello` and `plain`.
-//! 5. **Drain at scale**: RSS per idle keep-alive connection with 10,000 of them (target: less
+//! 5. **Idle shutdown**: SIGTERM → exit, `hello` and `plain`.
+//! 6. **Drain at scale**: RSS per idle keep-alive connection with 10,000 of them (target: less
 //!    than 1 KiB more than `plain`), then SIGTERM → exit of `hello` (target: < 250 ms).
 //!
 //! Sizes come from the environment (defaults in brackets, quick mode in braces):
+//! `HANDOVER_BENCH_CG_BASE` [5000] {100} and `HANDOVER_BENCH_CG_REQUESTS` [20000] {200}
+//! requests before and between the callgrind dumps, `HANDOVER_BENCH_CG_CONNS` [10] {4}
+//! keep-alive connections (and concurrent `Connection: close` clients),
+//! `HANDOVER_BENCH_CG_H2_CONNS` [2] × `HANDOVER_BENCH_CG_H2_STREAMS` [5] concurrent HTTP/2
+//! streams, `HANDOVER_BENCH_CG_SCENARIOS` [h1,h2,close] {h1},
+//! `HANDOVER_BENCH_CG_CLOSE_RUNS` [3] {1} runs of each server for `Connection: close` (its
+//! per-connection buffer growth costs what glibc's heap layout makes it, which varies between
+//! runs; the median is reported), `HANDOVER_BENCH_CG_DIR`
+//! [target/callgrind] {target/callgrind-quick} where the callgrind files are kept for
+//! `callgrind_annotate`,
+//! `HANDOVER_BENCH_CG_TIMEOUT_S` [300] bound on each phase;
 //! `HANDOVER_BENCH_CONNS` [50] {8} keep-alive connections for throughput,
 //! `HANDOVER_BENCH_WARMUP_MS` [500] {100} and `HANDOVER_BENCH_WINDOW_MS` [3000] {300} per run,
 //! `HANDOVER_BENCH_RUNS` [5] {1} runs per server, `HANDOVER_BENCH_MAX_PER_CONN` [10000000]
@@ -31,12 +50,14 @@
 //! server, alternating; medians reported), `HANDOVER_BENCH_NOFILE` [30000] (`RLIMIT_NOFILE`
 //! set here and inherited by the servers), `HANDOVER_BENCH_CLIENT_THREADS` [2] load generator
 //! threads, `HANDOVER_BENCH_LOG` [info] the servers' `RUST_LOG`, `HANDOVER_BENCH_ONLY`
-//! (comma-separated subset of `throughput,restart,startstop,scale`), `HANDOVER_BENCH_ECHO=1`
-//! to echo the servers' output.
+//! (comma-separated subset of `instructions,throughput,restart,startstop,scale`),
+//! `HANDOVER_BENCH_ECHO=1` to echo the servers' output.
 //!
 //! Every loop is bounded in count and time; every process started (or taken over by restart)
 //! is tracked by pidfd, ended at the end of its scenario, and checked gone at the end.
 
+#[path = "handover/instr.rs"]
+mod instr;
 #[path = "handover/load.rs"]
 mod load;
 #[path = "handover/procs.rs"]
@@ -75,6 +96,7 @@ pub(crate) struct Config {
     nofile: u64,
     client_threads: usize,
     log: String,
+    instr: instr::Settings,
 }
 
 fn env_or<T: FromStr>(name: &str, default: T) -> T {
@@ -114,6 +136,44 @@ impl Config {
             nofile: env_or("HANDOVER_BENCH_NOFILE", 30_000),
             client_threads: env_or("HANDOVER_BENCH_CLIENT_THREADS", 2),
             log: std::env::var("HANDOVER_BENCH_LOG").unwrap_or_else(|_| "info".into()),
+            instr: instr::Settings {
+                base: env_or("HANDOVER_BENCH_CG_BASE", q(5_000, 100)),
+                marginal: env_or("HANDOVER_BENCH_CG_REQUESTS", q(20_000, 200)).max(1),
+                conns: env_or("HANDOVER_BENCH_CG_CONNS", q(10, 4) as usize).max(1),
+                h2_conns: env_or("HANDOVER_BENCH_CG_H2_CONNS", 2).max(1),
+                h2_streams: env_or("HANDOVER_BENCH_CG_H2_STREAMS", 5).max(1),
+                scenarios: std::env::var("HANDOVER_BENCH_CG_SCENARIOS")
+                    .unwrap_or_else(|_| if quick { "h1" } else { "h1,h2,close" }.into())
+                    .split(',')
+                    .filter_map(|k| {
+                        let k = k.trim();
+                        let s = instr::Scenario::parse(k);
+                        if s.is_none() {
+                            eprintln!(
+                                "warning: HANDOVER_BENCH_CG_SCENARIOS: unknown {k:?} \
+                                 (known: h1, h2, close); ignored"
+                            );
+                        }
+                        s
+                    })
+                    .collect(),
+                close_runs: env_or("HANDOVER_BENCH_CG_CLOSE_RUNS", q(3, 1) as usize).max(1),
+                dir: std::env::var_os("HANDOVER_BENCH_CG_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| {
+                        // Quick runs (debug builds) must not overwrite a full run's files.
+                        let dir = if quick {
+                            "callgrind-quick"
+                        } else {
+                            "callgrind"
+                        };
+                        Path::new(env!("CARGO_MANIFEST_DIR"))
+                            .join("target")
+                            .join(dir)
+                    }),
+                timeout: Duration::from_secs(env_or("HANDOVER_BENCH_CG_TIMEOUT_S", 300)),
+                install: !quick,
+            },
         }
     }
 
@@ -313,21 +373,21 @@ fn throughput(ctx: &Ctx) -> Result<Vec<Row>, String> {
     let conns = cfg.conns;
     Ok(vec![
         row(
-            format!("1. throughput, req/s ({conns} keep-alive conns, median of {runs} runs)"),
+            format!("2. throughput, req/s ({conns} keep-alive conns, median of {runs} runs)"),
             format!("{:.0}", rps(0)),
             format!("{:.0} (plain)", rps(1)),
             format!("ratio {ratio:.3} (≥ 0.97)"),
             Some(ratio >= 0.97),
         ),
         row(
-            "1. server CPU time per request, µs (median)",
+            "2. server CPU time per request, µs (median)",
             format!("{:.2}", cpu(0)),
             format!("{:.2} (plain)", cpu(1)),
             format!("ratio {cpu_ratio:.3} (info)"),
             None,
         ),
         row(
-            "1. failed requests in the throughput runs",
+            "2. failed requests in the throughput runs",
             failed(0).to_string(),
             format!("{} (plain)", failed(1)),
             "0",
@@ -476,7 +536,7 @@ fn restart_rows(r: &Restarts, label: &str, n: usize, conns: usize) -> Vec<Row> {
         eprintln!("  {label}: failed request: {e}");
     }
     let mut rows = vec![row(
-        format!("2. failed requests over {n} restarts, {conns} keep-alive conns, {label}"),
+        format!("3. failed requests over {n} restarts, {conns} keep-alive conns, {label}"),
         format!("{failed} (of {} ok, {} restarts done)", r.report.ok, r.done),
         "—",
         "0",
@@ -489,7 +549,7 @@ fn restart_rows(r: &Restarts, label: &str, n: usize, conns: usize) -> Vec<Row> {
         "process start under this load",
     ));
     rows.push(row(
-        format!("3. last conn to old pid closed → old pid exited, ms, median / p99 ({label})"),
+        format!("4. last conn to old pid closed → old pid exited, ms, median / p99 ({label})"),
         format!(
             "{:.2} / {:.2}{}",
             median(&r.close_to_exit),
@@ -505,7 +565,7 @@ fn restart_rows(r: &Restarts, label: &str, n: usize, conns: usize) -> Vec<Row> {
         None,
     ));
     rows.push(row(
-        format!("3. MAINPID received → old pid exited (drain), ms, median / p99 ({label})"),
+        format!("4. MAINPID received → old pid exited (drain), ms, median / p99 ({label})"),
         format!("{:.1} / {:.1}", median(&r.drain), p99(&r.drain)),
         "—",
         "info",
@@ -521,14 +581,14 @@ fn latency_rows(latency: &[f64], label: &str, start: &[f64], what: &str) -> Vec<
     let judge = |v: f64, s: f64| (!start.is_empty()).then_some(v <= s + 20.0);
     vec![
         row(
-            format!("3. restart latency SIGUSR1 → MAINPID+READY, ms, median ({label})"),
+            format!("4. restart latency SIGUSR1 → MAINPID+READY, ms, median ({label})"),
             format!("{m:.1}"),
             format!("{sm:.1} ({what}, median)"),
             format!("≤ {:.1} (start + 20)", sm + 20.0),
             judge(m, sm),
         ),
         row(
-            format!("3. restart latency SIGUSR1 → MAINPID+READY, ms, p99 ({label})"),
+            format!("4. restart latency SIGUSR1 → MAINPID+READY, ms, p99 ({label})"),
             format!("{p:.1}"),
             format!("{sp:.1} ({what}, p99)"),
             format!("≤ {:.1} (start + 20)", sp + 20.0),
@@ -731,8 +791,16 @@ pub(crate) fn run(cfg: Config) -> bool {
         errors.push(format!("{what}: {e}"));
     };
 
+    if ctx.cfg.enabled("instructions") {
+        eprintln!("1. instructions per request under callgrind, hello vs plain");
+        match instr::rows(&ctx, &ctx.cfg.instr) {
+            Ok(r) => rows.extend(r),
+            Err(e) => fail("instructions", e),
+        }
+    }
+
     if ctx.cfg.enabled("throughput") {
-        eprintln!("1. throughput, hello vs plain");
+        eprintln!("2. throughput, hello vs plain");
         match throughput(&ctx) {
             Ok(r) => rows.extend(r),
             Err(e) => fail("throughput", e),
@@ -743,7 +811,7 @@ pub(crate) fn run(cfg: Config) -> bool {
         let (n, conns) = (ctx.cfg.restarts, ctx.cfg.restart_conns);
         let slow = format!("/?sleep_ms={}", ctx.cfg.sleep_ms);
         for (label, path) in [("instant handler", "/"), (slow.as_str(), slow.as_str())] {
-            eprintln!("2/3. {n} restarts under load, {label}");
+            eprintln!("3/4. {n} restarts under load, {label}");
             match restarts(&ctx, path) {
                 Ok(r) => rows.extend(restart_rows(&r, label, n, conns)),
                 Err(e) => fail(&format!("restarts ({label})"), e),
@@ -752,11 +820,11 @@ pub(crate) fn run(cfg: Config) -> bool {
     }
 
     if ctx.cfg.enabled("startstop") {
-        eprintln!("3/4. start, idle restart and idle shutdown cycles");
+        eprintln!("4/5. start, idle restart and idle shutdown cycles");
         match start_stop(&ctx) {
             Ok(s) => {
                 rows.push(row(
-                    "3. process start, idle: spawn → READY=1, ms, median / p99 (reference)",
+                    "4. process start, idle: spawn → READY=1, ms, median / p99 (reference)",
                     format!("{:.1} / {:.1}", median(&s.start), p99(&s.start)),
                     "—",
                     "info",
@@ -770,7 +838,7 @@ pub(crate) fn run(cfg: Config) -> bool {
                 ));
                 let (h, p) = (median(&s.stop_hello), median(&s.stop_plain));
                 rows.push(row(
-                    "4. idle shutdown SIGTERM → exit, ms, median",
+                    "5. idle shutdown SIGTERM → exit, ms, median",
                     format!("{h:.2} (p99 {:.2})", p99(&s.stop_hello)),
                     format!("{p:.2} (plain, p99 {:.2})", p99(&s.stop_plain)),
                     format!("ratio {:.2} (info)", h / p),
@@ -783,7 +851,7 @@ pub(crate) fn run(cfg: Config) -> bool {
 
     if ctx.cfg.enabled("scale") {
         let n = ctx.cfg.idle_conns;
-        eprintln!("5. {n} idle keep-alive connections");
+        eprintln!("6. {n} idle keep-alive connections");
         match scale(&ctx) {
             Ok(s) => {
                 let rounds = ctx.cfg.scale_rounds;
@@ -797,7 +865,7 @@ pub(crate) fn run(cfg: Config) -> bool {
                 };
                 rows.push(row(
                     format!(
-                        "5. RSS per idle keep-alive conn, bytes ({n} conns, median of {rounds})"
+                        "6. RSS per idle keep-alive conn, bytes ({n} conns, median of {rounds})"
                     ),
                     format!("{h:.0} ({})", values(&s.per_conn[0])),
                     format!("{p:.0} (plain: {})", values(&s.per_conn[1])),
@@ -807,7 +875,7 @@ pub(crate) fn run(cfg: Config) -> bool {
                 let (h, p) = (median(&s.stop[0]), median(&s.stop[1]));
                 rows.push(row(
                     format!(
-                        "5. SIGTERM → exit with {n} idle conns (drain), ms, median of {rounds}"
+                        "6. SIGTERM → exit with {n} idle conns (drain), ms, median of {rounds}"
                     ),
                     format!("{h:.1} (max {:.1})", p99(&s.stop[0])),
                     format!("{p:.1} (plain, no drain; max {:.1})", p99(&s.stop[1])),
