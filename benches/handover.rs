@@ -14,8 +14,10 @@
 //!    connection per request (`Connection: close`). Ratio plain/hello (target: ≥ 0.97 for
 //!    HTTP/1.1 keep-alive). Valgrind is installed with apt-get if missing and we are root;
 //!    otherwise, and in quick mode without valgrind, the scenario prints `SKIPPED:` and why.
-//! 2. **Throughput**: requests/s of `hello` and `plain` under the same keep-alive load, runs
-//!    alternating, medians compared (target: ratio ≥ 0.97). Also the server CPU time per request.
+//! 2. **Throughput**: requests/s of `hello` and `plain` under the same HTTP/1.1 keep-alive
+//!    load, in interleaved pairs of short runs (which server goes first alternates), the
+//!    hello/plain ratio taken within each pair: median and spread of those ratios (target:
+//!    ≥ 0.97). Also the server CPU time per request.
 //! 3. **Restarts under load**: failed requests over N restarts (SIGUSR1, wait for the
 //!    `MAINPID=`+`READY=1` datagram, wait for the old process to exit, next) under keep-alive
 //!    load, with the instant handler and with `/?sleep_ms=200` (target: 0 failed).
@@ -41,8 +43,8 @@
 //! `callgrind_annotate`,
 //! `HANDOVER_BENCH_CG_TIMEOUT_S` [300] bound on each phase;
 //! `HANDOVER_BENCH_CONNS` [50] {8} keep-alive connections for throughput,
-//! `HANDOVER_BENCH_WARMUP_MS` [500] {100} and `HANDOVER_BENCH_WINDOW_MS` [3000] {300} per run,
-//! `HANDOVER_BENCH_RUNS` [5] {1} runs per server, `HANDOVER_BENCH_MAX_PER_CONN` [10000000]
+//! `HANDOVER_BENCH_WARMUP_MS` [300] {100} and `HANDOVER_BENCH_WINDOW_MS` [2000] {200} per run,
+//! `HANDOVER_BENCH_PAIRS` [9] {2} pairs of runs, `HANDOVER_BENCH_MAX_PER_CONN` [10000000]
 //! {20000} requests per connection and run, `HANDOVER_BENCH_RESTARTS` [20] {2},
 //! `HANDOVER_BENCH_RESTART_CONNS` [50] {10}, `HANDOVER_BENCH_SLEEP_MS` [200] {200},
 //! `HANDOVER_BENCH_STARTS` [20] {3} start/restart/stop cycles at idle,
@@ -85,7 +87,7 @@ pub(crate) struct Config {
     conns: usize,
     warmup: Duration,
     window: Duration,
-    runs: usize,
+    pairs: usize,
     max_per_conn: u64,
     restarts: usize,
     restart_conns: usize,
@@ -123,9 +125,9 @@ impl Config {
                 .ok()
                 .map(|v| v.split(',').map(|s| s.trim().to_string()).collect()),
             conns: env_or("HANDOVER_BENCH_CONNS", q(50, 8) as usize),
-            warmup: ms("HANDOVER_BENCH_WARMUP_MS", 500, 100),
-            window: ms("HANDOVER_BENCH_WINDOW_MS", 3000, 300),
-            runs: env_or("HANDOVER_BENCH_RUNS", q(5, 1) as usize).max(1),
+            warmup: ms("HANDOVER_BENCH_WARMUP_MS", 300, 100),
+            window: ms("HANDOVER_BENCH_WINDOW_MS", 2000, 200),
+            pairs: env_or("HANDOVER_BENCH_PAIRS", q(9, 2) as usize).max(1),
             max_per_conn: env_or("HANDOVER_BENCH_MAX_PER_CONN", q(10_000_000, 20_000)),
             restarts: env_or("HANDOVER_BENCH_RESTARTS", q(20, 2) as usize),
             restart_conns: env_or("HANDOVER_BENCH_RESTART_CONNS", q(50, 10) as usize),
@@ -327,71 +329,93 @@ fn throughput(ctx: &Ctx) -> Result<Vec<Row>, String> {
     for s in &servers {
         procs::get(s.addr)?;
     }
-    let mut samples: [Vec<Sample>; 2] = Default::default();
-    for run in 0..cfg.runs {
-        // Alternate which goes first, so a trend in the machine's load hits both alike.
-        let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
+    // Pairs of back-to-back runs, one of each server, which goes first alternating: a change in
+    // the machine's load (other tenants of the two shared CPUs) hits both runs of a pair alike,
+    // and the ratio within a pair is what is compared, not the absolute rates.
+    let mut rps: [Vec<f64>; 2] = Default::default();
+    let mut cpu: [Vec<f64>; 2] = Default::default();
+    let (mut ratios, mut cpu_ratios) = (Vec::new(), Vec::new());
+    let mut failed = [0u64; 2];
+    for pair in 0..cfg.pairs {
+        let order = if pair % 2 == 0 { [0, 1] } else { [1, 0] };
+        let mut got: [Option<Sample>; 2] = [None, None];
         for k in order {
             let s = measure(ctx, &servers[k])?;
-            eprintln!(
-                "  run {}/{} {:5}: {:>9.0} req/s, server CPU {:.1} µs/request, {} failed",
-                run + 1,
-                cfg.runs,
-                names[k],
-                s.rps,
-                s.cpu_us_per_request,
-                s.failed
-            );
-            samples[k].push(s);
+            for e in &s.errors {
+                eprintln!("  {}: failed request: {e}", names[k]);
+            }
+            failed[k] += s.failed;
+            got[k] = Some(s);
         }
+        let [Some(h), Some(p)] = got else {
+            unreachable!("both servers were measured in this pair")
+        };
+        let ratio = h.rps / p.rps;
+        let cpu_ratio = p.cpu_us_per_request / h.cpu_us_per_request;
+        eprintln!(
+            "  pair {}/{} ({} first): hello {:>7.0} req/s ({:.2} µs CPU/request), plain {:>7.0} \
+             req/s ({:.2} µs): hello/plain {ratio:.3}",
+            pair + 1,
+            cfg.pairs,
+            names[order[0]],
+            h.rps,
+            h.cpu_us_per_request,
+            p.rps,
+            p.cpu_us_per_request,
+        );
+        for (k, s) in [h, p].into_iter().enumerate() {
+            rps[k].push(s.rps);
+            cpu[k].push(s.cpu_us_per_request);
+        }
+        ratios.push(ratio);
+        cpu_ratios.push(cpu_ratio);
     }
     for (s, name) in servers.iter().zip(names) {
         let (_, code) = terminate(&s.proc)?;
         expect_exit_0(name, s.proc.pid, code)?;
     }
 
-    let rps = |k: usize| median(&samples[k].iter().map(|s| s.rps).collect::<Vec<_>>());
-    let cpu = |k: usize| {
-        median(
-            &samples[k]
-                .iter()
-                .map(|s| s.cpu_us_per_request)
-                .collect::<Vec<_>>(),
+    let spread = |v: &[f64]| {
+        let v = sorted(v);
+        format!(
+            "{:.3}..{:.3}",
+            v.first().copied().unwrap_or(f64::NAN),
+            v.last().copied().unwrap_or(f64::NAN)
         )
     };
-    let failed = |k: usize| samples[k].iter().map(|s| s.failed).sum::<u64>();
-    for (k, name) in names.iter().enumerate() {
-        for s in &samples[k] {
-            for e in &s.errors {
-                eprintln!("  {name}: failed request: {e}");
-            }
-        }
-    }
-    let ratio = rps(0) / rps(1);
-    let cpu_ratio = cpu(0) / cpu(1);
-    let runs = cfg.runs;
-    let conns = cfg.conns;
+    let ratio = median(&ratios);
+    let (pairs, conns, window) = (cfg.pairs, cfg.conns, ms(cfg.window));
     Ok(vec![
         row(
-            format!("2. throughput, req/s ({conns} keep-alive conns, median of {runs} runs)"),
-            format!("{:.0}", rps(0)),
-            format!("{:.0} (plain)", rps(1)),
-            format!("ratio {ratio:.3} (≥ 0.97)"),
+            format!(
+                "2. throughput, req/s ({conns} keep-alive conns; {pairs} interleaved pairs of \
+                 {window:.0} ms runs, medians)"
+            ),
+            format!("{:.0}", median(&rps[0])),
+            format!("{:.0} (plain)", median(&rps[1])),
+            format!(
+                "hello/plain median of pairs {ratio:.3} (pairs {}; ≥ 0.97)",
+                spread(&ratios)
+            ),
             Some(ratio >= 0.97),
         ),
         row(
-            "2. server CPU time per request, µs (median)",
-            format!("{:.2}", cpu(0)),
-            format!("{:.2} (plain)", cpu(1)),
-            format!("ratio {cpu_ratio:.3} (info)"),
+            "2. server CPU time per request, µs (medians)",
+            format!("{:.2}", median(&cpu[0])),
+            format!("{:.2} (plain)", median(&cpu[1])),
+            format!(
+                "plain/hello median of pairs {:.3} (pairs {}; info)",
+                median(&cpu_ratios),
+                spread(&cpu_ratios)
+            ),
             None,
         ),
         row(
             "2. failed requests in the throughput runs",
-            failed(0).to_string(),
-            format!("{} (plain)", failed(1)),
+            failed[0].to_string(),
+            format!("{} (plain)", failed[1]),
             "0",
-            Some(failed(0) == 0),
+            Some(failed[0] == 0),
         ),
     ])
 }
@@ -800,7 +824,7 @@ pub(crate) fn run(cfg: Config) -> bool {
     }
 
     if ctx.cfg.enabled("throughput") {
-        eprintln!("2. throughput, hello vs plain");
+        eprintln!("2. throughput, hello vs plain (interleaved pairs)");
         match throughput(&ctx) {
             Ok(r) => rows.extend(r),
             Err(e) => fail("throughput", e),
