@@ -533,8 +533,11 @@ fn restart_loop(
         expect_exit_0("the old hello", old.pid, exit.code)?;
         out.latency.push(ms(handed.at - sent));
         out.drain.push(signed_ms(exit.at, handed.at));
-        match load.last_close(old.pid, Duration::from_secs(2)) {
-            Some(closed) => out.close_to_exit.push(signed_ms(exit.at, closed)),
+        let close_to_exit = load
+            .last_close(old.pid, Duration::from_secs(2))
+            .map(|closed| signed_ms(exit.at, closed));
+        match close_to_exit {
+            Some(ms) => out.close_to_exit.push(ms),
             None => out.unattributed += 1,
         }
         if !load.wait_pid(new, SOON) {
@@ -543,12 +546,13 @@ fn restart_loop(
         out.done = i;
         eprintln!(
             "  restart {i}/{}: {} -> {new}: ready after {:.1} ms (a fresh start: {:.1} ms), \
-             old drained in {:.1} ms",
+             old drained in {:.1} ms, its last conn closed → its exit {}",
             ctx.cfg.restarts,
             old.pid,
             out.latency[i - 1],
             out.start[i - 1],
-            out.drain[i - 1]
+            out.drain[i - 1],
+            close_to_exit.map_or("unattributed".into(), |ms| format!("{ms:.2} ms"))
         );
     }
     Ok(())
