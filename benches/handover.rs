@@ -4,26 +4,47 @@
 //! Run with `cargo bench --bench handover`; `HANDOVER_BENCH_QUICK=1` for a smoke run of a few
 //! seconds (`tests/bench_smoke.rs` runs it so, in the test profile). Both examples are built
 //! with escargot in the bench's profile (release, under `cargo bench`) and run as processes;
-//! all traffic is HTTP/1.1 over loopback. What is measured:
+//! all traffic is over loopback. What is measured:
 //!
-//! 1. **Throughput**: requests/s of `hello` and `plain` under the same keep-alive load, runs
-//!    alternating, medians compared (target: ratio ≥ 0.97). Also the server CPU time per request.
-//! 2. **Restarts under load**: failed requests over N restarts (SIGUSR1, wait for the
+//! 1. **Instructions per request** (the headline: deterministic, unlike wall-clock time on a
+//!    shared machine): each server under `valgrind --tool=callgrind`, the marginal cost of
+//!    `HANDOVER_BENCH_CG_REQUESTS` requests after `HANDOVER_BENCH_CG_BASE` (callgrind dumps
+//!    between the phases, so start-up and shutdown cancel out; see `handover/instr.rs`), for
+//!    HTTP/1.1 keep-alive, HTTP/2 (prior knowledge, several streams per connection) and a new
+//!    connection per request (`Connection: close`). Ratio plain/hello (target: ≥ 0.97 for
+//!    HTTP/1.1 keep-alive). Valgrind is installed with apt-get if missing and we are root;
+//!    otherwise, and in quick mode without valgrind, the scenario prints `SKIPPED:` and why.
+//! 2. **Throughput**: requests/s of `hello` and `plain` under the same HTTP/1.1 keep-alive
+//!    load, in interleaved pairs of short runs (which server goes first alternates), the
+//!    hello/plain ratio taken within each pair: median and spread of those ratios (target:
+//!    ≥ 0.97). Also the server CPU time per request.
+//! 3. **Restarts under load**: failed requests over N restarts (SIGUSR1, wait for the
 //!    `MAINPID=`+`READY=1` datagram, wait for the old process to exit, next) under keep-alive
 //!    load, with the instant handler and with `/?sleep_ms=200` (target: 0 failed).
-//! 3. **Restart latency**: SIGUSR1 → `MAINPID`/`READY=1` received, against the time a fresh
+//! 4. **Restart latency**: SIGUSR1 → `MAINPID`/`READY=1` received, against the time a fresh
 //!    `hello` takes from spawn to `READY=1` in the same conditions (target: within process
 //!    start + 20 ms): idle, and under load (a fresh `hello` on another port is started and
 //!    stopped right before each restart); and from the last connection to the old process seen
 //!    closed to that process's exit.
-//! 4. **Idle shutdown**: SIGTERM → exit, `hello` and `plain`.
-//! 5. **Drain at scale**: RSS per idle keep-alive connection with 10,000 of them (target: less
+//! 5. **Idle shutdown**: SIGTERM → exit, `hello` and `plain`.
+//! 6. **Drain at scale**: RSS per idle keep-alive connection with 10,000 of them (target: less
 //!    than 1 KiB more than `plain`), then SIGTERM → exit of `hello` (target: < 250 ms).
 //!
 //! Sizes come from the environment (defaults in brackets, quick mode in braces):
+//! `HANDOVER_BENCH_CG_BASE` [5000] {100} and `HANDOVER_BENCH_CG_REQUESTS` [20000] {200}
+//! requests before and between the callgrind dumps, `HANDOVER_BENCH_CG_CONNS` [10] {4}
+//! keep-alive connections (and concurrent `Connection: close` clients),
+//! `HANDOVER_BENCH_CG_H2_CONNS` [2] × `HANDOVER_BENCH_CG_H2_STREAMS` [5] concurrent HTTP/2
+//! streams, `HANDOVER_BENCH_CG_SCENARIOS` [h1,h2,close] {h1},
+//! `HANDOVER_BENCH_CG_CLOSE_RUNS` [3] {1} runs of each server for `Connection: close` (its
+//! per-connection buffer growth costs what glibc's heap layout makes it, which varies between
+//! runs; the median is reported), `HANDOVER_BENCH_CG_DIR`
+//! [target/callgrind] {target/callgrind-quick} where the callgrind files are kept for
+//! `callgrind_annotate`,
+//! `HANDOVER_BENCH_CG_TIMEOUT_S` [300] bound on each phase;
 //! `HANDOVER_BENCH_CONNS` [50] {8} keep-alive connections for throughput,
-//! `HANDOVER_BENCH_WARMUP_MS` [500] {100} and `HANDOVER_BENCH_WINDOW_MS` [3000] {300} per run,
-//! `HANDOVER_BENCH_RUNS` [5] {1} runs per server, `HANDOVER_BENCH_MAX_PER_CONN` [10000000]
+//! `HANDOVER_BENCH_WARMUP_MS` [300] {100} and `HANDOVER_BENCH_WINDOW_MS` [2000] {200} per run,
+//! `HANDOVER_BENCH_PAIRS` [9] {2} pairs of runs, `HANDOVER_BENCH_MAX_PER_CONN` [10000000]
 //! {20000} requests per connection and run, `HANDOVER_BENCH_RESTARTS` [20] {2},
 //! `HANDOVER_BENCH_RESTART_CONNS` [50] {10}, `HANDOVER_BENCH_SLEEP_MS` [200] {200},
 //! `HANDOVER_BENCH_STARTS` [20] {3} start/restart/stop cycles at idle,
@@ -31,12 +52,14 @@
 //! server, alternating; medians reported), `HANDOVER_BENCH_NOFILE` [30000] (`RLIMIT_NOFILE`
 //! set here and inherited by the servers), `HANDOVER_BENCH_CLIENT_THREADS` [2] load generator
 //! threads, `HANDOVER_BENCH_LOG` [info] the servers' `RUST_LOG`, `HANDOVER_BENCH_ONLY`
-//! (comma-separated subset of `throughput,restart,startstop,scale`), `HANDOVER_BENCH_ECHO=1`
-//! to echo the servers' output.
+//! (comma-separated subset of `instructions,throughput,restart,startstop,scale`),
+//! `HANDOVER_BENCH_ECHO=1` to echo the servers' output.
 //!
 //! Every loop is bounded in count and time; every process started (or taken over by restart)
 //! is tracked by pidfd, ended at the end of its scenario, and checked gone at the end.
 
+#[path = "handover/instr.rs"]
+mod instr;
 #[path = "handover/load.rs"]
 mod load;
 #[path = "handover/procs.rs"]
@@ -64,7 +87,7 @@ pub(crate) struct Config {
     conns: usize,
     warmup: Duration,
     window: Duration,
-    runs: usize,
+    pairs: usize,
     max_per_conn: u64,
     restarts: usize,
     restart_conns: usize,
@@ -75,6 +98,7 @@ pub(crate) struct Config {
     nofile: u64,
     client_threads: usize,
     log: String,
+    instr: instr::Settings,
 }
 
 fn env_or<T: FromStr>(name: &str, default: T) -> T {
@@ -101,9 +125,9 @@ impl Config {
                 .ok()
                 .map(|v| v.split(',').map(|s| s.trim().to_string()).collect()),
             conns: env_or("HANDOVER_BENCH_CONNS", q(50, 8) as usize),
-            warmup: ms("HANDOVER_BENCH_WARMUP_MS", 500, 100),
-            window: ms("HANDOVER_BENCH_WINDOW_MS", 3000, 300),
-            runs: env_or("HANDOVER_BENCH_RUNS", q(5, 1) as usize).max(1),
+            warmup: ms("HANDOVER_BENCH_WARMUP_MS", 300, 100),
+            window: ms("HANDOVER_BENCH_WINDOW_MS", 2000, 200),
+            pairs: env_or("HANDOVER_BENCH_PAIRS", q(9, 2) as usize).max(1),
             max_per_conn: env_or("HANDOVER_BENCH_MAX_PER_CONN", q(10_000_000, 20_000)),
             restarts: env_or("HANDOVER_BENCH_RESTARTS", q(20, 2) as usize),
             restart_conns: env_or("HANDOVER_BENCH_RESTART_CONNS", q(50, 10) as usize),
@@ -114,6 +138,44 @@ impl Config {
             nofile: env_or("HANDOVER_BENCH_NOFILE", 30_000),
             client_threads: env_or("HANDOVER_BENCH_CLIENT_THREADS", 2),
             log: std::env::var("HANDOVER_BENCH_LOG").unwrap_or_else(|_| "info".into()),
+            instr: instr::Settings {
+                base: env_or("HANDOVER_BENCH_CG_BASE", q(5_000, 100)),
+                marginal: env_or("HANDOVER_BENCH_CG_REQUESTS", q(20_000, 200)).max(1),
+                conns: env_or("HANDOVER_BENCH_CG_CONNS", q(10, 4) as usize).max(1),
+                h2_conns: env_or("HANDOVER_BENCH_CG_H2_CONNS", 2).max(1),
+                h2_streams: env_or("HANDOVER_BENCH_CG_H2_STREAMS", 5).max(1),
+                scenarios: std::env::var("HANDOVER_BENCH_CG_SCENARIOS")
+                    .unwrap_or_else(|_| if quick { "h1" } else { "h1,h2,close" }.into())
+                    .split(',')
+                    .filter_map(|k| {
+                        let k = k.trim();
+                        let s = instr::Scenario::parse(k);
+                        if s.is_none() {
+                            eprintln!(
+                                "warning: HANDOVER_BENCH_CG_SCENARIOS: unknown {k:?} \
+                                 (known: h1, h2, close); ignored"
+                            );
+                        }
+                        s
+                    })
+                    .collect(),
+                close_runs: env_or("HANDOVER_BENCH_CG_CLOSE_RUNS", q(3, 1) as usize).max(1),
+                dir: std::env::var_os("HANDOVER_BENCH_CG_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| {
+                        // Quick runs (debug builds) must not overwrite a full run's files.
+                        let dir = if quick {
+                            "callgrind-quick"
+                        } else {
+                            "callgrind"
+                        };
+                        Path::new(env!("CARGO_MANIFEST_DIR"))
+                            .join("target")
+                            .join(dir)
+                    }),
+                timeout: Duration::from_secs(env_or("HANDOVER_BENCH_CG_TIMEOUT_S", 300)),
+                install: !quick,
+            },
         }
     }
 
@@ -267,71 +329,93 @@ fn throughput(ctx: &Ctx) -> Result<Vec<Row>, String> {
     for s in &servers {
         procs::get(s.addr)?;
     }
-    let mut samples: [Vec<Sample>; 2] = Default::default();
-    for run in 0..cfg.runs {
-        // Alternate which goes first, so a trend in the machine's load hits both alike.
-        let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
+    // Pairs of back-to-back runs, one of each server, which goes first alternating: a change in
+    // the machine's load (other tenants of the two shared CPUs) hits both runs of a pair alike,
+    // and the ratio within a pair is what is compared, not the absolute rates.
+    let mut rps: [Vec<f64>; 2] = Default::default();
+    let mut cpu: [Vec<f64>; 2] = Default::default();
+    let (mut ratios, mut cpu_ratios) = (Vec::new(), Vec::new());
+    let mut failed = [0u64; 2];
+    for pair in 0..cfg.pairs {
+        let order = if pair % 2 == 0 { [0, 1] } else { [1, 0] };
+        let mut got: [Option<Sample>; 2] = [None, None];
         for k in order {
             let s = measure(ctx, &servers[k])?;
-            eprintln!(
-                "  run {}/{} {:5}: {:>9.0} req/s, server CPU {:.1} µs/request, {} failed",
-                run + 1,
-                cfg.runs,
-                names[k],
-                s.rps,
-                s.cpu_us_per_request,
-                s.failed
-            );
-            samples[k].push(s);
+            for e in &s.errors {
+                eprintln!("  {}: failed request: {e}", names[k]);
+            }
+            failed[k] += s.failed;
+            got[k] = Some(s);
         }
+        let [Some(h), Some(p)] = got else {
+            unreachable!("both servers were measured in this pair")
+        };
+        let ratio = h.rps / p.rps;
+        let cpu_ratio = p.cpu_us_per_request / h.cpu_us_per_request;
+        eprintln!(
+            "  pair {}/{} ({} first): hello {:>7.0} req/s ({:.2} µs CPU/request), plain {:>7.0} \
+             req/s ({:.2} µs): hello/plain {ratio:.3}",
+            pair + 1,
+            cfg.pairs,
+            names[order[0]],
+            h.rps,
+            h.cpu_us_per_request,
+            p.rps,
+            p.cpu_us_per_request,
+        );
+        for (k, s) in [h, p].into_iter().enumerate() {
+            rps[k].push(s.rps);
+            cpu[k].push(s.cpu_us_per_request);
+        }
+        ratios.push(ratio);
+        cpu_ratios.push(cpu_ratio);
     }
     for (s, name) in servers.iter().zip(names) {
         let (_, code) = terminate(&s.proc)?;
         expect_exit_0(name, s.proc.pid, code)?;
     }
 
-    let rps = |k: usize| median(&samples[k].iter().map(|s| s.rps).collect::<Vec<_>>());
-    let cpu = |k: usize| {
-        median(
-            &samples[k]
-                .iter()
-                .map(|s| s.cpu_us_per_request)
-                .collect::<Vec<_>>(),
+    let spread = |v: &[f64]| {
+        let v = sorted(v);
+        format!(
+            "{:.3}..{:.3}",
+            v.first().copied().unwrap_or(f64::NAN),
+            v.last().copied().unwrap_or(f64::NAN)
         )
     };
-    let failed = |k: usize| samples[k].iter().map(|s| s.failed).sum::<u64>();
-    for (k, name) in names.iter().enumerate() {
-        for s in &samples[k] {
-            for e in &s.errors {
-                eprintln!("  {name}: failed request: {e}");
-            }
-        }
-    }
-    let ratio = rps(0) / rps(1);
-    let cpu_ratio = cpu(0) / cpu(1);
-    let runs = cfg.runs;
-    let conns = cfg.conns;
+    let ratio = median(&ratios);
+    let (pairs, conns, window) = (cfg.pairs, cfg.conns, ms(cfg.window));
     Ok(vec![
         row(
-            format!("1. throughput, req/s ({conns} keep-alive conns, median of {runs} runs)"),
-            format!("{:.0}", rps(0)),
-            format!("{:.0} (plain)", rps(1)),
-            format!("ratio {ratio:.3} (≥ 0.97)"),
+            format!(
+                "2. throughput, req/s ({conns} keep-alive conns; {pairs} interleaved pairs of \
+                 {window:.0} ms runs, medians)"
+            ),
+            format!("{:.0}", median(&rps[0])),
+            format!("{:.0} (plain)", median(&rps[1])),
+            format!(
+                "hello/plain median of pairs {ratio:.3} (pairs {}; ≥ 0.97)",
+                spread(&ratios)
+            ),
             Some(ratio >= 0.97),
         ),
         row(
-            "1. server CPU time per request, µs (median)",
-            format!("{:.2}", cpu(0)),
-            format!("{:.2} (plain)", cpu(1)),
-            format!("ratio {cpu_ratio:.3} (info)"),
+            "2. server CPU time per request, µs (medians)",
+            format!("{:.2}", median(&cpu[0])),
+            format!("{:.2} (plain)", median(&cpu[1])),
+            format!(
+                "plain/hello median of pairs {:.3} (pairs {}; info)",
+                median(&cpu_ratios),
+                spread(&cpu_ratios)
+            ),
             None,
         ),
         row(
-            "1. failed requests in the throughput runs",
-            failed(0).to_string(),
-            format!("{} (plain)", failed(1)),
+            "2. failed requests in the throughput runs",
+            failed[0].to_string(),
+            format!("{} (plain)", failed[1]),
             "0",
-            Some(failed(0) == 0),
+            Some(failed[0] == 0),
         ),
     ])
 }
@@ -449,8 +533,11 @@ fn restart_loop(
         expect_exit_0("the old hello", old.pid, exit.code)?;
         out.latency.push(ms(handed.at - sent));
         out.drain.push(signed_ms(exit.at, handed.at));
-        match load.last_close(old.pid, Duration::from_secs(2)) {
-            Some(closed) => out.close_to_exit.push(signed_ms(exit.at, closed)),
+        let close_to_exit = load
+            .last_close(old.pid, Duration::from_secs(2))
+            .map(|closed| signed_ms(exit.at, closed));
+        match close_to_exit {
+            Some(ms) => out.close_to_exit.push(ms),
             None => out.unattributed += 1,
         }
         if !load.wait_pid(new, SOON) {
@@ -459,12 +546,13 @@ fn restart_loop(
         out.done = i;
         eprintln!(
             "  restart {i}/{}: {} -> {new}: ready after {:.1} ms (a fresh start: {:.1} ms), \
-             old drained in {:.1} ms",
+             old drained in {:.1} ms, its last conn closed → its exit {}",
             ctx.cfg.restarts,
             old.pid,
             out.latency[i - 1],
             out.start[i - 1],
-            out.drain[i - 1]
+            out.drain[i - 1],
+            close_to_exit.map_or("unattributed".into(), |ms| format!("{ms:.2} ms"))
         );
     }
     Ok(())
@@ -476,7 +564,7 @@ fn restart_rows(r: &Restarts, label: &str, n: usize, conns: usize) -> Vec<Row> {
         eprintln!("  {label}: failed request: {e}");
     }
     let mut rows = vec![row(
-        format!("2. failed requests over {n} restarts, {conns} keep-alive conns, {label}"),
+        format!("3. failed requests over {n} restarts, {conns} keep-alive conns, {label}"),
         format!("{failed} (of {} ok, {} restarts done)", r.report.ok, r.done),
         "—",
         "0",
@@ -489,7 +577,7 @@ fn restart_rows(r: &Restarts, label: &str, n: usize, conns: usize) -> Vec<Row> {
         "process start under this load",
     ));
     rows.push(row(
-        format!("3. last conn to old pid closed → old pid exited, ms, median / p99 ({label})"),
+        format!("4. last conn to old pid closed → old pid exited, ms, median / p99 ({label})"),
         format!(
             "{:.2} / {:.2}{}",
             median(&r.close_to_exit),
@@ -505,7 +593,7 @@ fn restart_rows(r: &Restarts, label: &str, n: usize, conns: usize) -> Vec<Row> {
         None,
     ));
     rows.push(row(
-        format!("3. MAINPID received → old pid exited (drain), ms, median / p99 ({label})"),
+        format!("4. MAINPID received → old pid exited (drain), ms, median / p99 ({label})"),
         format!("{:.1} / {:.1}", median(&r.drain), p99(&r.drain)),
         "—",
         "info",
@@ -521,14 +609,14 @@ fn latency_rows(latency: &[f64], label: &str, start: &[f64], what: &str) -> Vec<
     let judge = |v: f64, s: f64| (!start.is_empty()).then_some(v <= s + 20.0);
     vec![
         row(
-            format!("3. restart latency SIGUSR1 → MAINPID+READY, ms, median ({label})"),
+            format!("4. restart latency SIGUSR1 → MAINPID+READY, ms, median ({label})"),
             format!("{m:.1}"),
             format!("{sm:.1} ({what}, median)"),
             format!("≤ {:.1} (start + 20)", sm + 20.0),
             judge(m, sm),
         ),
         row(
-            format!("3. restart latency SIGUSR1 → MAINPID+READY, ms, p99 ({label})"),
+            format!("4. restart latency SIGUSR1 → MAINPID+READY, ms, p99 ({label})"),
             format!("{p:.1}"),
             format!("{sp:.1} ({what}, p99)"),
             format!("≤ {:.1} (start + 20)", sp + 20.0),
@@ -731,8 +819,16 @@ pub(crate) fn run(cfg: Config) -> bool {
         errors.push(format!("{what}: {e}"));
     };
 
+    if ctx.cfg.enabled("instructions") {
+        eprintln!("1. instructions per request under callgrind, hello vs plain");
+        match instr::rows(&ctx, &ctx.cfg.instr) {
+            Ok(r) => rows.extend(r),
+            Err(e) => fail("instructions", e),
+        }
+    }
+
     if ctx.cfg.enabled("throughput") {
-        eprintln!("1. throughput, hello vs plain");
+        eprintln!("2. throughput, hello vs plain (interleaved pairs)");
         match throughput(&ctx) {
             Ok(r) => rows.extend(r),
             Err(e) => fail("throughput", e),
@@ -743,7 +839,7 @@ pub(crate) fn run(cfg: Config) -> bool {
         let (n, conns) = (ctx.cfg.restarts, ctx.cfg.restart_conns);
         let slow = format!("/?sleep_ms={}", ctx.cfg.sleep_ms);
         for (label, path) in [("instant handler", "/"), (slow.as_str(), slow.as_str())] {
-            eprintln!("2/3. {n} restarts under load, {label}");
+            eprintln!("3/4. {n} restarts under load, {label}");
             match restarts(&ctx, path) {
                 Ok(r) => rows.extend(restart_rows(&r, label, n, conns)),
                 Err(e) => fail(&format!("restarts ({label})"), e),
@@ -752,11 +848,11 @@ pub(crate) fn run(cfg: Config) -> bool {
     }
 
     if ctx.cfg.enabled("startstop") {
-        eprintln!("3/4. start, idle restart and idle shutdown cycles");
+        eprintln!("4/5. start, idle restart and idle shutdown cycles");
         match start_stop(&ctx) {
             Ok(s) => {
                 rows.push(row(
-                    "3. process start, idle: spawn → READY=1, ms, median / p99 (reference)",
+                    "4. process start, idle: spawn → READY=1, ms, median / p99 (reference)",
                     format!("{:.1} / {:.1}", median(&s.start), p99(&s.start)),
                     "—",
                     "info",
@@ -770,7 +866,7 @@ pub(crate) fn run(cfg: Config) -> bool {
                 ));
                 let (h, p) = (median(&s.stop_hello), median(&s.stop_plain));
                 rows.push(row(
-                    "4. idle shutdown SIGTERM → exit, ms, median",
+                    "5. idle shutdown SIGTERM → exit, ms, median",
                     format!("{h:.2} (p99 {:.2})", p99(&s.stop_hello)),
                     format!("{p:.2} (plain, p99 {:.2})", p99(&s.stop_plain)),
                     format!("ratio {:.2} (info)", h / p),
@@ -783,7 +879,7 @@ pub(crate) fn run(cfg: Config) -> bool {
 
     if ctx.cfg.enabled("scale") {
         let n = ctx.cfg.idle_conns;
-        eprintln!("5. {n} idle keep-alive connections");
+        eprintln!("6. {n} idle keep-alive connections");
         match scale(&ctx) {
             Ok(s) => {
                 let rounds = ctx.cfg.scale_rounds;
@@ -797,7 +893,7 @@ pub(crate) fn run(cfg: Config) -> bool {
                 };
                 rows.push(row(
                     format!(
-                        "5. RSS per idle keep-alive conn, bytes ({n} conns, median of {rounds})"
+                        "6. RSS per idle keep-alive conn, bytes ({n} conns, median of {rounds})"
                     ),
                     format!("{h:.0} ({})", values(&s.per_conn[0])),
                     format!("{p:.0} (plain: {})", values(&s.per_conn[1])),
@@ -807,7 +903,7 @@ pub(crate) fn run(cfg: Config) -> bool {
                 let (h, p) = (median(&s.stop[0]), median(&s.stop[1]));
                 rows.push(row(
                     format!(
-                        "5. SIGTERM → exit with {n} idle conns (drain), ms, median of {rounds}"
+                        "6. SIGTERM → exit with {n} idle conns (drain), ms, median of {rounds}"
                     ),
                     format!("{h:.1} (max {:.1})", p99(&s.stop[0])),
                     format!("{p:.1} (plain, no drain; max {:.1})", p99(&s.stop[1])),

@@ -108,7 +108,27 @@ impl Registry {
         env: &[(&str, &OsStr)],
         log: &str,
     ) -> Result<Server, String> {
-        let mut cmd = Command::new(program);
+        self.start_server_under(&[], program, env, log)
+    }
+
+    /// Like [`Registry::start_server`], with `program` run by `wrapper` (a command and its
+    /// arguments, e.g. `valgrind --tool=callgrind`), which must exec it in the same process:
+    /// the pid we track and signal is the server's.
+    pub(crate) fn start_server_under(
+        &self,
+        wrapper: &[&OsStr],
+        program: &Path,
+        env: &[(&str, &OsStr)],
+        log: &str,
+    ) -> Result<Server, String> {
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut cmd = Command::new(first);
+                cmd.args(rest).arg(program);
+                cmd
+            }
+            None => Command::new(program),
+        };
         cmd.arg("127.0.0.1:0")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("LISTEN_FDS")
@@ -152,6 +172,17 @@ impl Registry {
             )
         })?;
         let addr = addr_in(&line)?;
+        // Under a wrapper, the pid the server prints must be the one we track (the wrapper
+        // exec'd it in place), or we would signal and measure the wrong process.
+        if let Some(printed) = pid_in(&line) {
+            if printed != proc.pid {
+                return Err(format!(
+                    "{} says it is pid {printed}, but the process started is pid {}",
+                    program.display(),
+                    proc.pid
+                ));
+            }
+        }
         Ok(Server { proc, lines, addr })
     }
 
@@ -364,6 +395,11 @@ fn strip_ansi(s: &str) -> String {
         }
     }
     out
+}
+
+/// Parses the `pid: PID` of a `listen on:` line.
+fn pid_in(line: &str) -> Option<u32> {
+    line.rsplit_once("pid:")?.1.trim().parse().ok()
 }
 
 /// Parses `http://IP:PORT` out of a `listen on:` line.
