@@ -41,6 +41,10 @@ use crate::startup;
 /// handled by the process, also after `serve` returns (signal-hook does not restore default
 /// dispositions), so return from `main` once it is done.
 ///
+/// As PID 1 of a PID namespace (a container without an init), a hand-off does not end the
+/// process: after the drain, `serve` never returns, and the process stays on as its
+/// successors' init, exiting with the serving process's exit status.
+///
 /// `service` is any `tower::Service` (an `axum::Router`, a `tower::service_fn`, ...) that can
 /// be cloned per connection. HTTP/1.1 and HTTP/2 (prior knowledge) are served on the same
 /// listeners. Configure with the builder methods of [`Serve`], then `.await` it.
@@ -298,6 +302,7 @@ where
             ));
         }
         let mut signals = SignalEvents::new(&close_signals, &restart_signals)?;
+        crate::keeper::forward_signals(&close_signals, &restart_signals);
         let notifier = Arc::new(Notifier::from_startup(startup));
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -347,7 +352,9 @@ where
                 .collect();
             notifier.store_fds(&bound);
         }
-        notifier.ready(&format!("Listening on {}", urls.join(", ")));
+        notifier
+            .ready(&format!("Listening on {}", urls.join(", ")), ready_timeout)
+            .await;
         tracing::info!(pid = startup.pid, "ready");
         let watchdog_usec = crate::notify::watchdog_usec(startup);
         let watchdog = watchdog_usec
@@ -366,7 +373,9 @@ where
                         let began = Instant::now();
                         if let Some(r) = restart.take() {
                             if let Ok(h) = r.cancel().await {
-                                // The child became ready just as the signal came: it serves now.
+                                // The child became ready just as the signal came: it serves
+                                // now, and the signal was meant for the service.
+                                h.forward_signal(sig);
                                 break (Reason::HandedOver { pid: h.pid }, began);
                             }
                         }
@@ -403,7 +412,7 @@ where
                             // Reported only now that a new restart signal would be accepted, so
                             // whoever waits for this message may restart again at once.
                             let status = format!("Restart failed: {failure}; still serving as pid {}", startup.pid);
-                            notifier.notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                            notifier.notify_patiently(&[NotifyState::Ready, NotifyState::Status(&status)], ready_timeout);
                             tracing::info!(pid = startup.pid, "still serving after the failed restart");
                         }
                     }
@@ -511,6 +520,10 @@ where
             ?elapsed,
             "server closed"
         );
+        if handed_over {
+            // As PID 1 this process stays on as its successor's init (never returns).
+            crate::keeper::after_shutdown().await;
+        }
         if let Some(e) = failure {
             // Drained like any shutdown, but it is not one anybody asked for: an error, so the
             // process exits non-zero and its supervisor restarts it.
