@@ -12,6 +12,10 @@
 //! byte echo, like a WebSocket would: a connection hyper no longer drives, which a drain must
 //! still wait for, and cut at its deadline.
 //!
+//! `HANDOVER_SERVE_FOR_MS=N` drops the server future after N ms (as `tokio::time::timeout`
+//! would), then keeps the runtime running for `HANDOVER_LINGER_MS` (default 3000) before
+//! exiting 0: to see what a dropped server leaves behind.
+//!
 //! `GET /env` runs `env` as a subprocess and answers with its output: what a program the
 //! application starts sees of the environment (no `LISTEN_*`, `NOTIFY_SOCKET`, `WATCHDOG_*`).
 
@@ -105,5 +109,35 @@ fn main() -> ExitCode {
             },
         };
     }
+    if let Some(limit) = common::env_ms("HANDOVER_SERVE_FOR_MS") {
+        let linger = common::env_ms("HANDOVER_LINGER_MS").unwrap_or(Duration::from_secs(3));
+        return serve_for(server, limit, linger);
+    }
     common::run(server)
+}
+
+/// Runs `server` for at most `limit`, then drops it and lets the runtime run on for `linger`.
+fn serve_for<F>(server: F, limit: Duration, linger: Duration) -> ExitCode
+where
+    F: std::future::IntoFuture<Output = Result<handover::Shutdown, handover::Error>>,
+{
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match tokio::time::timeout(limit, server.into_future()).await {
+            Ok(Ok(shutdown)) => tracing::info!(reason = ?shutdown.reason, "server closed"),
+            Ok(Err(e)) => tracing::error!("server error: {e}"),
+            Err(_) => {
+                tracing::info!(?limit, "serve future dropped by a timeout; lingering");
+                tokio::time::sleep(linger).await;
+                tracing::info!("linger over");
+            }
+        }
+    });
+    ExitCode::SUCCESS
 }
