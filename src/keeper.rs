@@ -27,10 +27,10 @@
 //!   killed). Pending notify messages are read before a child's exit is judged, so a
 //!   successor's `MAINPID=` is never overtaken by the exit of the process that sent it.
 //!
-//! tini and dumb-init exit as soon as their one child exits; under them, a handover restart
-//! would end the container at the first hand-off. With the keeper, no init is needed; with
-//! `docker run --init` the server is not PID 1 and restarts work as anywhere else (the
-//! successor is the init's child).
+//! tini and dumb-init (`docker run --init` runs tini) exit as soon as the one child they
+//! started exits: under them the server is not PID 1, its successor is the init's child (a
+//! sibling, as anywhere), and the first hand-off ends the container all the same. With the
+//! keeper no init is needed; otherwise use one that outlives its first child.
 
 use std::ffi::OsString;
 use std::future::poll_fn;
