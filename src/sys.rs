@@ -396,8 +396,8 @@ struct CloneArgs {
 /// systemd's child from the start, the new process gets the full graceful stop, and its exit
 /// status goes to systemd, which reaps it.
 ///
-/// On error no process was created, or the one created has been told nothing and exits by
-/// itself (it never holds anything but its copies of the plan's fds, and only until it exits).
+/// On error no process is left: none was created, or (a clone without a pidfd, which a
+/// kernel that accepts `CLONE_PIDFD` does not do) it was killed at once.
 pub(crate) fn spawn(mut plan: ExecPlan, placement: Placement) -> io::Result<Spawned> {
     let n = plan.fds.len();
     let floor = c_int::try_from(3 + n)
@@ -486,8 +486,13 @@ pub(crate) fn spawn(mut plan: ExecPlan, placement: Placement) -> io::Result<Spaw
     }
     let pid = u32::try_from(ret).map_err(|_| io::Error::other(format!("clone returned {ret}")))?;
     if pidfd < 0 {
+        // Not expected of a kernel that took CLONE_PIDFD; but a process we cannot watch must
+        // not go on with our listeners. It has just been created and is not reaped before it
+        // exits, so its pid is still its own.
+        // SAFETY: kill(2) touches no memory of ours.
+        unsafe { libc::kill(ret as libc::pid_t, libc::SIGKILL) };
         return Err(io::Error::other(format!(
-            "clone created process {pid} but returned no pidfd (CLONE_PIDFD needs Linux >= 5.2)"
+            "clone created process {pid} but returned no pidfd (CLONE_PIDFD needs Linux >= 5.2); it was killed"
         )));
     }
     // SAFETY: the kernel just installed this fd (close-on-exec) for us; nothing else owns it.
