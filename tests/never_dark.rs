@@ -272,7 +272,7 @@ fn the_handoff_waits_until_a_busy_service_manager_has_the_message() {
 fn an_undeliverable_handoff_is_rolled_back() {
     let notify = NotifySocket::new();
     let port = free_port();
-    let spawn = Spawn::new(example("hello")).env("HANDOVER_READY_TIMEOUT_MS", "1500");
+    let spawn = Spawn::new(example("hello")).env("HANDOVER_READY_TIMEOUT_MS", "3000");
     let (mut server, addr, inode) = ready(spawn, &notify, port);
     notify.pause();
     notify.fill();
@@ -667,7 +667,7 @@ fn a_flood_on_the_handoff_socket_does_not_stop_a_restart() {
     let dir = scratch_dir("flood");
     let (exe, exec_real) = slow_starting_copy("hello", &dir);
     let port = free_port();
-    let spawn = Spawn::new(&exe).env("HANDOVER_READY_TIMEOUT_MS", "5000");
+    let spawn = Spawn::new(&exe).env("HANDOVER_READY_TIMEOUT_MS", "10000");
     let (mut server, addr, inode) = ready(spawn, &notify, port);
     replace_with_script(&exe, &format!("sleep 0.5\n{exec_real}"));
     server.signal(Signal::USR1);
