@@ -167,6 +167,11 @@ impl Notifier {
             let Some(target) = &notifier.upstream else {
                 return;
             };
+            // Usually there is room: one send on the socket we have, no new fd. Only a full
+            // queue (or another error) needs a connected socket to wait on.
+            if target.try_send(&msg).is_ok() {
+                return;
+            }
             match target.connect() {
                 Ok(connected) => {
                     if let Err(e) = connected.deliver(msg.as_bytes(), deadline).await {
@@ -488,6 +493,17 @@ fn send_with_fds(target: &Target, msg: &str, fds: &[BorrowedFd<'_>]) {
 }
 
 impl Target {
+    /// One datagram, without blocking, on the socket we have.
+    fn try_send(&self, msg: &str) -> io::Result<()> {
+        rustix::net::sendto(
+            &self.socket,
+            msg.as_bytes(),
+            SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+            &self.addr,
+        )?;
+        Ok(())
+    }
+
     /// A new socket connected to this target, for a message that must be delivered.
     pub(crate) fn connect(&self) -> io::Result<Connected> {
         let fd = rustix::net::socket_with(
