@@ -17,15 +17,16 @@
 //! starts a second restart-capable server in the same process once the first serves;
 //! `MAX_HEADERS=N` sets hyper's HTTP/1 header limit.
 //!
-//! `SERVE_FOR_MS=N` drops the serve future after N ms (`tokio::time::timeout`);
-//! `AFTER_SERVE_MS=N` sleeps N ms after serving, as an application's clean-up would.
+//! `HANDOVER_SERVE_FOR_MS=N` drops the server future after N ms (as `tokio::time::timeout`
+//! would), then keeps the runtime running for `HANDOVER_LINGER_MS` (default 3000) before
+//! exiting 0: to see what a dropped server leaves behind. `AFTER_SERVE_MS=N` sleeps N ms after
+//! serving, as an application's clean-up would.
 //!
 //! `GET /env` runs `env` as a subprocess and answers with its output: what a program the
 //! application starts sees of the environment (no `LISTEN_*`, `NOTIFY_SOCKET`, `WATCHDOG_*`).
 
 mod common;
 
-use std::future::IntoFuture;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -144,23 +145,9 @@ fn main() -> ExitCode {
             },
         };
     }
-    if let Some(limit) = common::env_ms("SERVE_FOR_MS") {
-        // The serve future dropped by a timeout: what does it leave behind?
-        let runtime = match tokio::runtime::Runtime::new() {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!("cannot start the tokio runtime: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let outcome = runtime
-            .block_on(async move { tokio::time::timeout(limit, server.into_future()).await });
-        match outcome {
-            Ok(Ok(shutdown)) => tracing::info!(?shutdown, "server closed"),
-            Ok(Err(e)) => tracing::error!("server error: {e}"),
-            Err(_) => tracing::info!(?limit, "serve future dropped by its timeout"),
-        }
-        return after_serve(ExitCode::SUCCESS);
+    if let Some(limit) = common::env_ms("HANDOVER_SERVE_FOR_MS") {
+        let linger = common::env_ms("HANDOVER_LINGER_MS").unwrap_or(Duration::from_secs(3));
+        return after_serve(serve_for(server, limit, linger));
     }
     if std::env::var_os("SECOND_SERVER").is_none() {
         return after_serve(common::run(server));
@@ -182,4 +169,30 @@ fn main() -> ExitCode {
         });
         server.await
     })
+}
+
+/// Runs `server` for at most `limit`, then drops it and lets the runtime run on for `linger`.
+fn serve_for<F>(server: F, limit: Duration, linger: Duration) -> ExitCode
+where
+    F: std::future::IntoFuture<Output = Result<handover::Shutdown, handover::Error>>,
+{
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match tokio::time::timeout(limit, server.into_future()).await {
+            Ok(Ok(shutdown)) => tracing::info!(reason = ?shutdown.reason, "server closed"),
+            Ok(Err(e)) => tracing::error!("server error: {e}"),
+            Err(_) => {
+                tracing::info!(?limit, "serve future dropped by a timeout; lingering");
+                tokio::time::sleep(linger).await;
+                tracing::info!("linger over");
+            }
+        }
+    });
+    ExitCode::SUCCESS
 }

@@ -14,7 +14,9 @@
 //! For experiments and the tests: `?sleep_ms=N` delays the answer by N ms; every response
 //! carries `x-pid` (the pid that answered); `HANDOVER_DRAIN_TIMEOUT_MS` and
 //! `HANDOVER_READY_TIMEOUT_MS` override the drain and restart-readiness timeouts;
-//! `HANDOVER_FD_STORE=1` hands the bound listener to systemd's fd store.
+//! `HANDOVER_FD_STORE=1` hands the bound listener to systemd's fd store;
+//! `HANDOVER_CONNECTION_HANDOFF=0` keeps established connections in the old process after a
+//! restart (closing idle ones), as a build without connection hand-off would.
 
 mod common;
 
@@ -65,6 +67,9 @@ fn main() -> ExitCode {
     }
     if std::env::var_os("HANDOVER_FD_STORE").is_some_and(|v| v == "1") {
         server = server.fd_store(true);
+    }
+    if std::env::var_os("HANDOVER_CONNECTION_HANDOFF").is_some_and(|v| v == "0") {
+        server = server.connection_handoff(false);
     }
     match runtime.block_on(server.into_future()) {
         Ok(shutdown) => {

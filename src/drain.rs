@@ -41,7 +41,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
-use crate::conn::{self, CLOSE_IDLE, CLOSE_RESPONSES, CUT, Conn, DRAIN, STOPPING, Sock, TrackedIo};
+use crate::conn::{
+    self, CLOSE_IDLE, CLOSE_RESPONSES, CUT, Conn, DRAIN, HAND_OFF, STOPPING, Sock, TrackedIo,
+};
 use crate::conn_info::ConnectionInfo;
 
 /// The connections of one server.
@@ -274,18 +276,37 @@ impl Connections {
         progress: impl FnMut(usize),
     ) -> Drained {
         self.command_all(CLOSE_RESPONSES | DRAIN | STOPPING);
-        self.wait(deadline, grace, CLOSE_IDLE, CLOSE_IDLE, progress)
+        self.wait(deadline, grace, (CLOSE_IDLE, CLOSE_IDLE), None, progress)
             .await
     }
 
-    /// Waits until every connection has closed, raising `after_grace` bits once `grace` is
-    /// over, and cutting what is left at `deadline` (or on a forced cut).
-    pub(crate) async fn wait(
+    /// Drains after a hand-off to a successor that takes connections (`handoff`): plaintext
+    /// HTTP/1 connections are passed at their next request boundary (plaintext HTTP/2 gets
+    /// GOAWAY); the others (TLS) drain as [`Connections::drain`] does. If passing fails
+    /// (`failed` is cancelled), the plaintext ones fall back to `Connection: close` and the
+    /// grace.
+    pub(crate) async fn drain_handing_off(
         &self,
         deadline: Instant,
         grace: Duration,
-        after_grace_passable: u32,
-        after_grace_other: u32,
+        failed: CancellationToken,
+        progress: impl FnMut(usize),
+    ) -> Drained {
+        self.command(HAND_OFF, CLOSE_RESPONSES | DRAIN);
+        self.wait(deadline, grace, (0, CLOSE_IDLE), Some(failed), progress)
+            .await
+    }
+
+    /// Waits until every connection has closed (or was passed), raising the `after_grace`
+    /// bits (for plaintext connections, for the others) once `grace` is over, and cutting what
+    /// is left at `deadline` (or on a forced cut). When `fallback` is cancelled, plaintext
+    /// connections get `Connection: close`, and are closed when idle a grace later.
+    async fn wait(
+        &self,
+        deadline: Instant,
+        grace: Duration,
+        after_grace: (u32, u32),
+        fallback: Option<CancellationToken>,
         mut progress: impl FnMut(usize),
     ) -> Drained {
         let open_at_start = self.shared.tracker.len();
@@ -294,8 +315,10 @@ impl Connections {
             Instant::now() + Duration::from_secs(1),
             Duration::from_secs(1),
         );
-        let grace_over = crate::instant_after(Instant::now(), grace);
-        let mut grace_pending = true;
+        let mut grace_over = crate::instant_after(Instant::now(), grace);
+        let mut after_grace = Some(after_grace);
+        let fallback = fallback.unwrap_or_default();
+        let mut fallback_pending = true;
         let mut wait = pin!(self.shared.tracker.wait());
         // After a cut, connection tasks end at their next poll; one that does not (a handler
         // blocking its thread) must not hold the process past its deadline for ever.
@@ -311,9 +334,18 @@ impl Connections {
                     tracing::warn!(open = self.shared.tracker.len(), "drain timeout reached: cutting the connections still open");
                     self.cut();
                 }
-                () = tokio::time::sleep_until(grace_over), if grace_pending => {
-                    grace_pending = false;
-                    self.command(after_grace_passable, after_grace_other);
+                () = fallback.cancelled(), if fallback_pending => {
+                    fallback_pending = false;
+                    // The successor does not take them after all: what a drain without one
+                    // does, from now on.
+                    self.command(CLOSE_RESPONSES | DRAIN, 0);
+                    grace_over = crate::instant_after(Instant::now(), grace);
+                    after_grace = Some((CLOSE_IDLE, CLOSE_IDLE));
+                }
+                () = tokio::time::sleep_until(grace_over), if after_grace.is_some() => {
+                    if let Some((passable, other)) = after_grace.take() {
+                        self.command(passable, other);
+                    }
                 }
                 () = sleep_until_some(give_up) => {
                     tracing::error!(

@@ -78,6 +78,11 @@ pub(crate) enum Inner {
 pub(crate) enum RestartFailure {
     /// `execve` (or the preparation around it) failed: missing, not executable, ...
     Spawn { exe: PathBuf, source: io::Error },
+    /// No new process could be created (`clone3`/`clone` refused, out of fds or memory).
+    Start { source: io::Error },
+    /// The child was ready, but the service manager could not be told (its queue stayed full,
+    /// or it is gone); the child was stopped.
+    Undelivered { what: String, source: io::Error },
     /// The child exited before it reported `READY=1`.
     Exited { pid: u32, status: String },
     /// The child did not report `READY=1` in time.
@@ -186,6 +191,13 @@ impl fmt::Display for RestartFailure {
                     exe.display()
                 )
             }
+            RestartFailure::Start { source } => {
+                write!(f, "could not start a new process: {source}")
+            }
+            RestartFailure::Undelivered { what, source } => write!(
+                f,
+                "could not deliver {what} to the service manager ({source}); the new process was stopped"
+            ),
             RestartFailure::Exited { pid, status } => {
                 write!(f, "new process {pid} {status} before it reported READY=1")
             }

@@ -42,7 +42,7 @@ use std::io::IoSlice;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use rustix::net::{
@@ -51,10 +51,12 @@ use rustix::net::{
 };
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::accept::{ConnContext, ServeConn};
 use crate::conn::{HandOff, PassOutcome, TrackedIo};
+use crate::notify::Connected;
 
 /// The line a new process adds to its `READY=1` when it takes connections.
 pub(crate) const ACCEPTS_CONNECTIONS: &str = "X_HANDOVER_CONNECTIONS=1";
@@ -80,13 +82,13 @@ struct Parcel {
 #[derive(Debug)]
 pub(crate) struct Outbox {
     tx: mpsc::UnboundedSender<Parcel>,
-    failed: Arc<AtomicBool>,
+    failed: CancellationToken,
 }
 
 impl HandOff for Outbox {
     fn pass(&self, io: TrackedIo, read: Bytes) -> oneshot::Receiver<PassOutcome> {
         let (done, outcome) = oneshot::channel();
-        if self.failed.load(Ordering::Acquire) || read.len() > MAX_BATCH_BYTES {
+        if self.failed.is_cancelled() || read.len() > MAX_BATCH_BYTES {
             let _ = done.send(PassOutcome::Kept(io, read));
             return outcome;
         }
@@ -106,30 +108,26 @@ pub(crate) struct Sent {
     pub(crate) passed: AtomicUsize,
     /// Connections given back (the channel failed): served here, with `Connection: close`.
     pub(crate) kept: AtomicUsize,
-    /// Set when the channel failed; every later connection is kept.
-    pub(crate) failed: Arc<AtomicBool>,
-    /// Notified when `failed` is set.
-    pub(crate) on_failure: Notify,
+    /// Cancelled when the channel failed; every later connection is kept.
+    pub(crate) failed: CancellationToken,
 }
 
 /// Starts passing connections to the successor over `channel`. Returns where to put them and
 /// the counters; the task ends once the outbox is dropped and everything sent was
 /// acknowledged (then it sends `DONE`), or the channel fails.
-pub(crate) fn send(channel: OwnedFd, to_pid: u32) -> std::io::Result<(Arc<Outbox>, Arc<Sent>)> {
-    let channel = crate::sys::register(channel, Interest::READABLE | Interest::WRITABLE)
-        .map_err(|(_, e)| e)?;
+pub(crate) fn send(channel: Connected, to_pid: u32) -> (Arc<Outbox>, Arc<Sent>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let sent = Arc::new(Sent::default());
     let outbox = Arc::new(Outbox {
         tx,
-        failed: Arc::clone(&sent.failed),
+        failed: sent.failed.clone(),
     });
     tokio::spawn(sender(channel, rx, Arc::clone(&sent), to_pid));
-    Ok((outbox, sent))
+    (outbox, sent)
 }
 
 async fn sender(
-    channel: AsyncFd<OwnedFd>,
+    channel: Connected,
     mut rx: mpsc::UnboundedReceiver<Parcel>,
     sent: Arc<Sent>,
     to_pid: u32,
@@ -139,6 +137,7 @@ async fn sender(
     let mut next: Option<Parcel> = None;
     let mut seq = 0u64;
     let mut open = true;
+    let channel = channel.async_fd();
     let failure = loop {
         if !open && next.is_none() && unacked.is_empty() {
             // Everything passed: tell the successor, which then stops listening.
@@ -164,7 +163,7 @@ async fn sender(
                     continue;
                 };
                 let batch = fill_batch(first, &mut rx, &mut next);
-                if let Err(e) = send_batch(&channel, seq, &batch).await {
+                if let Err(e) = send_batch(channel, seq, &batch).await {
                     give_back(batch, &sent);
                     break Some(e);
                 }
@@ -176,8 +175,7 @@ async fn sender(
     };
     if let Some(e) = failure {
         tracing::warn!(error = %e, to_pid, "passing connections to the new process failed; the rest are served here until they close (Connection: close)");
-        sent.failed.store(true, Ordering::Release);
-        sent.on_failure.notify_waiters();
+        sent.failed.cancel();
         // Not acknowledged: the successor never read from them (it acknowledges first), so
         // they are still ours to serve.
         for (_, batch) in unacked {
@@ -317,17 +315,11 @@ fn recv_ack(fd: &OwnedFd) -> std::io::Result<Option<u64>> {
 /// Receives the connections the previous process passes, until it says `DONE` (or the
 /// channel ends), and serves each with the service of its listener.
 pub(crate) async fn receive(
-    channel: OwnedFd,
+    channel: Arc<Connected>,
     services: Vec<(Arc<str>, Box<dyn ServeConn>)>,
     cx: ConnContext,
 ) -> usize {
-    let channel = match crate::sys::register(channel, Interest::READABLE | Interest::WRITABLE) {
-        Ok(c) => c,
-        Err((_, e)) => {
-            tracing::error!(error = %e, "cannot watch the connection channel; no connections will be taken over");
-            return 0;
-        }
-    };
+    let channel = channel.async_fd();
     let mut taken = 0;
     let mut buf = vec![0u8; MAX_BATCH_BYTES + 64 * (MAX_BATCH + 1)];
     loop {

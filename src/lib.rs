@@ -35,11 +35,17 @@
 //!
 //! # Modules, in lifecycle order
 //! [`Listeners`] (acquire) → [`serve`] (accept, signals, notify) → restart (hand-off) →
-//! hooks → drain → [`Shutdown`] (exit). All `unsafe` code lives in one private module, `sys`.
+//! hooks → drain → [`Shutdown`] (exit), or, as PID 1 after a hand-off, keeper (init for the
+//! successors). All `unsafe` code lives in one private module, `sys`.
 //!
 //! # Rules worth knowing
-//! - Linux only (≥ 5.3 for pidfds; ≥ 5.11 for `close_range(CLOSE_RANGE_CLOEXEC)`, used as an
-//!   extra safety net).
+//! - Linux only (≥ 5.3 for `clone3` and pidfds, ≥ 5.4 as PID 1; ≥ 5.11 for
+//!   `close_range(CLOSE_RANGE_CLOEXEC)`, used as an extra safety net).
+//! - A restart is confirmed: the old process stops serving only once the service manager's
+//!   queue holds the new `MAINPID=`; otherwise the restart is rolled back.
+//! - As PID 1 of a PID namespace (a container without an init), `serve` does not return after a
+//!   hand-off: the process stays on as a minimal init for its successors, and exits with the
+//!   serving process's exit status (see the README's "Rules and limits").
 //! - One `serve` per process handles restarts: a restart hands over the listeners of the
 //!   `serve` that received the signal, and the new process must find all the listeners it
 //!   needs in `LISTEN_FDS`. Serve every listener through one `serve` call.
@@ -63,6 +69,7 @@ mod error;
 mod handle;
 mod handoff;
 mod hooks;
+mod keeper;
 mod lifecycle;
 mod listen;
 mod notify;

@@ -47,7 +47,7 @@ use crate::startup::{self, Startup};
 
 /// Runs `server` to the end of its life.
 pub(crate) async fn run(server: Server) -> Result<Shutdown, Error> {
-    let mut life = Lifecycle::start(server)?;
+    let mut life = Lifecycle::start(server).await?;
     loop {
         let event = life.next_event().await;
         if let Some(end) = life.step(event).await {
@@ -108,6 +108,8 @@ struct Draining {
     /// A close signal has been seen: the next one cuts.
     close_seen: bool,
     forced: bool,
+    /// Connections passed to the successor, if it takes them.
+    sent: Option<Arc<crate::handoff::Sent>>,
     work: Pin<Box<dyn Future<Output = (HooksReport, Drained)> + Send>>,
 }
 
@@ -131,7 +133,10 @@ struct Lifecycle {
     /// Why serving failed, if every listener was lost.
     failure: Option<std::io::Error>,
     stage: Stage,
+    /// What every connection of this server shares (the hand-off slot among it).
+    cx: ConnContext,
     // Dropped last, in this order: tasks first, then what they use.
+    _receiver: Option<AbortOnDrop>,
     _sweeper: AbortOnDrop,
     _cut_on_drop: CutOnDrop,
     _claim: Option<RestartClaim>,
@@ -140,7 +145,7 @@ struct Lifecycle {
 impl Lifecycle {
     /// Validates the configuration, starts accepting, reports `READY=1`. An error here leaves
     /// nothing running.
-    fn start(server: Server) -> Result<Lifecycle, Error> {
+    async fn start(server: Server) -> Result<Lifecycle, Error> {
         let Server {
             listeners,
             services,
@@ -164,6 +169,8 @@ impl Lifecycle {
             false => &[],
         };
         let signals = SignalEvents::new(&config.close_signals, restart_signals)?;
+        // As PID 1, what to forward to the successor once this process is its keeper.
+        crate::keeper::forward_signals(&config.close_signals, restart_signals);
         let notifier = Arc::new(Notifier::from_startup(startup));
         let connections = Connections::new(config.header_read_timeout);
         // Registered before any loop starts, so an error here leaves nothing running.
@@ -180,6 +187,11 @@ impl Lifecycle {
         };
         let sweeper = AbortOnDrop(tokio::spawn(connections.sweeper()));
         let accepting = Accepting::start(&bound, acceptors, &cx);
+        let by_name: Vec<(Arc<str>, Box<dyn ServeConn>)> = bound
+            .iter()
+            .map(|(l, s)| (Arc::from(l.name()), s.clone_box()))
+            .collect();
+        let cx_for_receiver = cx.clone();
         let urls: Vec<String> = bound.iter().map(|(l, _)| l.url()).collect();
         for (l, _) in &bound {
             tracing::info!(url = %l.url(), listener = l.name(), pid = startup.pid, "accepting");
@@ -193,8 +205,26 @@ impl Lifecycle {
                 .collect();
             notifier.store_fds(&stored);
         }
-        notifier.ready(&format!("Listening on {}", urls.join(", ")));
+        if config.connection_handoff && notifier.has_parent_channel() {
+            notifier.offer_connections();
+        }
+        notifier
+            .ready(
+                &format!("Listening on {}", urls.join(", ")),
+                config.ready_timeout,
+            )
+            .await;
         tracing::info!(pid = startup.pid, "ready");
+        // The previous process passes its connections now, if it has any and we said we take
+        // them.
+        let receiver = match notifier.take_parent_channel() {
+            Some(channel) if config.connection_handoff => {
+                Some(AbortOnDrop(tokio::spawn(async move {
+                    crate::handoff::receive(channel, by_name, cx_for_receiver).await;
+                })))
+            }
+            _ => None,
+        };
         handle.set_state(State::Serving);
         let watchdog_usec = crate::notify::watchdog_usec(startup);
         let watchdog = watchdog_usec
@@ -217,6 +247,8 @@ impl Lifecycle {
             stopping_sent: false,
             failure: None,
             stage: Stage::Serving { restart: None },
+            cx,
+            _receiver: receiver,
             _sweeper: sweeper,
             _cut_on_drop: CutOnDrop(connections),
             _claim: claim,
@@ -267,7 +299,13 @@ impl Lifecycle {
                 self.on_shutdown_command(false).await;
             }
             Event::DelayOver => self.end_lame_duck(false).await,
-            Event::Drained(hooks, drained) => return Some(self.finish(hooks, drained)),
+            Event::Drained(hooks, drained) => {
+                if matches!(self.handle.state(), State::HandedOver { .. }) {
+                    // As PID 1, this process stays on as its successors' init: never returns.
+                    crate::keeper::after_shutdown().await;
+                }
+                return Some(self.finish(hooks, drained));
+            }
         }
         None
     }
@@ -284,8 +322,7 @@ impl Lifecycle {
                     // The successor became ready just as the signal came: it is the service
                     // now, and the signal was meant for the service.
                     handed.forward_signal(sig);
-                    let reason = Reason::HandedOver { pid: handed.pid };
-                    return self.begin_drain(reason, None).await;
+                    return self.drain_handed_over(handed).await;
                 }
                 self.begin_shutdown(Reason::Signal(sig)).await;
             }
@@ -348,8 +385,7 @@ impl Lifecycle {
                     if let Some(&sig) = self.config.close_signals.first() {
                         handed.forward_signal(sig);
                     }
-                    self.begin_drain(Reason::HandedOver { pid: handed.pid }, None)
-                        .await;
+                    self.drain_handed_over(handed).await;
                 } else if force {
                     self.begin_drain(Reason::Requested, None).await;
                 } else {
@@ -380,16 +416,17 @@ impl Lifecycle {
             Ok(handed) => {
                 tracing::info!(pid = handed.pid, ready_after = ?handed.ready_after, "handed over");
                 in_flight.reply(Ok(handed.restarted()));
-                self.begin_drain(Reason::HandedOver { pid: handed.pid }, None)
-                    .await;
+                self.drain_handed_over(handed).await;
             }
             Err(failure) => {
                 // Reported only now that a new restart would be accepted, so whoever waits for
                 // this message may restart again at once.
                 let pid = self.startup.pid;
                 let status = format!("Restart failed: {failure}; still serving as pid {pid}");
-                self.notifier
-                    .notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                self.notifier.notify_patiently(
+                    &[NotifyState::Ready, NotifyState::Status(&status)],
+                    self.config.ready_timeout,
+                );
                 tracing::info!(pid, "still serving after the failed restart");
                 in_flight.reply(Err(RestartError::new(
                     RestartErrorKind::Failed,
@@ -408,13 +445,10 @@ impl Lifecycle {
         tracing::error!("no listener can accept any more; shutting down after the drain");
         self.failure = Some(e);
         match &self.stage {
-            Stage::Serving { .. } => {
-                let reason = match self.cancel_restart().await {
-                    Some(handed) => Reason::HandedOver { pid: handed.pid },
-                    None => Reason::Requested,
-                };
-                self.begin_drain(reason, None).await;
-            }
+            Stage::Serving { .. } => match self.cancel_restart().await {
+                Some(handed) => self.drain_handed_over(handed).await,
+                None => self.begin_drain(Reason::Requested, None).await,
+            },
             Stage::LameDuck { .. } => self.end_lame_duck(false).await,
             Stage::Draining(_) => {}
         }
@@ -464,9 +498,37 @@ impl Lifecycle {
         self.begin_drain(reason, Some(over)).await;
     }
 
+    /// Drains after a hand-off: passing connections to the new process if it takes them.
+    async fn drain_handed_over(&mut self, handed: HandedOver) {
+        let pid = handed.pid;
+        let sent = match handed.accepts_connections && self.config.connection_handoff {
+            true => {
+                let (outbox, sent) = crate::handoff::send(handed.channel, pid);
+                let _ = self.cx.hand_off.set(outbox);
+                tracing::info!(
+                    pid,
+                    "the new process takes connections: plaintext HTTP/1 connections move to it at their next request boundary"
+                );
+                Some(sent)
+            }
+            false => None,
+        };
+        self.begin_drain_with(Reason::HandedOver { pid }, None, sent)
+            .await;
+    }
+
     /// Enters the drain: stop accepting, then the hooks, then the connections, under one
     /// deadline.
     async fn begin_drain(&mut self, reason: Reason, after: Option<LameDuckOver>) {
+        self.begin_drain_with(reason, after, None).await;
+    }
+
+    async fn begin_drain_with(
+        &mut self,
+        reason: Reason,
+        after: Option<LameDuckOver>,
+        sent: Option<Arc<crate::handoff::Sent>>,
+    ) {
         self.stop_accepting(matches!(reason, Reason::HandedOver { .. }))
             .await;
         let handed_over = matches!(reason, Reason::HandedOver { .. });
@@ -499,20 +561,27 @@ impl Lifecycle {
         let hooks = std::mem::take(&mut self.hooks);
         let connections = self.connections.clone();
         let notifier = Arc::clone(&self.notifier);
+        let failed = sent.as_ref().map(|s| s.failed.clone());
         let work = async move {
             let hooks = hooks::run(hooks, deadline, connections.force()).await;
-            let drained = connections
-                .drain(deadline, grace, |open| {
-                    tracing::info!(open, "draining");
-                    if !handed_over {
-                        // Tell systemd how long we still need, so that neither a healthy drain
-                        // is killed at TimeoutStopSec nor a hung one waited on blindly.
-                        let left = deadline.saturating_duration_since(Instant::now());
-                        let status = format!("Stopping: draining {open} connections");
-                        notifier.notify(&[extend_timeout_usec(left), NotifyState::Status(&status)]);
-                    }
-                })
-                .await;
+            let progress = |open| {
+                tracing::info!(open, "draining");
+                if !handed_over {
+                    // Tell systemd how long we still need, so that neither a healthy drain
+                    // is killed at TimeoutStopSec nor a hung one waited on blindly.
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let status = format!("Stopping: draining {open} connections");
+                    notifier.notify(&[extend_timeout_usec(left), NotifyState::Status(&status)]);
+                }
+            };
+            let drained = match failed {
+                Some(failed) => {
+                    connections
+                        .drain_handing_off(deadline, grace, failed, progress)
+                        .await
+                }
+                None => connections.drain(deadline, grace, progress).await,
+            };
             (hooks, drained)
         };
         self.stage = Stage::Draining(Draining {
@@ -522,6 +591,7 @@ impl Lifecycle {
             lame_duck_requests,
             close_seen,
             forced: false,
+            sent,
             work: Box::pin(work),
         });
     }
@@ -544,8 +614,16 @@ impl Lifecycle {
             unreachable!("BUG: drained outside the draining stage");
         };
         let elapsed = d.began.elapsed();
+        let (passed, kept) = d.sent.as_ref().map_or((0, 0), |s| {
+            (
+                s.passed.load(std::sync::atomic::Ordering::Relaxed),
+                s.kept.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        });
         tracing::info!(
             drained = drained.open_at_start,
+            passed,
+            kept,
             cut = drained.cut,
             lame_duck = ?d.lame_duck,
             lame_duck_requests = d.lame_duck_requests,
@@ -568,6 +646,8 @@ impl Lifecycle {
             lame_duck: d.lame_duck,
             lame_duck_requests: d.lame_duck_requests,
             drained: drained.open_at_start,
+            passed,
+            kept,
             cut: drained.cut,
             forced: d.forced,
             elapsed,

@@ -416,17 +416,36 @@ impl IntoIterator for Listeners {
 }
 
 /// Removes `path` if it is a Unix socket file nobody accepts on (connecting is refused).
+///
+/// The probe connects without blocking: a live server whose backlog is full would make a
+/// blocking connect wait until it accepts, which may be never. `EAGAIN` means exactly that
+/// (alive, busy): the file is left alone and the bind fails with "address in use".
 fn remove_stale_socket(path: &Path) {
     use std::os::unix::fs::FileTypeExt;
     let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
     if !is_socket {
         return;
     }
-    if let Err(e) = std::os::unix::net::UnixStream::connect(path) {
-        if e.kind() == std::io::ErrorKind::ConnectionRefused {
+    let Ok(addr) = rustix::net::SocketAddrUnix::new(path) else {
+        return;
+    };
+    let Ok(probe) = rustix::net::socket_with(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::STREAM,
+        rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
+        None,
+    ) else {
+        return;
+    };
+    match rustix::net::connect(&probe, &addr) {
+        Err(rustix::io::Errno::CONNREFUSED) => {
             tracing::info!(path = %path.display(), "removing a stale Unix socket file");
             let _ = std::fs::remove_file(path);
         }
+        Err(rustix::io::Errno::AGAIN) => {
+            tracing::debug!(path = %path.display(), "the Unix socket is alive (its backlog is full)");
+        }
+        _ => {}
     }
 }
 
@@ -487,6 +506,16 @@ pub(crate) fn parse_env(env: &EnvValues<'_>) -> Result<Option<Vec<(RawFd, String
                 "a count of fds: decimal digits, at most 4096",
             )
         })?;
+    if count == 0 {
+        // As sd_listen_fds(3): no fds, whatever LISTEN_FDNAMES says.
+        if env.names.is_some_and(|n| !n.is_empty()) {
+            tracing::warn!(
+                names = ?env.names,
+                "LISTEN_FDS=0 with a non-empty LISTEN_FDNAMES: no fds are inherited, the names are ignored"
+            );
+        }
+        return Ok(None);
+    }
     let first = match env.first_fd {
         None => 3,
         Some(raw) => parse_decimal(raw)
@@ -505,11 +534,7 @@ pub(crate) fn parse_env(env: &EnvValues<'_>) -> Result<Option<Vec<(RawFd, String
             let text = raw.to_str().ok_or_else(|| {
                 Error::bad_var("LISTEN_FDNAMES", raw, "colon-separated UTF-8 names")
             })?;
-            let names: Vec<String> = if count == 0 && text.is_empty() {
-                Vec::new()
-            } else {
-                text.split(':').map(str::to_string).collect()
-            };
+            let names: Vec<String> = text.split(':').map(str::to_string).collect();
             if names.len() != count as usize {
                 return Err(Error::bad_var(
                     "LISTEN_FDNAMES",
@@ -520,9 +545,6 @@ pub(crate) fn parse_env(env: &EnvValues<'_>) -> Result<Option<Vec<(RawFd, String
             names
         }
     };
-    if count == 0 {
-        return Ok(None);
-    }
     // first <= 65536 and count <= 4096, so these fit in an i32.
     let fds = (0..count).map(|i| (first + i) as RawFd);
     Ok(Some(fds.zip(names).collect()))
@@ -638,6 +660,9 @@ mod tests {
         assert_eq!(got(env(Some("1"), Some("41"), None, None)), None);
         // Another process's LISTEN_PID wins even over a malformed LISTEN_FDS.
         assert_eq!(got(env(Some("x"), Some("41"), None, None)), None);
+        // As sd_listen_fds: no fds, whatever the names say (a warning is logged).
+        assert_eq!(got(env(Some("0"), Some("42"), Some("web"), None)), None);
+        assert_eq!(got(env(Some("0"), None, Some("a:b"), None)), None);
     }
 
     #[test]

@@ -7,35 +7,63 @@
 //!
 //! Where the messages go:
 //! - normally, to `NOTIFY_SOCKET` (systemd), or nowhere when it is unset;
-//! - in a process started by a handover restart, `NOTIFY_SOCKET` is the *parent's* hand-off
-//!   socket and `HANDOVER_NOTIFY_SOCKET` the service manager's. Everything up to and including
-//!   `READY=1` goes to the parent (which then tells the manager `MAINPID=` + `READY=1`, since
-//!   only the main pid may speak under `NotifyAccess=main`); everything after goes to the
-//!   manager, so the new process can do its own next restart.
+//! - in a process started by a handover restart, everything up to and including `READY=1`
+//!   goes to the *parent* (which then tells the manager `MAINPID=` + `READY=1`, since only the
+//!   main pid may speak under `NotifyAccess=main`): on the private channel the parent passed
+//!   (`HANDOVER_CHANNEL_FD`), or, from a parent that passed none, on `NOTIFY_SOCKET`, the
+//!   parent's hand-off socket. `HANDOVER_NOTIFY_SOCKET` is the service manager's socket, and
+//!   everything after `READY=1` goes there, so the new process can do its own next restart.
+//!
+//! # Delivery
+//! Most messages are best effort: sent without blocking, and a full queue drops them with a
+//! warning, so a busy manager never stalls the server. The few that must arrive (the first
+//! `READY=1`, the hand-off's `MAINPID=` + `READY=1`, a failed restart's `READY=1`) are sent on
+//! a *connected* socket: when the receiver's queue is full the send fails with `EAGAIN`, and
+//! Linux wakes a connected datagram sender once the receiver reads, so we wait for writability
+//! (with a deadline) instead of polling, and know when the message is in the queue.
 
 use std::ffi::{OsStr, OsString};
-use std::io::IoSlice;
+use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixDatagram;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::time::Instant;
 
 pub(crate) use sd_notify::NotifyState;
 
 use crate::error::Error;
 use crate::startup::Startup;
+use crate::sys;
 
 /// Where notifications go, and whether the hand-off to our parent is still pending.
 #[derive(Debug)]
 pub(crate) struct Notifier {
     /// The service manager's socket (systemd's `NOTIFY_SOCKET`), if any.
     upstream: Option<Target>,
-    /// The parent's hand-off socket, until `READY=1` has been sent there.
-    parent: Mutex<Option<Target>>,
+    /// The parent, until `READY=1` has been sent there.
+    parent: Mutex<Option<Parent>>,
+    /// Our end of the channel to the parent, kept open after `READY=1`: the parent keeps its
+    /// end too, and later messages (passed connections) will come this way.
+    channel: Mutex<Option<Arc<Connected>>>,
+    /// Whether our `READY=1` to a parent says we take its connections.
+    offers_connections: AtomicBool,
+}
+
+/// How to reach a handover parent.
+#[derive(Debug)]
+enum Parent {
+    /// The private `SOCK_SEQPACKET` channel it passed (`HANDOVER_CHANNEL_FD`).
+    Channel(Arc<Connected>),
+    /// Its hand-off socket (`NOTIFY_SOCKET`): a parent that passed no channel.
+    Socket(Target),
 }
 
 #[derive(Debug)]
@@ -81,11 +109,18 @@ impl Notifier {
                         &startup.upstream_notify_socket,
                     ),
                 },
-                parent: Mutex::new(open("NOTIFY_SOCKET", &startup.notify_socket)),
+                parent: Mutex::new(match take_channel(startup) {
+                    Some(channel) => Some(Parent::Channel(Arc::new(channel))),
+                    None => open("NOTIFY_SOCKET", &startup.notify_socket).map(Parent::Socket),
+                }),
+                channel: Mutex::new(None),
+                offers_connections: AtomicBool::new(false),
             },
             None => Notifier {
                 upstream: open("NOTIFY_SOCKET", &startup.notify_socket),
                 parent: Mutex::new(None),
+                channel: Mutex::new(None),
+                offers_connections: AtomicBool::new(false),
             },
         }
     }
@@ -95,42 +130,155 @@ impl Notifier {
         self.upstream.as_ref().map(Target::name)
     }
 
-    /// Sends `states` to whoever should hear them now. Failures are logged, never fatal.
+    /// Sends `states` to whoever should hear them now, without blocking. Failures are logged,
+    /// never fatal.
     pub(crate) fn notify(&self, states: &[NotifyState<'_>]) {
-        let msg = format_states(states);
+        self.send_routed(&format_states(states));
+    }
+
+    fn send_routed(&self, msg: &str) {
         let parent = self.parent.lock().unwrap_or_else(|p| p.into_inner());
-        let target = match parent.as_ref() {
-            Some(p) => Some(p),
-            None => self.upstream.as_ref(),
-        };
-        if let Some(target) = target {
-            send(target, &msg);
-        }
-    }
-
-    /// Reports readiness: to the parent if a hand-off is pending (and from then on to the
-    /// service manager), otherwise to the service manager.
-    pub(crate) fn ready(&self, status: &str) {
-        let states = [NotifyState::Ready, NotifyState::Status(status)];
-        let mut parent = self.parent.lock().unwrap_or_else(|p| p.into_inner());
-        match parent.take() {
-            Some(p) => {
-                tracing::info!("reporting READY=1 to the parent process, which hands over to us");
-                send(&p, &format_states(&states));
+        match parent.as_ref() {
+            Some(Parent::Channel(channel)) => {
+                if let Err(e) = send_now(channel.fd(), msg.as_bytes()) {
+                    tracing::warn!(error = %e, message = msg.trim_end(), "message to the parent process could not be sent");
+                }
             }
+            Some(Parent::Socket(target)) => send(target, msg),
             None => {
-                drop(parent);
-                self.notify(&states);
+                if let Some(target) = &self.upstream {
+                    send(target, msg);
+                }
             }
         }
     }
 
-    /// Sends to the service manager only, never to a parent: for what the *main* process says
-    /// on behalf of a child (`MAINPID=`).
-    pub(crate) fn notify_upstream(&self, states: &[NotifyState<'_>]) {
-        if let Some(t) = &self.upstream {
-            send(t, &format_states(states));
+    /// The same, but a message that matters (a failed restart's `READY=1`, which a manager in
+    /// `RELOADING=1` waits for): delivered in the background, waiting while the receiver's
+    /// queue is full, for up to `patience`. It may arrive after messages sent later.
+    pub(crate) fn notify_patiently(
+        self: &Arc<Self>,
+        states: &[NotifyState<'_>],
+        patience: Duration,
+    ) {
+        let msg = format_states(states);
+        let notifier = Arc::clone(self);
+        let deadline = deadline_after(patience);
+        tokio::spawn(async move {
+            if notifier.parent_pending() {
+                notifier.send_routed(&msg);
+                return;
+            }
+            let Some(target) = &notifier.upstream else {
+                return;
+            };
+            // Usually there is room: one send on the socket we have, no new fd. Only a full
+            // queue (or another error) needs a connected socket to wait on.
+            if target.try_send(&msg).is_ok() {
+                return;
+            }
+            match target.connect() {
+                Ok(connected) => {
+                    if let Err(e) = connected.deliver(msg.as_bytes(), deadline).await {
+                        tracing::warn!(to = ?target.name, error = %e, message = msg.trim_end(), "sd_notify message could not be delivered");
+                    }
+                }
+                // No socket to wait on (out of fds, say): one try without waiting.
+                Err(e) => {
+                    tracing::debug!(to = ?target.name, error = %e, "cannot connect to wait for delivery; sending once");
+                    send(target, &msg);
+                }
+            }
+        });
+    }
+
+    fn parent_pending(&self) -> bool {
+        self.parent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Reports readiness, and waits (up to `patience`) until the report is delivered: to the
+    /// parent if a hand-off is pending (and from then on to the service manager), otherwise to
+    /// the service manager. A report that cannot be delivered is logged as an error: a parent
+    /// then gives up on us and kills us; a service manager may consider the start failed.
+    pub(crate) async fn ready(&self, status: &str, patience: Duration) {
+        let mut msg = format_states(&[NotifyState::Ready, NotifyState::Status(status)]);
+        let deadline = deadline_after(patience.max(MIN_PATIENCE));
+        let parent = self.parent.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let (delivered, to) = match parent {
+            Some(Parent::Channel(channel)) => {
+                tracing::info!(
+                    "reporting READY=1 to the parent process (on its channel), which hands over to us"
+                );
+                if self.offers_connections.load(Ordering::Relaxed) {
+                    msg.push_str(crate::handoff::ACCEPTS_CONNECTIONS);
+                    msg.push('\n');
+                }
+                let delivered = channel.deliver(msg.as_bytes(), deadline).await;
+                *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = Some(channel);
+                (delivered, "the parent process")
+            }
+            Some(Parent::Socket(target)) => {
+                tracing::info!("reporting READY=1 to the parent process, which hands over to us");
+                let delivered = match target.connect() {
+                    Ok(connected) => connected.deliver(msg.as_bytes(), deadline).await,
+                    Err(e) => Err(e),
+                };
+                (delivered, "the parent process")
+            }
+            None => match &self.upstream {
+                Some(target) => {
+                    let delivered = match target.connect() {
+                        Ok(connected) => connected.deliver(msg.as_bytes(), deadline).await,
+                        Err(e) => Err(e),
+                    };
+                    (delivered, "the service manager")
+                }
+                None => (Ok(()), "nobody"),
+            },
+        };
+        if let Err(e) = delivered {
+            tracing::error!(error = %e, "sd_notify message could not be sent: READY=1 did not reach {to}");
         }
+    }
+
+    /// Says, with the `READY=1` to a parent on its channel, that this process takes the
+    /// connections the parent has (`handoff`).
+    pub(crate) fn offer_connections(&self) {
+        self.offers_connections.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a parent waits for our `READY=1` on its channel.
+    pub(crate) fn has_parent_channel(&self) -> bool {
+        matches!(
+            *self.parent.lock().unwrap_or_else(|p| p.into_inner()),
+            Some(Parent::Channel(_))
+        )
+    }
+
+    /// The channel to the parent, once `READY=1` went over it: the parent passes its
+    /// connections on it. Once.
+    pub(crate) fn take_parent_channel(&self) -> Option<Arc<Connected>> {
+        self.channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Passes a message on to the service manager, best effort, as it is (already `KEY=value`
+    /// lines): for the keeper, which speaks for its successors.
+    pub(crate) fn relay_upstream(&self, msg: &str) {
+        if let Some(t) = &self.upstream {
+            send(t, msg);
+        }
+    }
+
+    /// A connected socket to the service manager, for a message that must be delivered
+    /// ([`Connected::deliver`]); `Ok(None)` if there is no manager.
+    pub(crate) fn connect_upstream(&self) -> io::Result<Option<Connected>> {
+        self.upstream.as_ref().map(Target::connect).transpose()
     }
 }
 
@@ -201,6 +349,126 @@ fn decimal(raw: &OsStr) -> Option<u64> {
         .and_then(|t| t.parse().ok())
 }
 
+/// The least time a message that must be delivered is given, whatever the caller's deadline:
+/// a manager that reads within this is not a manager that is gone.
+pub(crate) const MIN_PATIENCE: Duration = Duration::from_secs(1);
+
+/// `now + d`, saturated far in the future (a `Duration::MAX` timeout means "no limit").
+fn deadline_after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+/// The channel end the parent passed, if any and usable (close-on-exec, non-blocking).
+fn take_channel(startup: &Startup) -> Option<Connected> {
+    let fd = startup.take_channel()?;
+    let owned = match sys::adopt_channel(fd) {
+        Ok(owned) => owned,
+        Err(problem) => {
+            tracing::error!(
+                fd,
+                "{} fd {fd} {problem}; reporting READY=1 on NOTIFY_SOCKET instead",
+                crate::startup::CHANNEL_VAR
+            );
+            return None;
+        }
+    };
+    match Connected::new(owned) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::error!(error = %e, "the channel to the parent process is unusable; reporting READY=1 on NOTIFY_SOCKET instead");
+            None
+        }
+    }
+}
+
+/// A connected socket (datagram or seqpacket) registered with the runtime, for messages that
+/// must be delivered.
+#[derive(Debug)]
+pub(crate) struct Connected {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl Connected {
+    /// Makes `fd` non-blocking and registers it. The fd must be a connected socket.
+    pub(crate) fn new(fd: OwnedFd) -> io::Result<Connected> {
+        rustix::io::ioctl_fionbio(&fd, true)?;
+        let fd = sys::register(fd, Interest::WRITABLE | Interest::READABLE).map_err(|(_, e)| e)?;
+        Ok(Connected { fd })
+    }
+
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.get_ref().as_fd()
+    }
+
+    /// The registered socket, for messages with fds attached (`handoff`).
+    pub(crate) fn async_fd(&self) -> &AsyncFd<OwnedFd> {
+        &self.fd
+    }
+
+    /// Waits until the socket may have room for a message, then calls `send` once (which
+    /// should send with [`send_now`], under whatever lock it needs). `Ok(None)`: there was no
+    /// room after all (`send` returned `WouldBlock`); call again.
+    pub(crate) async fn when_writable<R>(
+        &self,
+        send: impl FnOnce(BorrowedFd<'_>) -> io::Result<R>,
+    ) -> io::Result<Option<R>> {
+        let mut ready = self.fd.writable().await?;
+        match ready.try_io(|fd| send(fd.get_ref().as_fd())) {
+            Ok(result) => result.map(Some),
+            Err(_would_block) => Ok(None),
+        }
+    }
+
+    /// Receives one message from the peer; 0 is EOF on a connected seqpacket socket (where
+    /// nobody sends empty messages).
+    pub(crate) async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.fd
+            .async_io(Interest::READABLE, |fd| {
+                sys::recv_with_credentials(fd.as_fd(), buf).map(|(n, _)| n)
+            })
+            .await
+    }
+
+    /// Sends `msg`, waiting while the receiver's queue is full, until `deadline`.
+    pub(crate) async fn deliver(&self, msg: &[u8], deadline: Instant) -> io::Result<()> {
+        let started = Instant::now();
+        // Bounded by the deadline: each turn waits for a wake-up from the receiver reading.
+        loop {
+            match tokio::time::timeout_at(deadline, self.when_writable(|fd| send_now(fd, msg)))
+                .await
+            {
+                Ok(Ok(Some(_))) => return Ok(()),
+                Ok(Ok(None)) => continue,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(queue_full(started.elapsed())),
+            }
+        }
+    }
+}
+
+/// The error of a delivery that ran out of time.
+pub(crate) fn queue_full(waited: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!(
+            "the receiver's queue stayed full for {:?} (it is not reading)",
+            Duration::from_millis(waited.as_millis() as u64)
+        ),
+    )
+}
+
+/// One non-blocking send on a connected socket. `WouldBlock` when the receiver's queue (or our
+/// send buffer) is full.
+pub(crate) fn send_now(fd: BorrowedFd<'_>, msg: &[u8]) -> io::Result<usize> {
+    Ok(rustix::net::send(
+        fd,
+        msg,
+        SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+    )?)
+}
+
 /// Pings the watchdog at half its interval until dropped. It runs as a task of the runtime
 /// that serves, so a runtime that stops making progress stops the pings, and systemd notices.
 pub(crate) fn spawn_watchdog(
@@ -262,6 +530,38 @@ fn send_with_fds(target: &Target, msg: &str, fds: &[BorrowedFd<'_>]) {
 }
 
 impl Target {
+    /// One datagram, without blocking, on the socket we have.
+    fn try_send(&self, msg: &str) -> io::Result<()> {
+        rustix::net::sendto(
+            &self.socket,
+            msg.as_bytes(),
+            SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+            &self.addr,
+        )?;
+        Ok(())
+    }
+
+    /// A new socket connected to this target, for a message that must be delivered.
+    pub(crate) fn connect(&self) -> io::Result<Connected> {
+        let fd = rustix::net::socket_with(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::DGRAM,
+            rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
+            None,
+        )?;
+        rustix::net::connect(&fd, &self.addr).map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!(
+                    "cannot connect to {:?}: {}",
+                    self.name,
+                    sys::describe_errno(&e.into())
+                ),
+            )
+        })?;
+        Connected::new(fd)
+    }
+
     /// Parses a `NOTIFY_SOCKET` value: an absolute path, or `@name` for the abstract namespace.
     pub(crate) fn parse(value: &OsStr) -> Result<Target, Error> {
         const EXPECTED: &str =

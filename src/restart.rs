@@ -2,21 +2,40 @@
 //!
 //! # The hand-off
 //! 1. The child is the executable recorded at start-up, with the same arguments, working
-//!    directory and environment, stdio inherited, and *only* the listeners as further fds: at
-//!    3, 4, ... with `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID` = the child's own pid,
-//!    exactly what systemd would give it. The child runs the same code path as under systemd.
-//! 2. Its `NOTIFY_SOCKET` is a datagram socket of ours (abstract namespace, so it needs no
-//!    writable directory), `HANDOVER_NOTIFY_SOCKET` the service manager's. We accept `READY=1`
-//!    only from the child's pid, checked with `SCM_CREDENTIALS`.
-//! 3. Until then we keep accepting. If the child exits, or is not ready within the timeout, or
-//!    a close signal arrives, it is killed and reaped, and we carry on as before.
+//!    directory and environment, stdio inherited, the listeners at 3, 4, ... with
+//!    `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID` = the child's own pid, exactly what
+//!    systemd would give it, and one more fd right after them: its end of a private channel to
+//!    us (a `SOCK_SEQPACKET` socketpair), named by `HANDOVER_CHANNEL_FD`. The child runs the
+//!    same code path as under systemd.
+//! 2. The child reports `READY=1` on the channel. Its `NOTIFY_SOCKET` is a datagram socket of
+//!    ours too (abstract namespace), for children that do not know the channel (older handover
+//!    builds, other programs); there we accept `READY=1` only from the child's pid, checked
+//!    with `SCM_CREDENTIALS`. Anyone who can see the abstract name can fill that socket's
+//!    queue, nobody but the child can write to the channel. `HANDOVER_NOTIFY_SOCKET` is the
+//!    service manager's socket, which the child uses after its `READY=1`.
+//! 3. Until then we keep accepting. If the child exits, or is not ready within the timeout
+//!    (counted from the start of the restart, the spawn included), or a close signal arrives,
+//!    it is stopped (and reaped if it is ours), and we carry on as before.
 //! 4. Once ready, we tell the service manager `MAINPID=<child>` and `READY=1` in **one**
 //!    datagram: systemd checks the sender against the main pid before applying any of it, so a
-//!    second datagram from us would already be refused under `NotifyAccess=main`.
+//!    second datagram from us would already be refused under `NotifyAccess=main`. The hand-off
+//!    has happened only once that datagram is *delivered* (in the manager's queue): while the
+//!    queue is full we wait, until the same deadline (but at least a second). Not delivered in
+//!    time, the child is stopped and we carry on: a manager that never heard `MAINPID=` would
+//!    consider the service gone when we exit, and kill the child with it.
 //!
-//! The child is started as a grandchild (`sys::spawn`): it is the service manager's child (or
-//! init's, or a subreaper's) from the start, which reaps it whatever happens, and which
-//! systemd needs to stop it gracefully later. We watch and signal it through a pidfd.
+//! The child is started directly as our *sibling* (`sys::spawn`, `CLONE_PARENT`): it is the
+//! service manager's child (or init's, or a subreaper's) from the start, which reaps it
+//! whatever happens, and which systemd needs to stop it gracefully later. We watch and signal
+//! it through a pidfd. As PID 1 of a PID namespace (a container without an init) the kernel
+//! refuses siblings: the child is ours, we reap it, and after the hand-off this process stays
+//! on as its init (see [`crate::keeper`]).
+//!
+//! # Who may still act once the restart is abandoned
+//! A [`Restarting`] dropped before the outcome (the server future dropped, a runtime shutting
+//! down) kills the child at once and aborts the task. The decision "hand over" or "abandoned"
+//! is taken under one lock ([`Gate`]), right around the send of the hand-off datagram, so after
+//! the drop returns no `MAINPID=` can go out, and a child that was handed over is never killed.
 
 use std::ffi::OsString;
 use std::io;
@@ -24,27 +43,54 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
-use rustix::process::Signal;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::RestartFailure;
-use crate::notify::{Notifier, NotifyState};
-use crate::startup::{self, PROTOCOL_VARS, UPSTREAM_NOTIFY_VAR};
-use crate::sys::{self, ExecPlan};
+use crate::keeper;
+use crate::notify::{self, Connected, MIN_PATIENCE, Notifier, NotifyState};
+use crate::startup::{self, CHANNEL_VAR, PROTOCOL_VARS, UPSTREAM_NOTIFY_VAR};
+use crate::sys::{self, ExecPlan, Placement};
 
-/// A successful hand-off.
-#[derive(Debug, Clone, Copy)]
+/// A successful hand-off: the new process is ready and the service manager has been told.
+#[derive(Debug)]
 pub(crate) struct HandedOver {
     pub(crate) pid: u32,
     pub(crate) ready_after: Duration,
+    /// The new process's pidfd, to forward a close signal that raced with the hand-off.
+    pub(crate) pidfd: Arc<OwnedFd>,
+    /// Our end of the private channel to the new process, kept open: established connections
+    /// go over it (`handoff`), if the new process takes them.
+    pub(crate) channel: Connected,
+    /// The new process said, with its `READY=1`, that it takes connections
+    /// ([`crate::handoff::ACCEPTS_CONNECTIONS`]).
+    pub(crate) accepts_connections: bool,
+}
+
+impl HandedOver {
+    /// Forwards `sig` to the new process: a close signal that arrived while the hand-off was
+    /// being completed was meant for the service, which the new process is now.
+    pub(crate) fn forward_signal(&self, sig: i32) {
+        match sys::pidfd_signal(self.pidfd.as_fd(), sig) {
+            Ok(()) => tracing::info!(
+                pid = self.pid,
+                signal = %crate::signals::name(sig),
+                "the close signal raced with the hand-off: forwarded to the new process"
+            ),
+            Err(e) => tracing::error!(
+                pid = self.pid,
+                error = %e,
+                "could not forward the close signal to the new process"
+            ),
+        }
+    }
 }
 
 impl HandedOver {
@@ -55,33 +101,23 @@ impl HandedOver {
             ready_after: self.ready_after,
         }
     }
-
-    /// Sends `sig` to the new process: a close signal that raced with the hand-off was meant
-    /// for the service, which is the new process now.
-    pub(crate) fn forward_signal(&self, sig: i32) {
-        let (Some(pid), Some(signal)) = (
-            rustix::process::Pid::from_raw(self.pid as i32),
-            Signal::from_named_raw(sig),
-        ) else {
-            return;
-        };
-        tracing::info!(pid = self.pid, signal = %crate::signals::name(sig), "forwarding the close signal to the new process");
-        if let Err(e) = rustix::process::kill_process(pid, signal) {
-            tracing::error!(pid = self.pid, error = %e, "could not forward the close signal");
-        }
-    }
 }
 
 /// A restart in progress, on a task of its own.
+///
+/// Dropping it aborts the task, kills the child (and reaps it, if it is ours), and guarantees
+/// that no `MAINPID=` is sent afterwards, unless the hand-off had already happened (then the
+/// child is the service and is left alone).
 #[derive(Debug)]
 pub(crate) struct Restarting {
     cancel: CancellationToken,
     task: JoinHandle<Result<HandedOver, RestartFailure>>,
+    gate: Arc<Gate>,
 }
 
 impl Restarting {
-    /// Starts a restart that hands over `listeners` (fd and name). The fds must stay open until
-    /// the restart has finished.
+    /// Starts a restart that hands over `listeners` (fd and name). The fds are the restart's
+    /// own (duplicates), closed once the child has them.
     pub(crate) fn start(
         listeners: Vec<(OwnedFd, String)>,
         notifier: Arc<Notifier>,
@@ -89,14 +125,15 @@ impl Restarting {
         watchdog_usec: Option<u64>,
     ) -> Restarting {
         let cancel = CancellationToken::new();
+        let gate = Arc::new(Gate::default());
         let plan = Plan {
             listeners,
             notifier,
             ready_timeout,
             watchdog_usec,
         };
-        let task = tokio::spawn(run(plan, cancel.clone()));
-        Restarting { cancel, task }
+        let task = tokio::spawn(run(plan, cancel.clone(), Arc::clone(&gate)));
+        Restarting { cancel, task, gate }
     }
 
     /// Waits for the outcome. Cancel safe (the restart goes on; await again).
@@ -110,10 +147,84 @@ impl Restarting {
         }
     }
 
-    /// Cancels: the child, if started, is killed and reaped before this returns.
+    /// Cancels: the child, if started and not handed over to, is stopped (and reaped if it is
+    /// ours) before this returns. `Ok` if the hand-off had happened already: forward the
+    /// reason for cancelling to the new process ([`HandedOver::forward_signal`]).
     pub(crate) async fn cancel(mut self) -> Result<HandedOver, RestartFailure> {
         self.cancel.cancel();
         self.outcome().await
+    }
+}
+
+impl Drop for Restarting {
+    fn drop(&mut self) {
+        let child = {
+            let mut gate = self.gate.lock();
+            if gate.handed_over {
+                None
+            } else {
+                gate.abandoned = true;
+                gate.child.take()
+            }
+        };
+        self.task.abort();
+        if let Some(child) = child {
+            tracing::warn!(
+                pid = child.pid,
+                "restart abandoned: killing the new process"
+            );
+            child.kill_now();
+        }
+    }
+}
+
+/// The one place where "hand over" and "abandon" are decided, under one lock.
+#[derive(Debug, Default)]
+struct Gate {
+    state: Mutex<GateState>,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    /// The [`Restarting`] was dropped: nothing may be sent from now on.
+    abandoned: bool,
+    /// The hand-off datagram was delivered: the child is the service now.
+    handed_over: bool,
+    /// The child, once started and until it is stopped or handed over to.
+    child: Option<ChildRef>,
+}
+
+impl Gate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Enough of the child to kill it synchronously.
+#[derive(Debug, Clone)]
+struct ChildRef {
+    pid: u32,
+    pidfd: Arc<OwnedFd>,
+    placement: Placement,
+}
+
+impl ChildRef {
+    /// SIGKILL, and if it is our own child, reap it (bounded: a process stuck in the kernel is
+    /// left as a zombie for the keeper or the kernel).
+    fn kill_now(&self) {
+        let _ = sys::pidfd_signal(self.pidfd.as_fd(), libc::SIGKILL);
+        if self.placement == Placement::Child {
+            let mut fds = [rustix::event::PollFd::new(
+                &*self.pidfd,
+                rustix::event::PollFlags::IN,
+            )];
+            let second = rustix::event::Timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            };
+            let _ = rustix::event::poll(&mut fds, Some(&second));
+            let _ = sys::reap(self.pidfd.as_fd());
+        }
     }
 }
 
@@ -128,17 +239,32 @@ struct Plan {
     watchdog_usec: Option<u64>,
 }
 
-async fn run(plan: Plan, cancel: CancellationToken) -> Result<HandedOver, RestartFailure> {
-    let result = attempt(plan, cancel).await;
+async fn run(
+    plan: Plan,
+    cancel: CancellationToken,
+    gate: Arc<Gate>,
+) -> Result<HandedOver, RestartFailure> {
+    let result = attempt(plan, cancel, gate).await;
     if let Err(failure) = &result {
         tracing::error!(error = %failure, "restart failed; this process keeps serving");
     }
     result
 }
 
-/// One restart attempt. Whatever fails after the child was started, the child is killed and
-/// reaped before this returns.
-async fn attempt(plan: Plan, cancel: CancellationToken) -> Result<HandedOver, RestartFailure> {
+/// `now + d`, or far in the future if that does not fit (`Duration::MAX` means "no limit").
+fn deadline_after(start: Instant, d: Duration) -> Instant {
+    start
+        .checked_add(d)
+        .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+/// One restart attempt. Whatever fails after the child was started, the child is stopped (and
+/// reaped, if it is ours) before this returns.
+async fn attempt(
+    plan: Plan,
+    cancel: CancellationToken,
+    gate: Arc<Gate>,
+) -> Result<HandedOver, RestartFailure> {
     let Plan {
         listeners,
         notifier,
@@ -146,6 +272,8 @@ async fn attempt(plan: Plan, cancel: CancellationToken) -> Result<HandedOver, Re
         watchdog_usec,
     } = plan;
     let started = Instant::now();
+    // One deadline for the whole restart: spawn, exec, READY=1.
+    let deadline = deadline_after(started, ready_timeout);
     let startup = startup::get();
     let exe = startup.exe.clone().map_err(|msg| RestartFailure::Io {
         context: "the executable to restart is unknown",
@@ -160,7 +288,24 @@ async fn attempt(plan: Plan, cancel: CancellationToken) -> Result<HandedOver, Re
     notifier.notify(&reloading);
     tracing::info!(exe = %exe.display(), listeners = listeners.len(), "restart: starting the new process");
 
+    // As PID 1 the successor is our own child, and we are its service manager afterwards.
+    let placement = match keeper::is_pid1() {
+        true => Placement::Child,
+        false => Placement::Sibling,
+    };
+    let io_err = |context| move |source| RestartFailure::Io { context, source };
     let (handshake, handshake_name) = bind_handshake()?;
+    let (channel, child_end) = rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(io::Error::from)
+    .map_err(io_err("could not create the channel to the new process"))?;
+    let channel = Connected::new(channel)
+        .map_err(io_err("could not register the channel to the new process"))?;
+
     let names: Vec<String> = listeners.iter().map(|(_, n)| n.clone()).collect();
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| !PROTOCOL_VARS.iter().any(|v| k.as_bytes() == v.as_bytes()))
@@ -170,13 +315,20 @@ async fn attempt(plan: Plan, cancel: CancellationToken) -> Result<HandedOver, Re
     env.push(("NOTIFY_SOCKET".into(), handshake_name.clone()));
     // Always set, empty meaning "no service manager": the child must know that NOTIFY_SOCKET is
     // only the hand-off socket, which is gone once we exit.
-    let upstream = notifier.upstream_name().unwrap_or_default().to_owned();
+    let upstream = match placement {
+        Placement::Child => keeper::notify_socket_name()
+            .map_err(io_err("could not bind the keeper's notify socket"))?,
+        Placement::Sibling => notifier.upstream_name().unwrap_or_default().to_owned(),
+    };
     env.push((UPSTREAM_NOTIFY_VAR.into(), upstream));
+    // The channel goes right after the listeners, outside the LISTEN_FDS range.
+    env.push((CHANNEL_VAR.into(), (3 + listeners.len()).to_string().into()));
     // No WATCHDOG_PID: the interval is for whoever reads it, the child.
     if let Some(usec) = watchdog_usec {
         env.push(("WATCHDOG_USEC".into(), usec.to_string().into()));
     }
-    let fds = listeners.into_iter().map(|(fd, _)| fd).collect();
+    let mut fds: Vec<OwnedFd> = listeners.into_iter().map(|(fd, _)| fd).collect();
+    fds.push(child_end);
     let plan =
         ExecPlan::new(&exe, &startup.args, env, fds, startup.cwd.as_deref()).map_err(|source| {
             RestartFailure::Spawn {
@@ -184,29 +336,61 @@ async fn attempt(plan: Plan, cancel: CancellationToken) -> Result<HandedOver, Re
                 source,
             }
         })?;
-    let spawned = tokio::task::spawn_blocking(move || sys::spawn(plan))
-        .await
-        .map_err(|e| RestartFailure::Io {
-            context: "the spawning thread failed",
-            source: io::Error::other(e.to_string()),
-        })?
-        .map_err(|source| RestartFailure::Spawn {
-            exe: exe.clone(),
-            source,
-        })?;
+    // Returns at once; the plan (our copies of the child's fds) is closed inside.
+    let spawned = sys::spawn(plan, placement).map_err(|source| RestartFailure::Start { source })?;
     let pid = spawned.pid;
+    let child_ref = ChildRef {
+        pid,
+        pidfd: Arc::new(spawned.pidfd),
+        placement,
+    };
+    {
+        let mut state = gate.lock();
+        if state.abandoned {
+            drop(state);
+            child_ref.kill_now();
+            return Err(RestartFailure::Cancelled { pid });
+        }
+        state.child = Some(child_ref.clone());
+    }
     tracing::info!(pid, "restart: new process started; waiting for its READY=1");
-    let child = Child::new(pid, spawned.pidfd)?;
+    let child = match Child::new(&child_ref) {
+        Ok(child) => child,
+        Err(failure) => {
+            child_ref.kill_now();
+            gate.lock().child = None;
+            return Err(failure);
+        }
+    };
+    let report = match sys::register(spawned.report, Interest::READABLE) {
+        Ok(fd) => ExecReport { fd },
+        Err((_, source)) => {
+            child.stop().await;
+            gate.lock().child = None;
+            return Err(RestartFailure::Io {
+                context: "could not watch the exec report pipe",
+                source,
+            });
+        }
+    };
 
     // Biased, in this order: a child that died is never handed over to, even if its READY=1
     // is also waiting; a child that is ready is handed over to even if a close signal came at
     // the same moment (it is serving already; killing it would reset its connections).
+    let mut accepts_connections = false;
     let outcome = tokio::select! {
         biased;
-        status = child.exited() => Err(RestartFailure::Exited { pid, status }),
-        ready = wait_ready(&handshake, pid) => ready,
+        status = child.exited() => Err(match report.errno_now() {
+            Some(source) => RestartFailure::Spawn { exe: exe.clone(), source },
+            None => RestartFailure::Exited { pid, status },
+        }),
+        source = report.failed() => Err(RestartFailure::Spawn { exe: exe.clone(), source }),
+        ready = wait_ready(&channel, &handshake, pid) => ready.map(|(status, accepts)| {
+            accepts_connections = accepts;
+            status
+        }),
         () = cancel.cancelled() => Err(RestartFailure::Cancelled { pid }),
-        () = tokio::time::sleep(ready_timeout) => Err(RestartFailure::Timeout { pid, after: ready_timeout }),
+        () = tokio::time::sleep_until(deadline) => Err(RestartFailure::Timeout { pid, after: ready_timeout }),
     };
     // READY=1 and then an immediate exit: look once more before handing over.
     let outcome = match outcome {
@@ -216,40 +400,216 @@ async fn attempt(plan: Plan, cancel: CancellationToken) -> Result<HandedOver, Re
         },
         Err(failure) => Err(failure),
     };
-    match outcome {
+    let outcome = match outcome {
         Ok(child_status) => {
             // The new process's own status: it is what `systemctl status` should show from now
             // on, and the new process cannot tell systemd itself before it is the main pid.
             let status = child_status.unwrap_or_else(|| format!("Serving as pid {pid}"));
             // One datagram: see the module docs. The watchdog ping covers the moment the duty
             // changes hands, since the child's own pings before MAINPID= were not accepted.
-            let mut handoff = vec![
-                NotifyState::MainPid(pid),
-                NotifyState::Ready,
-                NotifyState::Status(&status),
-            ];
+            // As PID 1 we stay the manager's main process (and become the child's manager), so
+            // there is no MAINPID= to tell.
+            let mut handoff = Vec::new();
+            if placement == Placement::Sibling {
+                handoff.push(NotifyState::MainPid(pid));
+            }
+            handoff.push(NotifyState::Ready);
+            handoff.push(NotifyState::Status(&status));
             if watchdog_usec.is_some() {
                 handoff.push(NotifyState::Watchdog);
             }
-            notifier.notify_upstream(&handoff);
+            let what = match placement {
+                Placement::Sibling => format!("MAINPID={pid}"),
+                Placement::Child => "READY=1".to_string(),
+            };
+            let message = notify::format_states(&handoff);
+            let delivery_deadline = deadline.max(Instant::now() + MIN_PATIENCE);
+            let handoff = HandOff {
+                notifier: &notifier,
+                message: &message,
+                what,
+                deadline: delivery_deadline,
+                gate: &gate,
+                placement,
+                pid,
+            };
+            handoff.deliver(&child, &cancel).await
+        }
+        Err(failure) => Err(failure),
+    };
+    match outcome {
+        Ok(()) => {
             child.release();
+            gate.lock().child = None;
             let ready_after = started.elapsed();
             tracing::info!(
                 pid,
                 ?ready_after,
-                "restart: new process is ready; handing over"
+                "restart: new process is ready and the service manager knows; handing over"
             );
-            Ok(HandedOver { pid, ready_after })
+            Ok(HandedOver {
+                pid,
+                ready_after,
+                pidfd: child_ref.pidfd,
+                channel,
+                accepts_connections,
+            })
         }
         Err(failure) => {
             child.stop().await;
+            gate.lock().child = None;
             Err(failure)
         }
     }
 }
 
-/// Binds the datagram socket the child reports `READY=1` on: abstract, unique, with
-/// `SO_PASSCRED` so every message carries its sender's pid.
+/// The hand-off datagram, and what may stop it.
+struct HandOff<'a> {
+    notifier: &'a Arc<Notifier>,
+    message: &'a str,
+    /// What the manager must learn, for the error message: `MAINPID=N`.
+    what: String,
+    deadline: Instant,
+    gate: &'a Gate,
+    placement: Placement,
+    pid: u32,
+}
+
+impl HandOff<'_> {
+    /// Delivers the message (waiting while the manager's queue is full) and marks the hand-off
+    /// done under the gate's lock, unless the child dies, the restart is cancelled or
+    /// abandoned, or the deadline passes first.
+    async fn deliver(
+        &self,
+        child: &Child,
+        cancel: &CancellationToken,
+    ) -> Result<(), RestartFailure> {
+        let pid = self.pid;
+        let waiting_since = Instant::now();
+        let undelivered = |source: io::Error| RestartFailure::Undelivered {
+            what: self.what.clone(),
+            source,
+        };
+        let connected = self.notifier.connect_upstream().map_err(undelivered)?;
+        tracing::info!(
+            pid,
+            "restart: new process is ready; telling the service manager {}",
+            self.what
+        );
+        // Bounded by the deadline: each turn waits for the manager to read (or for the child,
+        // the cancel, the deadline).
+        loop {
+            let attempt = async {
+                match &connected {
+                    Some(c) => {
+                        c.when_writable(|fd| {
+                            self.commit(|| notify::send_now(fd, self.message.as_bytes()))
+                        })
+                        .await
+                    }
+                    // No service manager: nobody to tell, the hand-off is ours to decide.
+                    None => self.commit(|| Ok(0)).map(Some),
+                }
+            };
+            tokio::select! {
+                biased;
+                sent = attempt => match sent {
+                    Ok(Some(())) => return Ok(()),
+                    Ok(None) => continue,
+                    Err(_) if self.gate.lock().abandoned => return Err(RestartFailure::Cancelled { pid }),
+                    Err(e) => return Err(undelivered(e)),
+                },
+                status = child.exited() => return Err(RestartFailure::Exited { pid, status }),
+                () = cancel.cancelled() => return Err(RestartFailure::Cancelled { pid }),
+                () = tokio::time::sleep_until(self.deadline) => {
+                    return Err(undelivered(notify::queue_full(waiting_since.elapsed())));
+                }
+            }
+        }
+    }
+
+    /// Sends (with `send`), and if it went out, marks the hand-off as done: both under the
+    /// gate's lock, so that a [`Restarting`] dropped meanwhile either comes first (and nothing
+    /// is sent) or finds the child handed over (and leaves it alone).
+    fn commit(&self, send: impl FnOnce() -> io::Result<usize>) -> io::Result<()> {
+        let mut state = self.gate.lock();
+        if state.abandoned {
+            return Err(io::Error::other("the restart was abandoned"));
+        }
+        send()?;
+        state.handed_over = true;
+        if self.placement == Placement::Child {
+            keeper::adopt(self.pid, Arc::clone(self.notifier));
+        }
+        Ok(())
+    }
+}
+
+/// The read end of the exec report pipe: 4 bytes of errno if the child failed before or in
+/// `execve`, EOF once it executed.
+struct ExecReport {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl ExecReport {
+    /// Resolves only if the child reported a failure; pends forever once it executed (EOF).
+    async fn failed(&self) -> io::Error {
+        let mut got = [0u8; 4];
+        let mut len = 0;
+        // Bounded: at most 4 bytes come before EOF, each turn reads at least one or ends.
+        loop {
+            let read = self
+                .fd
+                .async_io(Interest::READABLE, |fd| {
+                    rustix::io::read(fd, &mut got[len..]).map_err(io::Error::from)
+                })
+                .await;
+            match read {
+                Ok(0) if len == 0 => {
+                    tracing::debug!("restart: the new process executed");
+                    return std::future::pending().await;
+                }
+                Ok(0) => return truncated(len),
+                Ok(k) => {
+                    len += k;
+                    if len == got.len() {
+                        return io::Error::from_raw_os_error(i32::from_ne_bytes(got));
+                    }
+                }
+                Err(e) => {
+                    return io::Error::new(
+                        e.kind(),
+                        format!("could not read the exec report pipe: {e}"),
+                    );
+                }
+            }
+        }
+    }
+
+    /// The errno the child reported, if it did, without waiting (the child has exited: what
+    /// it wrote is in the pipe by now).
+    fn errno_now(&self) -> Option<io::Error> {
+        let mut got = [0u8; 4];
+        match rustix::io::read(self.fd.get_ref(), &mut got) {
+            Ok(4) => Some(io::Error::from_raw_os_error(i32::from_ne_bytes(got))),
+            Ok(0) | Err(_) => None,
+            Ok(k) => Some(truncated(k)),
+        }
+    }
+}
+
+/// A report shorter than an errno. Never "Success (os error 0)": say what happened.
+fn truncated(len: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!(
+            "the new process failed before execve, but its report was cut short ({len} of 4 bytes)"
+        ),
+    )
+}
+
+/// Binds the datagram socket a child that does not know the channel reports `READY=1` on:
+/// abstract, unique, with `SO_PASSCRED` so every message carries its sender's pid.
 fn bind_handshake() -> Result<(tokio::net::UnixDatagram, OsString), RestartFailure> {
     let io_err = |context| move |source| RestartFailure::Io { context, source };
     let seq = HANDSHAKE_SEQ.fetch_add(1, Ordering::Relaxed);
@@ -275,37 +635,56 @@ fn bind_handshake() -> Result<(tokio::net::UnixDatagram, OsString), RestartFailu
     Ok((socket, format!("@{name}").into()))
 }
 
-/// Waits for a datagram from `pid` containing the line `READY=1`; returns the last `STATUS=`
-/// the process sent, if any. Other messages are logged (messages from other senders at debug
-/// level only after the first, so a local process cannot flood the log).
+/// Waits for `READY=1` from the child: on the channel, or in a datagram from `pid` on the
+/// hand-off socket. Returns the last `STATUS=` the process sent, if any, and whether it takes
+/// connections (said on the channel with its `READY=1`). Other messages are
+/// logged (messages from other senders at debug level only after the first, so a local process
+/// cannot flood the log).
 async fn wait_ready(
+    channel: &Connected,
     socket: &tokio::net::UnixDatagram,
     pid: u32,
-) -> Result<Option<String>, RestartFailure> {
-    let mut buf = vec![0u8; 4096];
+) -> Result<(Option<String>, bool), RestartFailure> {
+    let mut channel_buf = vec![0u8; 4096];
+    let mut socket_buf = vec![0u8; 4096];
     let mut status = None;
     let mut strangers = 0u32;
+    let mut channel_open = true;
+    let read_err = |context| move |source| RestartFailure::Io { context, source };
+    // Bounded in time by the caller's deadline; each turn handles one message.
     loop {
-        let (len, sender) = socket
-            .async_io(Interest::READABLE, || recv_with_pid(socket, &mut buf))
-            .await
-            .map_err(|source| RestartFailure::Io {
-                context: "could not read the hand-off socket",
-                source,
-            })?;
-        let text = String::from_utf8_lossy(&buf[..len]);
-        if sender != Some(pid) {
-            strangers += 1;
-            if strangers == 1 {
-                tracing::warn!(?sender, expected = pid, message = %text.trim_end(), "ignoring a hand-off message not sent by the new process");
-            } else {
-                tracing::debug!(
-                    ?sender,
-                    "ignoring a hand-off message not sent by the new process"
-                );
+        let mut on_channel = false;
+        let text = tokio::select! {
+            got = channel.recv(&mut channel_buf), if channel_open => {
+                on_channel = true;
+                let len = got.map_err(read_err("could not read the channel to the new process"))?;
+                if len == 0 {
+                    // The child closed its end (a program that does not know the channel, or
+                    // one that exits): listen on the socket only.
+                    channel_open = false;
+                    continue;
+                }
+                String::from_utf8_lossy(&channel_buf[..len]).into_owned()
             }
-            continue;
-        }
+            got = socket.async_io(Interest::READABLE, || {
+                sys::recv_with_credentials(socket.as_fd(), &mut socket_buf)
+            }) => {
+                let (len, credentials) = got.map_err(read_err("could not read the hand-off socket"))?;
+                let text = String::from_utf8_lossy(&socket_buf[..len]).into_owned();
+                let sender = credentials.map(|c| c.pid);
+                if sender != Some(pid) {
+                    strangers += 1;
+                    // pid 0: a sender in a PID namespace we cannot see.
+                    if strangers == 1 {
+                        tracing::warn!(?sender, expected = pid, message = ?text.trim_end(), "ignoring a hand-off message not sent by the new process");
+                    } else {
+                        tracing::debug!(?sender, "ignoring a hand-off message not sent by the new process");
+                    }
+                    continue;
+                }
+                text
+            }
+        };
         for line in text.lines() {
             tracing::debug!(pid, line, "message from the new process");
             if let Some(s) = line.strip_prefix("STATUS=") {
@@ -313,57 +692,42 @@ async fn wait_ready(
             }
         }
         if text.lines().any(|l| l == "READY=1") {
-            return Ok(status);
+            let accepts = on_channel
+                && text
+                    .lines()
+                    .any(|l| l == crate::handoff::ACCEPTS_CONNECTIONS);
+            return Ok((status, accepts));
         }
     }
 }
 
-fn recv_with_pid(
-    socket: &tokio::net::UnixDatagram,
-    buf: &mut [u8],
-) -> io::Result<(usize, Option<u32>)> {
-    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let msg = rustix::net::recvmsg(
-        socket.as_fd(),
-        &mut [io::IoSliceMut::new(buf)],
-        &mut control,
-        RecvFlags::CMSG_CLOEXEC,
-    )?;
-    let mut sender = None;
-    for cmsg in control.drain() {
-        if let RecvAncillaryMessage::ScmCredentials(cred) = cmsg {
-            sender = Some(cred.pid.as_raw_nonzero().get() as u32);
-        }
-    }
-    Ok((msg.bytes, sender))
-}
-
-/// The new process during the hand-off, watched and signalled through its pidfd only: it is
-/// not our child (see `sys::spawn`), its new parent reaps it. Until [`Child::release`] it is
-/// ours to stop: dropped any other way (a failure, or the restart future dropped with the
-/// server), it is killed, never left running with our listeners.
+/// The new process during the hand-off, watched and signalled through its pidfd. Until
+/// [`Child::release`] it is ours to stop: dropped any other way (a failure, or the restart
+/// future dropped with the server), it is killed, never left running with our listeners.
+/// Reaped here only if it is our own child ([`Placement::Child`]); a sibling is its parent's.
 struct Child {
     pid: u32,
-    pidfd: Option<AsyncFd<OwnedFd>>,
+    placement: Placement,
+    pidfd: Option<AsyncFd<Arc<OwnedFd>>>,
     exited: AtomicBool,
+    /// How it ended, once known (an own child can be reaped only once).
+    status: Mutex<Option<String>>,
 }
 
 impl Child {
-    fn new(pid: u32, pidfd: OwnedFd) -> Result<Child, RestartFailure> {
-        match sys::register_readable(pidfd) {
+    fn new(child: &ChildRef) -> Result<Child, RestartFailure> {
+        match sys::register_shared(Arc::clone(&child.pidfd), Interest::READABLE) {
             Ok(pidfd) => Ok(Child {
-                pid,
+                pid: child.pid,
+                placement: child.placement,
                 pidfd: Some(pidfd),
                 exited: AtomicBool::new(false),
+                status: Mutex::new(None),
             }),
-            Err((pidfd, source)) => {
-                let _ = rustix::process::pidfd_send_signal(&pidfd, Signal::KILL);
-                Err(RestartFailure::Io {
-                    context: "could not watch the new process",
-                    source,
-                })
-            }
+            Err((_, source)) => Err(RestartFailure::Io {
+                context: "could not watch the new process",
+                source,
+            }),
         }
     }
 
@@ -383,7 +747,7 @@ impl Child {
     fn exit_status_now(&self) -> Option<String> {
         let pidfd = self.pidfd.as_ref()?;
         let mut fds = [rustix::event::PollFd::new(
-            pidfd.get_ref(),
+            &**pidfd.get_ref(),
             rustix::event::PollFlags::IN,
         )];
         let zero = rustix::event::Timespec {
@@ -399,8 +763,20 @@ impl Child {
         }
     }
 
+    /// How it ended: our own child is reaped (its real status); a sibling's status is read from
+    /// /proc while it is a zombie, best effort (its parent may have reaped it already).
     fn describe(&self) -> String {
-        sys::exit_description(self.pid).unwrap_or_else(|| "exited".to_string())
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = status.as_ref() {
+            return s.clone();
+        }
+        let found = match (self.placement, &self.pidfd) {
+            (Placement::Child, Some(pidfd)) => sys::reap(pidfd.get_ref().as_fd()),
+            _ => sys::exit_description(self.pid),
+        };
+        let text = found.unwrap_or_else(|| "exited".to_string());
+        *status = Some(text.clone());
+        text
     }
 
     /// Stops it: SIGTERM, so a process that already accepts can finish what it accepted;
@@ -410,12 +786,12 @@ impl Child {
         if self.exited.load(Ordering::Relaxed) {
             return;
         }
-        let _ = rustix::process::pidfd_send_signal(pidfd.get_ref(), Signal::TERM);
+        let _ = sys::pidfd_signal(pidfd.get_ref().as_fd(), libc::SIGTERM);
         if let Ok(how) = tokio::time::timeout(Duration::from_secs(1), self.exited()).await {
             tracing::info!(pid = self.pid, how, "restart: the new process was stopped");
             return;
         }
-        let _ = rustix::process::pidfd_send_signal(pidfd.get_ref(), Signal::KILL);
+        let _ = sys::pidfd_signal(pidfd.get_ref().as_fd(), libc::SIGKILL);
         match tokio::time::timeout(Duration::from_secs(5), self.exited()).await {
             Ok(how) => tracing::info!(pid = self.pid, how, "restart: the new process was killed"),
             Err(_) => tracing::error!(
@@ -435,9 +811,57 @@ impl Drop for Child {
     fn drop(&mut self) {
         if let Some(pidfd) = self.pidfd.take() {
             if !self.exited.load(Ordering::Relaxed) {
-                tracing::warn!(pid = self.pid, "restart abandoned: killing the new process");
-                let _ = rustix::process::pidfd_send_signal(pidfd.get_ref(), Signal::KILL);
+                // Usually killed already by `Restarting::drop`, which logged it.
+                tracing::debug!(pid = self.pid, "restart abandoned: killing the new process");
+                ChildRef {
+                    pid: self.pid,
+                    pidfd: Arc::clone(pidfd.get_ref()),
+                    placement: self.placement,
+                }
+                .kill_now();
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report_of(bytes: &[u8]) -> io::Error {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let (read, write) = rustix::pipe::pipe_with(
+                rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+            )
+            .expect("pipe");
+            rustix::io::write(&write, bytes).expect("write");
+            drop(write);
+            let report = ExecReport {
+                fd: sys::register(read, Interest::READABLE).expect("register"),
+            };
+            tokio::time::timeout(Duration::from_secs(5), report.failed())
+                .await
+                .expect("a failure is reported")
+        })
+    }
+
+    #[test]
+    fn an_errno_report_is_the_errno() {
+        let err = report_of(&libc::ENOENT.to_ne_bytes());
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+    }
+
+    #[test]
+    fn a_short_report_never_says_success() {
+        for len in 1..4 {
+            let err = report_of(&[0u8; 4][..len]);
+            let text = err.to_string();
+            assert!(!text.contains("Success"), "{text}");
+            assert!(text.contains(&format!("{len} of 4 bytes")), "{text}");
         }
     }
 }

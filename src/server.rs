@@ -102,6 +102,7 @@ pub(crate) struct Config {
     pub(crate) restart_keep_alive_grace: Duration,
     pub(crate) header_read_timeout: Duration,
     pub(crate) fd_store: bool,
+    pub(crate) connection_handoff: bool,
 }
 
 impl Default for Http {
@@ -133,6 +134,7 @@ impl Default for Config {
             restart_keep_alive_grace: Duration::from_secs(1),
             header_read_timeout: Duration::from_secs(30),
             fd_store: false,
+            connection_handoff: true,
         }
     }
 }
@@ -186,6 +188,12 @@ pub struct Shutdown {
     pub lame_duck_requests: u64,
     /// Connections open when the drain started.
     pub drained: usize,
+    /// Connections passed to the new process after a hand-off (plaintext HTTP/1, at a request
+    /// boundary; see [`Server::connection_handoff`]).
+    pub passed: usize,
+    /// Connections that could not be passed after all (the new process's channel failed), and
+    /// were served here to the end, with `Connection: close`.
+    pub kept: usize,
     /// Connections cut at the deadline (or by a forced shutdown) instead of finishing.
     pub cut: usize,
     /// Whether the shutdown was forced (a further close signal, or
@@ -315,6 +323,20 @@ impl Server {
     /// belong to a socket unit, or came out of the store already. Default off.
     pub fn fd_store(mut self, enabled: bool) -> Self {
         self.config.fd_store = enabled;
+        self
+    }
+
+    /// Whether established connections move to the new process after a restart (default
+    /// `true`). A restart then passes every plaintext HTTP/1 connection to the new process at
+    /// its next request boundary (at once if idle, right after its response if busy), with
+    /// the bytes already read from it, so an idle keep-alive client never finds its connection
+    /// closed. It takes effect only between two handover processes that both have it on; with
+    /// a new binary that does not take connections (or when passing fails) connections drain
+    /// as without it: `Connection: close`, then the keep-alive grace. HTTP/2 (GOAWAY), TLS
+    /// (`Connection: close`) and upgraded connections stay in the old process. On the new
+    /// process's side, `false` refuses connections from the previous one.
+    pub fn connection_handoff(mut self, enabled: bool) -> Self {
+        self.config.connection_handoff = enabled;
         self
     }
 

@@ -17,6 +17,7 @@
 //! explicitly built environment anyway.
 
 use std::ffi::{OsStr, OsString};
+use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -34,6 +35,7 @@ pub(crate) const PROTOCOL_VARS: &[&str] = &[
     "LISTEN_PIDFDID",
     "NOTIFY_SOCKET",
     UPSTREAM_NOTIFY_VAR,
+    CHANNEL_VAR,
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
 ];
@@ -41,6 +43,12 @@ pub(crate) const PROTOCOL_VARS: &[&str] = &[
 /// Set by a handover parent for its restart child: the service manager's own `NOTIFY_SOCKET`,
 /// which the child uses once it has reported `READY=1` to its parent on `NOTIFY_SOCKET`.
 pub(crate) const UPSTREAM_NOTIFY_VAR: &str = "HANDOVER_NOTIFY_SOCKET";
+
+/// Set by a handover parent for its restart child: the fd number (3 + `LISTEN_FDS`) of the
+/// child's end of the private channel to the parent, a `SOCK_SEQPACKET` socket. The child
+/// reports `READY=1` on it. Set close-on-exec at start-up, so programs the child runs do not
+/// inherit it.
+pub(crate) const CHANNEL_VAR: &str = "HANDOVER_CHANNEL_FD";
 
 /// Everything captured at start-up.
 #[derive(Debug)]
@@ -58,10 +66,15 @@ pub(crate) struct Startup {
     pub(crate) upstream_notify_socket: Option<OsString>,
     pub(crate) watchdog_usec: Option<OsString>,
     pub(crate) watchdog_pid: Option<OsString>,
+    /// The channel to a handover parent, if one passed it (`HANDOVER_CHANNEL_FD`): the fd
+    /// number, or why the value is unusable.
+    pub(crate) channel_fd: Option<Result<RawFd, String>>,
     /// Whether the protocol variables were removed from the process environment.
     pub(crate) scrubbed: bool,
     /// Whether the inherited fds have been taken (they can be taken once per process).
     fds_taken: AtomicBool,
+    /// The same for the channel.
+    channel_taken: AtomicBool,
 }
 
 static STARTUP: OnceLock<Startup> = OnceLock::new();
@@ -76,6 +89,15 @@ impl Startup {
     pub(crate) fn take_fds(&self) -> bool {
         !self.fds_taken.swap(true, Ordering::AcqRel)
     }
+
+    /// Returns the channel fd number exactly once per process (the caller then owns it), if
+    /// the parent passed a usable one.
+    pub(crate) fn take_channel(&self) -> Option<RawFd> {
+        match &self.channel_fd {
+            Some(Ok(fd)) if !self.channel_taken.swap(true, Ordering::AcqRel) => Some(*fd),
+            _ => None,
+        }
+    }
 }
 
 fn capture() -> Startup {
@@ -83,6 +105,13 @@ fn capture() -> Startup {
     let args: Vec<OsString> = std::env::args_os().collect();
     let cwd = working_dir();
     let exe = resolve_exe(args.first().map(OsString::as_os_str), cwd.as_deref());
+    let channel_fd = var(CHANNEL_VAR).map(|raw| parse_channel_fd(&raw));
+    if let Some(Ok(fd)) = channel_fd {
+        // First of all, so that nothing the application starts from now on inherits it.
+        if let Err(e) = sys::set_cloexec_raw(fd) {
+            tracing::warn!(fd, error = %e, "{CHANNEL_VAR} names an fd that is not open");
+        }
+    }
     let startup = Startup {
         pid: std::process::id(),
         exe,
@@ -96,8 +125,10 @@ fn capture() -> Startup {
         upstream_notify_socket: var(UPSTREAM_NOTIFY_VAR),
         watchdog_usec: var("WATCHDOG_USEC"),
         watchdog_pid: var("WATCHDOG_PID"),
+        channel_fd,
         scrubbed: sys::remove_vars_if_single_threaded(PROTOCOL_VARS),
         fds_taken: AtomicBool::new(false),
+        channel_taken: AtomicBool::new(false),
     };
     if !startup.scrubbed {
         tracing::debug!(
@@ -107,6 +138,17 @@ fn capture() -> Startup {
         );
     }
     startup
+}
+
+/// `HANDOVER_CHANNEL_FD`: an fd number above stdio.
+fn parse_channel_fd(raw: &OsStr) -> Result<RawFd, String> {
+    raw.to_str()
+        .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|t| t.parse::<RawFd>().ok())
+        .filter(|&fd| fd >= 3)
+        .ok_or_else(|| {
+            format!("{CHANNEL_VAR}={raw:?} is malformed: expected an fd number (decimal, >= 3)")
+        })
 }
 
 /// The working directory as the shell names it (`$PWD`, which keeps symlinks, so a

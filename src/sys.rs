@@ -1,13 +1,16 @@
 //! All `unsafe` and raw-fd work of the crate, in one place.
 //!
 //! What needs it:
-//! - adopting the fds a service manager handed us by number ([`adopt_inherited`]);
+//! - adopting the fds a service manager (or a restarting parent) handed us by number
+//!   ([`adopt_inherited`], [`adopt_channel`]);
 //! - shutting down connection sockets by number at a forced cut ([`shutdown_registered`]);
 //! - reading a signal's disposition ([`has_default_disposition`]);
 //! - removing environment variables, sound only while the process has one thread;
 //! - starting the restart child with the listeners at fds 3.. and `LISTEN_PID` set to the
-//!   child's *own* pid ([`spawn`]), which has to happen between `fork` and `execve`, where only
-//!   async-signal-safe calls are allowed.
+//!   child's *own* pid ([`spawn`]), which has to happen between `clone` and `execve`, where
+//!   only async-signal-safe calls are allowed;
+//! - reading `SCM_CREDENTIALS` as raw numbers ([`recv_with_credentials`]), signalling and
+//!   reaping processes by pidfd or, for the keeper, by pid.
 //!
 //! Everything else in the crate works with `OwnedFd`/`BorrowedFd` and safe wrappers.
 
@@ -70,22 +73,27 @@ pub(crate) fn set_cloexec_raw(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Registers an owned fd (a pidfd) with the tokio reactor for readability. On failure the fd is
-/// given back with the error.
-pub(crate) fn register_readable(
-    fd: OwnedFd,
-) -> Result<tokio::io::unix::AsyncFd<OwnedFd>, (OwnedFd, io::Error)> {
-    register(fd, tokio::io::Interest::READABLE)
-}
-
-/// Registers an owned fd with the tokio reactor for `interest`. On failure the fd is given back
-/// with the error.
+/// Registers an owned fd (a pidfd, a socket, a pipe end) with the tokio reactor. On failure
+/// the fd is given back with the error.
 pub(crate) fn register(
     fd: OwnedFd,
     interest: tokio::io::Interest,
 ) -> Result<tokio::io::unix::AsyncFd<OwnedFd>, (OwnedFd, io::Error)> {
     // SAFETY: an OwnedFd is open for as long as it lives and always returns the same number
     // from as_raw_fd; the AsyncFd owns it until it is dropped.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
+        .map_err(|e| e.into_parts())
+}
+
+/// The same for a shared fd (a pidfd that a [`crate::restart::Restarting`] also holds, to kill
+/// the child synchronously when dropped).
+pub(crate) fn register_shared(
+    fd: std::sync::Arc<OwnedFd>,
+    interest: tokio::io::Interest,
+) -> Result<tokio::io::unix::AsyncFd<std::sync::Arc<OwnedFd>>, (std::sync::Arc<OwnedFd>, io::Error)>
+{
+    // SAFETY: the fd stays open while any clone of the Arc lives, and the AsyncFd holds one
+    // until it is dropped; the number never changes.
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
         .map_err(|e| e.into_parts())
 }
@@ -182,6 +190,35 @@ pub(crate) fn adopt_inherited(fd: RawFd) -> Result<(OwnedFd, StreamFamily), Stri
     Ok((owned, family))
 }
 
+/// Takes ownership of the private channel a handover parent passed at `fd`
+/// (`HANDOVER_CHANNEL_FD`), after checking that it is a Unix `SOCK_SEQPACKET` socket. Close-on-
+/// exec is set first, so a program the application runs never sees it. On error the fd is left
+/// as it was (open, close-on-exec).
+///
+/// The caller must own the fd number: [`crate::startup::Startup::take_channel`] lets only one
+/// caller per process adopt it, and the parent placed it there for us alone.
+pub(crate) fn adopt_channel(fd: RawFd) -> Result<OwnedFd, String> {
+    set_cloexec_raw(fd).map_err(|e| match e.raw_os_error() {
+        Some(libc::EBADF) => "is not open".to_string(),
+        _ => format!("cannot be inspected: {e}"),
+    })?;
+    // SAFETY: open (F_GETFD just succeeded) and owned by this one caller, as above.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let stat = rustix::fs::fstat(borrowed).map_err(|e| format!("cannot be inspected: {e}"))?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::Socket {
+        return Err("is not a socket; expected a Unix SOCK_SEQPACKET socket".to_string());
+    }
+    let socket_type = sockopt::socket_type(borrowed).map_err(|e| format!("SO_TYPE failed: {e}"))?;
+    let family = rustix::net::getsockname(borrowed)
+        .map_err(|e| format!("getsockname failed: {e}"))?
+        .address_family();
+    if socket_type != SocketType::SEQPACKET || family != AddressFamily::UNIX {
+        return Err("is not a Unix SOCK_SEQPACKET socket".to_string());
+    }
+    // SAFETY: open and ours alone (see above); the OwnedFd is its only owner from here on.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 fn describe_file_type(t: FileType) -> &'static str {
     match t {
         FileType::RegularFile => "regular file",
@@ -194,8 +231,8 @@ fn describe_file_type(t: FileType) -> &'static str {
     }
 }
 
-/// How to start the restart child, prepared entirely before `fork` so that the child needs no
-/// allocation between `fork` and `execve`.
+/// How to start the restart child, prepared entirely before the clone so that the child needs
+/// no allocation between `clone` and `execve`.
 pub(crate) struct ExecPlan {
     path: CString,
     // The CStrings own the bytes the pointer arrays point into.
@@ -205,8 +242,9 @@ pub(crate) struct ExecPlan {
     envp_ptrs: Vec<*const c_char>,
     /// Points at the first digit of the `LISTEN_PID=` entry, which has room for any pid.
     listen_pid_digits: *mut u8,
-    /// The listeners, in order: child fd 3 + i gets `fds[i]`. Owned (duplicates of the
-    /// server's), so they stay open until the fork is done whatever the server does meanwhile.
+    /// The fds to pass, in order: child fd 3 + i gets `fds[i]` (the listeners, then the
+    /// channel). Owned (duplicates of the server's), so they stay open until the clone is done
+    /// whatever the server does meanwhile.
     fds: Vec<OwnedFd>,
     /// Room for the temporary copies of `fds` made in the child.
     scratch: Vec<RawFd>,
@@ -291,43 +329,87 @@ impl ExecPlan {
     }
 }
 
-/// A started child: its pid and a pidfd to wait for it or signal it without pid-reuse races.
+/// Where the new process goes in the process tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placement {
+    /// Our sibling (`CLONE_PARENT`): the child of our own parent (the service manager, init,
+    /// a subreaper, a shell), which reaps it and which systemd needs for a graceful stop.
+    Sibling,
+    /// Our own child: the init of a PID namespace may not create siblings (the kernel refuses
+    /// `CLONE_PARENT` there), so it starts its successor as a child and reaps it itself.
+    Child,
+}
+
+/// A started child: its pid, a pidfd to watch and signal it without pid-reuse races, and the
+/// read end of its exec report pipe.
 #[derive(Debug)]
 pub(crate) struct Spawned {
     pub(crate) pid: u32,
     pub(crate) pidfd: OwnedFd,
+    /// Non-blocking, close-on-exec. The new process writes 4 bytes (an errno) if a step up to
+    /// and including `execve` failed; EOF once every copy of the write end is closed, which
+    /// means "executed" unless a concurrent fork elsewhere in this process holds a copy: so
+    /// read it with a deadline, never wait for EOF alone.
+    pub(crate) report: OwnedFd,
 }
 
-/// Starts `plan` as a grandchild (fork, fork, execve) and returns once `execve` has succeeded,
-/// or the error it failed with. Blocks until then: call it from a blocking thread.
+/// The `clone_args` of `clone3(2)`, version 0 (64 bytes, Linux 5.3).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+}
+
+/// Starts `plan` as a new process, directly where it belongs in the process tree (see
+/// [`Placement`]), and returns at once: whether `execve` worked comes later on
+/// [`Spawned::report`].
 ///
-/// Why a grandchild: the intermediate process exits at once, so the new process is re-parented
-/// to the service manager (PID 1, or the nearest subreaper, such as a `systemd --user`
-/// manager) before anyone hears of it. systemd treats a `MAINPID=` that is not its own child as
-/// "alien" and, on `systemctl stop`, does not wait for it after SIGTERM but SIGKILLs at once,
-/// cutting its requests; as its child, the new process gets the full graceful stop. Its exit
-/// status goes to its new parent, which reaps it: we never leave a zombie, and watch it (and
-/// signal it) through the pidfd only.
-pub(crate) fn spawn(mut plan: ExecPlan) -> io::Result<Spawned> {
+/// One syscall creates the process and its pidfd: `clone3(CLONE_PIDFD [| CLONE_PARENT])`, or
+/// where that is refused (`ENOSYS`, `EPERM`: an old kernel, or a seccomp profile such as
+/// Docker's default that returns `ENOSYS` for `clone3`), the legacy `clone` syscall with the
+/// same flags. No intermediate process, no pipe to learn the pid, no window in which the pid
+/// could be reused before we hold its pidfd. If both are refused the error names both errnos.
+///
+/// Why a sibling: systemd treats a `MAINPID=` that is not its own child as "alien" and, on
+/// `systemctl stop`, SIGKILLs it right after SIGTERM instead of waiting for its drain. As
+/// systemd's child from the start, the new process gets the full graceful stop, and its exit
+/// status goes to systemd, which reaps it.
+///
+/// On error no process is left: none was created, or (a clone without a pidfd, which a
+/// kernel that accepts `CLONE_PIDFD` does not do) it was killed at once.
+pub(crate) fn spawn(mut plan: ExecPlan, placement: Placement) -> io::Result<Spawned> {
     let n = plan.fds.len();
     let floor = c_int::try_from(3 + n)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many listeners"))?;
-    // The child ends of the pipes live at >= 3 + n, so the child's dup2 onto 3..3+n cannot
-    // clobber them.
-    //
-    // `report`: execve's errno comes back on it; EOF means exec succeeded (close-on-exec).
-    let (report_read, report_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-    let report_write = move_above(report_write, floor)?;
-    // `go`: the new process waits on it until we hold its pidfd. Until then it is alive, so
-    // nothing can reap it and free its pid before pidfd_open.
-    let (go_read, go_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-    let go_read = move_above(go_read, floor)?;
-    // `pid`: the intermediate process tells us the new process's pid (or -errno of its fork).
-    let (pid_read, pid_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many fds to pass"))?;
+    // execve's errno comes back on it; EOF means exec succeeded (close-on-exec). The write end
+    // lives at >= 3 + n, so the child's dup2 onto 3..3+n cannot clobber it.
+    let (report_read, report_write) = rustix::pipe::pipe_with(
+        rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+    )
+    .map_err(|e| context(e.into(), "could not create the exec report pipe"))?;
+    let report_write = move_above(report_write, floor)
+        .map_err(|e| context(e, "could not place the exec report pipe"))?;
 
-    // Block every signal across the forks, so that no handler of ours runs in a child before
+    let sibling = placement == Placement::Sibling;
+    let flags = libc::CLONE_PIDFD as u64
+        | if sibling {
+            libc::CLONE_PARENT as u64
+        } else {
+            0
+        };
+    // The kernel writes the pidfd here, in our memory only (the child's copy was made before).
+    let mut pidfd: c_int = -1;
+
+    // Block every signal across the clone, so that no handler of ours runs in the child before
     // it has reset them all to their defaults (a signal-hook handler would write into our
-    // self-pipe). The new process unblocks after the reset; we restore our mask right away.
+    // self-pipe). The child unblocks after the reset; we restore our mask right away.
     let mut all: libc::sigset_t = zeroed_sigset();
     let mut old: libc::sigset_t = zeroed_sigset();
     // SAFETY: sigfillset/pthread_sigmask write only into the sigset_t values passed.
@@ -335,102 +417,327 @@ pub(crate) fn spawn(mut plan: ExecPlan) -> io::Result<Spawned> {
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
-    // SAFETY: fork() is safe to call; what matters is what the children do before execve. In a
-    // multi-threaded parent they may only use async-signal-safe functions: the intermediate
-    // forks, writes 4 bytes and _exits; `exec_child` only makes raw syscalls (sigaction,
-    // sigprocmask, read, fcntl, dup2, close_range, chdir, getpid, execve, write, _exit) and
-    // writes into memory prepared before the fork.
-    let mid = unsafe { libc::fork() };
-    if mid == 0 {
-        // SAFETY: we are the intermediate child; the same rules apply.
-        unsafe {
-            let pid = libc::fork();
-            if pid == 0 {
-                exec_child(
-                    &mut plan,
-                    report_write.as_raw_fd(),
-                    go_read.as_raw_fd(),
-                    floor,
-                )
-            }
-            let value: i32 = if pid < 0 {
-                -*libc::__errno_location()
-            } else {
-                pid
-            };
-            let bytes = value.to_ne_bytes();
-            libc::write(pid_write.as_raw_fd(), bytes.as_ptr().cast(), bytes.len());
-            libc::_exit(0)
-        }
+    let mut args = CloneArgs {
+        flags,
+        pidfd: (&raw mut pidfd) as u64,
+        // With CLONE_PARENT the kernel requires 0 here (the parent's own exit signal is used);
+        // our own child signals us with SIGCHLD like any fork.
+        exit_signal: if sibling { 0 } else { libc::SIGCHLD as u64 },
+        ..CloneArgs::default()
+    };
+    // SAFETY: a fork-like clone (no CLONE_VM, no new stack): the child gets a copy of our
+    // memory and returns 0 here, on its copy of this stack. `args` and `pidfd` outlive the
+    // call. What the child may do from here is the point: see `exec_child`.
+    let ret3 = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &raw mut args,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    let errno3 = io::Error::last_os_error();
+    let (ret, legacy) =
+        if ret3 < 0 && matches!(errno3.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) {
+            // SAFETY: as above; the legacy clone returns the pidfd through its parent_tid argument.
+            (
+                unsafe { legacy_clone(flags, &mut pidfd) },
+                Some(io::Error::last_os_error()),
+            )
+        } else {
+            (ret3, None)
+        };
+    if ret == 0 {
+        // SAFETY: we are the new process, every signal blocked, the report's write end at or
+        // above `floor`: exactly what `exec_child` requires.
+        unsafe { exec_child(&mut plan, report_write.as_raw_fd(), floor) }
     }
-    let fork_error = io::Error::last_os_error();
     // SAFETY: restores the mask saved above.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
-    if mid < 0 {
-        return Err(fork_error);
-    }
+    // Our copies of what the child needed: the report's write end must go, or we would never
+    // see EOF; the plan's fds (duplicates of the listeners, the child's channel end) too.
     drop(report_write);
-    drop(go_read);
-    drop(pid_write);
-    // The intermediate is our child and exits at once: reap it.
-    if let Some(mid) = rustix::process::Pid::from_raw(mid) {
-        let _ = rustix::process::waitpid(Some(mid), rustix::process::WaitOptions::empty());
+    drop(plan);
+    if ret < 0 {
+        return Err(match legacy {
+            None => context(errno3, "clone3 failed"),
+            Some(errno) => io::Error::new(
+                errno.kind(),
+                format!(
+                    "clone3 failed with {} and the legacy clone fallback with {}",
+                    describe_errno(&errno3),
+                    describe_errno(&errno)
+                ),
+            ),
+        });
     }
-    let mut value = [0u8; 4];
-    read_full(&pid_read, &mut value)?;
-    let pid = i32::from_ne_bytes(value);
-    let Some(child) = rustix::process::Pid::from_raw(pid).filter(|_| pid > 0) else {
-        return Err(io::Error::from_raw_os_error(-pid));
-    };
+    let pid = u32::try_from(ret).map_err(|_| io::Error::other(format!("clone returned {ret}")))?;
+    if pidfd < 0 {
+        // Not expected of a kernel that took CLONE_PIDFD; but a process we cannot watch must
+        // not go on with our listeners. It has just been created and is not reaped before it
+        // exits, so its pid is still its own.
+        // SAFETY: kill(2) touches no memory of ours.
+        unsafe { libc::kill(ret as libc::pid_t, libc::SIGKILL) };
+        return Err(io::Error::other(format!(
+            "clone created process {pid} but returned no pidfd (CLONE_PIDFD needs Linux >= 5.2); it was killed"
+        )));
+    }
+    // SAFETY: the kernel just installed this fd (close-on-exec) for us; nothing else owns it.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    Ok(Spawned {
+        pid,
+        pidfd,
+        report: report_read,
+    })
+}
 
-    // The new process is blocked on `go`, so `pid` is still it.
-    let pidfd = match rustix::process::pidfd_open(child, rustix::process::PidfdFlags::empty()) {
-        Ok(fd) => fd,
-        Err(e) => {
-            // Closing `go` without a byte tells it to exit without executing anything; its new
-            // parent reaps it.
-            return Err(io::Error::new(
-                e.kind(),
-                format!("pidfd_open failed (Linux >= 5.3 is required): {e}"),
-            ));
+/// The legacy `clone` syscall with `flags | SIGCHLD`, no new stack, the pidfd written to
+/// `pidfd` (`CLONE_PIDFD` uses the parent_tid argument). Returns what the syscall returns.
+///
+/// # Safety
+/// As for a fork: the child returns 0 and must only make async-signal-safe calls.
+unsafe fn legacy_clone(flags: u64, pidfd: &mut c_int) -> libc::c_long {
+    let flags = (flags | libc::SIGCHLD as u64) as libc::c_ulong;
+    let pidfd: *mut c_int = pidfd;
+    // The argument order differs per architecture: s390 takes the stack first
+    // (CLONE_BACKWARDS2); everywhere else the flags come first and parent_tid third (x86-64:
+    // flags, stack, parent_tid, child_tid, tls; CLONE_BACKWARDS arm/aarch64/riscv/..: flags,
+    // stack, parent_tid, tls, child_tid; both of the last two are 0 here anyway).
+    // SAFETY: per the caller; `pidfd` is valid for a write of a c_int.
+    unsafe {
+        #[cfg(target_arch = "s390x")]
+        {
+            libc::syscall(
+                libc::SYS_clone,
+                0 as libc::c_ulong,
+                flags,
+                pidfd,
+                0usize,
+                0usize,
+            )
         }
-    };
-    let kill = |pidfd: &OwnedFd| {
-        let _ = rustix::process::pidfd_send_signal(pidfd, rustix::process::Signal::KILL);
-    };
-    if let Err(e) = rustix::io::write(&go_write, b"1") {
-        kill(&pidfd);
-        return Err(e.into());
-    }
-    drop(go_write);
-
-    let mut errno = [0u8; 4];
-    match read_full(&report_read, &mut errno) {
-        Ok(0) => Ok(Spawned {
-            pid: pid as u32,
-            pidfd,
-        }),
-        // It wrote execve's errno and exits.
-        Ok(_) => Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno))),
-        Err(e) => {
-            kill(&pidfd);
-            Err(e)
+        #[cfg(not(target_arch = "s390x"))]
+        {
+            libc::syscall(
+                libc::SYS_clone,
+                flags,
+                0 as libc::c_ulong,
+                pidfd,
+                0usize,
+                0usize,
+            )
         }
     }
 }
 
-/// Reads until `buf` is full or EOF; returns how many bytes came.
-fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match rustix::io::read(fd, &mut buf[got..]) {
-            Ok(0) => break,
-            Ok(k) => got += k,
+fn context(e: io::Error, what: &str) -> io::Error {
+    io::Error::new(e.kind(), format!("{what}: {}", describe_errno(&e)))
+}
+
+/// `ENOSYS (Function not implemented)`: the name the man pages use, then the text.
+pub(crate) fn describe_errno(e: &io::Error) -> String {
+    let Some(code) = e.raw_os_error() else {
+        return e.to_string();
+    };
+    let name = match code {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::EINTR => "EINTR",
+        libc::EBADF => "EBADF",
+        libc::EAGAIN => "EAGAIN",
+        libc::ENOMEM => "ENOMEM",
+        libc::EACCES => "EACCES",
+        libc::EINVAL => "EINVAL",
+        libc::ENFILE => "ENFILE",
+        libc::EMFILE => "EMFILE",
+        libc::ENOSYS => "ENOSYS",
+        libc::ECONNREFUSED => "ECONNREFUSED",
+        libc::E2BIG => "E2BIG",
+        libc::ENOEXEC => "ENOEXEC",
+        _ => return format!("errno {code} ({})", strip_os_error(e)),
+    };
+    format!("{name} ({})", strip_os_error(e))
+}
+
+/// "Function not implemented" out of "Function not implemented (os error 38)".
+fn strip_os_error(e: &io::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" (os error") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+/// How our own child (a [`Placement::Child`]) ended, reaping it; `None` if it has not exited
+/// yet, or was reaped already. `waitid(P_PIDFD)` (Linux 5.4) waits for exactly this process,
+/// never for one of the application's own children.
+pub(crate) fn reap(pidfd: BorrowedFd<'_>) -> Option<String> {
+    use rustix::process::{WaitId, WaitIdOptions};
+    loop {
+        match rustix::process::waitid(
+            WaitId::PidFd(pidfd),
+            WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+        ) {
+            Ok(Some(status)) => {
+                return Some(match (status.exit_status(), status.terminating_signal()) {
+                    (Some(code), _) => format!("exited with status {code}"),
+                    (None, Some(sig)) => format!("was killed by signal {sig}"),
+                    (None, None) => "exited".to_string(),
+                });
+            }
             Err(rustix::io::Errno::INTR) => continue,
+            Ok(None) | Err(_) => return None,
+        }
+    }
+}
+
+/// Sends `sig` through a pidfd (no pid-reuse race). Any signal number, also real-time ones,
+/// which rustix's `Signal` does not name.
+pub(crate) fn pidfd_signal(pidfd: BorrowedFd<'_>, sig: c_int) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal(fd, sig, NULL, 0) reads no memory of ours (info is NULL); on a
+    // fd that is not a pidfd it fails with EBADF.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sends `sig` to a child of ours by pid. Sound only for our own children: their pid cannot be
+/// reused before we reap them, and the only reaper of the keeper's children is the caller.
+pub(crate) fn signal_child(pid: u32, sig: c_int) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::other("pid out of range"))?;
+    // SAFETY: kill(2) touches no memory of ours.
+    if unsafe { libc::kill(pid, sig) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether `pid` is a child of this process (alive, or a zombie not yet reaped). Does not reap.
+pub(crate) fn is_our_child(pid: u32) -> bool {
+    use rustix::process::{WaitId, WaitIdOptions};
+    let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else {
+        return false;
+    };
+    rustix::process::waitid(
+        WaitId::Pid(pid),
+        WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT,
+    )
+    .is_ok()
+}
+
+/// Reaps one exited child of ours, any; `None` when none has exited (or we have none).
+/// Returns the pid and the exit code a shell would report (128 + signal when killed).
+pub(crate) fn reap_any() -> io::Result<Option<(u32, i32)>> {
+    loop {
+        match rustix::process::wait(rustix::process::WaitOptions::NOHANG) {
+            Ok(Some((pid, status))) => {
+                let code = match (status.exit_status(), status.terminating_signal()) {
+                    (Some(code), _) => code,
+                    (None, Some(sig)) => 128 + sig,
+                    (None, None) => 1,
+                };
+                return Ok(Some((pid.as_raw_nonzero().get() as u32, code)));
+            }
+            Ok(None) => return Ok(None),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::CHILD) => return Ok(None),
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(got)
+}
+
+/// The credentials the kernel attached to a message (`SCM_CREDENTIALS`), as raw numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Credentials {
+    /// 0 when the sender is in a PID namespace we cannot see (a sidecar in the host namespace
+    /// sending to a container, say): never a pid of ours, never matched.
+    pub(crate) pid: u32,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+}
+
+/// Receives one datagram (or seqpacket message) without blocking, with the sender's
+/// credentials if the kernel attached them (`SO_PASSCRED`). Any fds that came with it
+/// (`SCM_RIGHTS`) are closed. Parsed here from the raw `ucred`, because rustix's `UCred` holds
+/// a non-zero `Pid` and a pid of 0 is what a sender in another PID namespace shows up as.
+///
+/// On a connected `SOCK_SEQPACKET` socket a length of 0 is EOF (the peer closed its end).
+pub(crate) fn recv_with_credentials(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Option<Credentials>)> {
+    // Room for one ucred and a few fds; more fds than fit are discarded by the kernel
+    // (MSG_CTRUNC), which closes them.
+    const CONTROL: usize = 128;
+    #[repr(C, align(8))]
+    struct Control([u8; CONTROL]);
+    let mut control = Control([0; CONTROL]);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid empty value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    msg.msg_controllen = CONTROL as _;
+    // SAFETY: `msg` points at `iov` (into `buf`) and `control`, all valid for writes of the
+    // lengths given, and alive for the call.
+    let n = unsafe {
+        libc::recvmsg(
+            fd.as_raw_fd(),
+            &mut msg,
+            libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut credentials = None;
+    // SAFETY: the CMSG_* macros walk the control buffer the kernel just filled, bounded by
+    // msg_controllen; each header is checked for its level and type before its data is read,
+    // and the data is read unaligned as the type it has for that (level, type).
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            let data = libc::CMSG_DATA(cmsg);
+            let len = (*cmsg).cmsg_len as usize;
+            let header = libc::CMSG_LEN(0) as usize;
+            let payload = len.saturating_sub(header);
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET {
+                if (*cmsg).cmsg_type == libc::SCM_CREDENTIALS
+                    && payload >= std::mem::size_of::<libc::ucred>()
+                {
+                    let cred = data.cast::<libc::ucred>().read_unaligned();
+                    credentials = Some(Credentials {
+                        pid: u32::try_from(cred.pid).unwrap_or(0),
+                        uid: cred.uid,
+                        gid: cred.gid,
+                    });
+                } else if (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                    let count = payload / std::mem::size_of::<c_int>();
+                    for i in 0..count {
+                        let raw = data.cast::<c_int>().add(i).read_unaligned();
+                        // The kernel installed these fds for us (close-on-exec): we own them
+                        // and close them at once.
+                        drop(OwnedFd::from_raw_fd(raw));
+                    }
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok((n as usize, credentials))
 }
 
 /// How a process that is not our child ended, if it is still a zombie: `/proc/PID/stat`
@@ -465,15 +772,16 @@ fn zeroed_sigset() -> libc::sigset_t {
     unsafe { std::mem::zeroed() }
 }
 
-/// The child side of [`spawn`]: between `fork` and `execve`.
+/// The child side of [`spawn`]: between `clone` and `execve`.
 ///
 /// # Safety
-/// Must only be called in the child of `fork`, with `err_fd` the write end of the report pipe
-/// and `go_fd` the read end of the go pipe, both placed at or above `floor` = 3 + number of
-/// listeners, and every signal blocked.
-unsafe fn exec_child(plan: &mut ExecPlan, err_fd: RawFd, go_fd: RawFd, floor: c_int) -> ! {
+/// Must only be called in the new process right after the clone, with `err_fd` the write end
+/// of the report pipe placed at or above `floor` = 3 + number of fds passed, and every signal
+/// blocked. Only async-signal-safe syscalls follow, and no allocation: the parent may have had
+/// other threads, whose locks (the allocator's among them) are frozen in our copy of memory.
+unsafe fn exec_child(plan: &mut ExecPlan, err_fd: RawFd, floor: c_int) -> ! {
     // SAFETY (whole function): only async-signal-safe syscalls; every pointer passed points into
-    // `plan`, which was fully built before the fork and is not reallocated here.
+    // `plan`, which was fully built before the clone and is not reallocated here.
     unsafe {
         // A clean signal state for the new program: handlers back to their defaults (ignored
         // signals stay ignored, as across any exec, except SIGPIPE, which the Rust runtime
@@ -496,19 +804,6 @@ unsafe fn exec_child(plan: &mut ExecPlan, err_fd: RawFd, go_fd: RawFd, floor: c_
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-
-        // Wait until the parent holds our pidfd; EOF without the byte means it gave up.
-        let mut go = 0u8;
-        loop {
-            let r = libc::read(go_fd, (&mut go as *mut u8).cast(), 1);
-            if r == 1 {
-                break;
-            }
-            if r < 0 && *libc::__errno_location() == libc::EINTR {
-                continue;
-            }
-            libc::_exit(127);
-        }
 
         // The listeners must end up at 3, 4, ... but a source may sit on another's target (or
         // on its own). First copy every source above all targets, then dup2 the copies down:
@@ -558,7 +853,7 @@ unsafe fn exec_child(plan: &mut ExecPlan, err_fd: RawFd, go_fd: RawFd, floor: c_
 /// Reports errno on the pipe and exits without running any destructor or atexit handler.
 ///
 /// # Safety
-/// Child of `fork` only.
+/// The new process of [`spawn`] only.
 unsafe fn fail(err_fd: RawFd) -> ! {
     // SAFETY: errno location, write and _exit are async-signal-safe.
     unsafe {
@@ -595,6 +890,7 @@ unsafe fn write_decimal(out: *mut u8, mut n: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn decimal_digits() {
@@ -608,6 +904,52 @@ mod tests {
                 n.to_string()
             );
         }
+    }
+
+    #[test]
+    fn credentials_are_read_raw_and_passed_fds_closed() {
+        use rustix::net::{AddressFamily, SocketFlags, SocketType};
+        let (a, b) = rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::DGRAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .expect("socketpair");
+        rustix::net::sockopt::set_socket_passcred(&b, true).expect("SO_PASSCRED");
+        // A message with an fd attached: the receiver must not keep it.
+        let path = std::env::temp_dir().join(format!("handover-sys-test-{}", std::process::id()));
+        let passed = std::fs::File::create(&path).expect("create");
+        let fds = [passed.as_fd()];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+        assert!(control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds)));
+        rustix::net::sendmsg(
+            &a,
+            &[io::IoSlice::new(b"READY=1\n")],
+            &mut control,
+            rustix::net::SendFlags::empty(),
+        )
+        .expect("sendmsg");
+        drop(passed);
+        let mut buf = [0u8; 64];
+        let (len, credentials) = recv_with_credentials(b.as_fd(), &mut buf).expect("recv");
+        let still_open = std::fs::read_dir("/proc/self/fd")
+            .expect("fds")
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == path));
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(&buf[..len], b"READY=1\n");
+        let credentials = credentials.expect("credentials");
+        assert_eq!(credentials.pid, std::process::id());
+        assert!(!still_open, "the passed fd was closed");
+    }
+
+    #[test]
+    fn errnos_are_named() {
+        let text = describe_errno(&io::Error::from_raw_os_error(libc::ENOSYS));
+        assert!(text.starts_with("ENOSYS ("), "{text}");
+        assert!(!text.contains("os error"), "{text}");
     }
 
     #[test]

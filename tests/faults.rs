@@ -243,6 +243,7 @@ fn programs_the_server_starts_do_not_inherit_the_protocol_variables() {
             "LISTEN_FDNAMES=",
             "NOTIFY_SOCKET=",
             "HANDOVER_NOTIFY_SOCKET=",
+            "HANDOVER_CHANNEL_FD=",
             "WATCHDOG_USEC=",
             "WATCHDOG_PID=",
         ] {

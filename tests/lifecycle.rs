@@ -113,8 +113,8 @@ fn dropping_the_serve_future_stops_accepting_cuts_connections_and_kills_a_starti
     let mut server = Spawn::new(&exe)
         .arg(format!("127.0.0.1:{port}"))
         .env("NOTIFY_SOCKET", &notify.path)
-        .env("SERVE_FOR_MS", "2000")
-        .env("AFTER_SERVE_MS", "4000")
+        .env("HANDOVER_SERVE_FOR_MS", "2000")
+        .env("HANDOVER_LINGER_MS", "4000")
         .env("HANDOVER_READY_TIMEOUT_MS", "60000")
         .start();
     let addr = addr_in(&server.listen_line());
@@ -133,7 +133,7 @@ fn dropping_the_serve_future_stops_accepting_cuts_connections_and_kills_a_starti
 
     server
         .lines
-        .wait_for("serve future dropped by its timeout", SOON);
+        .wait_for("serve future dropped by a timeout", SOON);
     assert!(
         slow.join().expect("thread").is_err(),
         "the slow request is cut"
@@ -153,7 +153,7 @@ fn dropping_the_serve_future_stops_accepting_cuts_connections_and_kills_a_starti
         "no hand-off after the drop: {:?}",
         notify.all()
     );
-    server.lines.wait_for("after serve: clean-up done", SOON);
+    server.lines.wait_for("linger over", SOON);
     assert_eq!(server.wait(SOON), Some(0));
     assert_none_left([server.pid, child]);
     let _ = std::fs::remove_dir_all(dir);

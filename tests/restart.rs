@@ -417,33 +417,59 @@ fn close_signal_during_a_restart_kills_the_child_and_leaves_nothing() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// What the new process inherits, exactly: stdio, the listener at fd 3 (`LISTEN_FDS=1`), and
+/// at fd 4 its end of the private channel to the parent (`HANDOVER_CHANNEL_FD=4`), which it
+/// sets close-on-exec at start-up so that programs it runs do not see it. Nothing else the
+/// parent holds.
 #[test]
-fn the_child_inherits_only_stdio_and_the_listeners() {
+fn the_child_inherits_only_stdio_the_listeners_and_its_channel() {
     let notify = NotifySocket::new();
     let (mut server, _) = ready_hello(&notify);
     let parent_fds = fds_of(server.pid);
     server.signal(Signal::USR1);
     let new = mainpid(&notify.wait_nth(1, SOON, |n| n.text.contains("MAINPID=")));
     let child_fds = fds_of(new);
+    let channel_flags = std::fs::read_to_string(format!("/proc/{new}/fdinfo/4"))
+        .expect("the child has fd 4")
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+        .expect("fdinfo flags");
     assert_eq!(server.wait(SOON), Some(0));
 
     // The listening socket: what the child has at fd 3.
-    let listener = child_fds
-        .iter()
-        .find(|(fd, _)| *fd == 3)
-        .map(|(_, t)| t.clone())
-        .expect("the child has fd 3");
+    let target = |fd: u32| {
+        child_fds
+            .iter()
+            .find(|(n, _)| *n == fd)
+            .map(|(_, t)| t.clone())
+            .unwrap_or_else(|| panic!("the child has no fd {fd}: {child_fds:?}"))
+    };
+    let listener = target(3);
     assert!(listener.starts_with("socket:"), "fd 3 is {listener}");
     assert!(
         parent_fds.iter().any(|(_, t)| *t == listener),
         "child fd 3 ({listener}) is the parent's listener: {parent_fds:?}"
     );
-    // Stdio is shared; apart from that and the listener, nothing the parent holds.
-    // Sockets and pipes have an identity (their inode) in the link; anonymous inodes
-    // (epoll, eventfd) and /dev/null do not, and are the child's own.
+    // The channel: a socket of the child's own (the parent holds the other end), set
+    // close-on-exec by the child at start-up (the parent passed it without).
+    let channel = target(4);
+    assert!(channel.starts_with("socket:"), "fd 4 is {channel}");
+    assert!(
+        !parent_fds.iter().any(|(_, t)| *t == channel),
+        "the child's channel end is not the parent's: {parent_fds:?}"
+    );
+    assert_ne!(
+        channel_flags & libc::O_CLOEXEC as u32,
+        0,
+        "the channel is close-on-exec in the child (flags {channel_flags:o})"
+    );
+    // Apart from stdio, the listener and the channel, nothing the parent holds. Sockets and
+    // pipes have an identity (their inode) in the link; anonymous inodes (epoll, eventfd) and
+    // /dev/null do not, and are the child's own.
     for (fd, target) in &child_fds {
         let identifiable = target.starts_with("socket:") || target.starts_with("pipe:");
-        if *fd <= 2 || *target == listener || !identifiable {
+        if *fd <= 2 || *target == listener || *fd == 4 || !identifiable {
             continue;
         }
         assert!(

@@ -166,7 +166,7 @@ impl Load {
     }
 
     /// Waits until no connection answered by `pid` is open (bounded by `timeout`); returns when
-    /// the last of them was seen closed.
+    /// the last of them was seen closed (or answered by another process: passed to it).
     pub(crate) fn last_close(&self, pid: u32, timeout: Duration) -> Option<Instant> {
         self.wait_book(timeout, |b| b.open.get(&pid).is_none_or(|n| *n == 0))?;
         let book = self.shared.book.lock().unwrap_or_else(|p| p.into_inner());
@@ -278,7 +278,12 @@ async fn client(shared: Arc<Shared>, target: Arc<Target>, deadline: Instant, max
                 Ok(r) if r.ok => {
                     report.ok += 1;
                     shared.ok.fetch_add(1, Ordering::Relaxed);
-                    if pid == 0 && r.pid != 0 {
+                    if r.pid != 0 && r.pid != pid {
+                        // A connection passed to the new process at a restart (connection
+                        // hand-off) has left the old one when the new one first answers on it.
+                        if pid != 0 {
+                            shared.closed(pid, Instant::now());
+                        }
                         pid = r.pid;
                         shared.opened(pid);
                     }

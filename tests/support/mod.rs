@@ -505,10 +505,21 @@ impl Notice {
 }
 
 /// A real `NOTIFY_SOCKET`: a datagram socket with `SO_PASSCRED`, recording every message.
+/// [`NotifySocket::pause`] stops it reading (a busy service manager), so that its kernel
+/// queue fills; [`NotifySocket::resume`] reads on.
 pub struct NotifySocket {
     pub path: PathBuf,
     got: Arc<(Mutex<Vec<Notice>>, Condvar)>,
     stop: Arc<AtomicBool>,
+    pause: Arc<(Mutex<Pause>, Condvar)>,
+}
+
+/// The reader's pause switch: `paused` is the request, `parked` the reader's answer (it is
+/// not inside `recvmsg`, and will not read until resumed).
+#[derive(Default)]
+struct Pause {
+    paused: bool,
+    parked: bool,
 }
 
 impl NotifySocket {
@@ -521,10 +532,25 @@ impl NotifySocket {
             .expect("read timeout");
         let got: Arc<(Mutex<Vec<Notice>>, Condvar)> = Default::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let (g, s) = (got.clone(), stop.clone());
+        let pause: Arc<(Mutex<Pause>, Condvar)> = Default::default();
+        let (g, s, p) = (got.clone(), stop.clone(), pause.clone());
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
             while !s.load(Ordering::Relaxed) {
+                {
+                    let (m, cv) = &*p;
+                    let mut state = m.lock().unwrap_or_else(|e| e.into_inner());
+                    while state.paused && !s.load(Ordering::Relaxed) {
+                        state.parked = true;
+                        cv.notify_all();
+                        // Timed, so that a dropped socket (`stop`) ends the thread.
+                        state = cv
+                            .wait_timeout(state, Duration::from_millis(100))
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                    }
+                    state.parked = false;
+                }
                 let mut space = [std::mem::MaybeUninit::uninit();
                     rustix::cmsg_space!(ScmCredentials(1), ScmRights(16))];
                 let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
@@ -558,7 +584,68 @@ impl NotifySocket {
                 cv.notify_all();
             }
         });
-        NotifySocket { path, got, stop }
+        NotifySocket {
+            path,
+            got,
+            stop,
+            pause,
+        }
+    }
+
+    /// Stops reading; returns once the reader is parked (so nothing more is read until
+    /// [`NotifySocket::resume`]).
+    pub fn pause(&self) {
+        let (m, cv) = &*self.pause;
+        let mut state = m.lock().unwrap_or_else(|e| e.into_inner());
+        state.paused = true;
+        let deadline = Instant::now() + SOON;
+        while !state.parked {
+            let now = Instant::now();
+            assert!(now < deadline, "the notify reader did not park");
+            state = cv
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Reads on, the queued messages first.
+    pub fn resume(&self) {
+        let (m, cv) = &*self.pause;
+        m.lock().unwrap_or_else(|e| e.into_inner()).paused = false;
+        cv.notify_all();
+    }
+
+    /// Fills the (paused) socket's kernel queue from another socket of the test's, with
+    /// `FILLER=1` datagrams, until the kernel refuses more (`EAGAIN`:
+    /// `net.unix.max_dgram_qlen` reached). Returns how many went in.
+    pub fn fill(&self) -> usize {
+        let filler = UnixDatagram::unbound().expect("filler socket");
+        filler.set_nonblocking(true).expect("non-blocking");
+        for sent in 0..100_000 {
+            match filler.send_to(b"FILLER=1\n", &self.path) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(sent > 0, "the queue was full before any filler");
+                    return sent;
+                }
+                Err(e) => panic!("filling the notify queue: {e}"),
+            }
+        }
+        panic!("the notify queue never filled");
+    }
+
+    /// Sends a marker datagram and waits until it is read: everything queued before it has
+    /// been read too (a datagram queue is FIFO).
+    pub fn sync(&self) {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let marker = format!("MARKER={}\n", SEQ.fetch_add(1, Ordering::Relaxed));
+        let sender = UnixDatagram::unbound().expect("marker socket");
+        sender.set_write_timeout(Some(SOON)).expect("write timeout");
+        sender
+            .send_to(marker.as_bytes(), &self.path)
+            .expect("send marker");
+        self.wait_nth(1, SOON, |n| n.text == marker);
     }
 
     pub fn all(&self) -> Vec<Notice> {
@@ -598,6 +685,7 @@ impl NotifySocket {
 impl Drop for NotifySocket {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.resume();
         if let Some(dir) = self.path.parent() {
             let _ = std::fs::remove_dir_all(dir);
         }
@@ -1160,3 +1248,10 @@ pub fn addr_in(line: &str) -> SocketAddr {
         .parse()
         .unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Never dark (issue 14): seccomp wrapper, socket holders, PID namespaces. In never_dark.rs.
+
+mod never_dark;
+#[allow(unused_imports)] // not every test file uses them
+pub use never_dark::*;
