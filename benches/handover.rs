@@ -6,8 +6,8 @@
 //! with escargot in the bench's profile (release, under `cargo bench`) and run as processes;
 //! all traffic is over loopback. What is measured:
 //!
-//! 1. **Instructions per request** (the headline: deterministic, unlike wall-clock time on a
-//!    shared machine): each server under `valgrind --tool=callgrind`, the marginal cost of
+//! 1. **Instructions per request** (the headline: repeatable to about 1 %, unlike wall-clock
+//!    time on a shared machine): each server under `valgrind --tool=callgrind`, the marginal cost of
 //!    `HANDOVER_BENCH_CG_REQUESTS` requests after `HANDOVER_BENCH_CG_BASE` (callgrind dumps
 //!    between the phases, so start-up and shutdown cancel out; see `handover/instr.rs`), for
 //!    HTTP/1.1 keep-alive, HTTP/2 (prior knowledge, several streams per connection) and a new

@@ -102,7 +102,7 @@ pub(crate) fn rows(ctx: &Ctx, s: &Settings) -> Result<Vec<Row>, String> {
             "1. instructions per request (callgrind)",
             format!("SKIPPED: {why}"),
             "—",
-            "ratio ≥ 0.97 (HTTP/1.1 keep-alive)",
+            "plain/hello ≥ 0.97 (HTTP/1.1 keep-alive)",
             None,
         )]);
     }
