@@ -1805,11 +1805,30 @@ fn axum_lame_duck_under_systemctl_stop() {
     }
     assert!(!new_console.contains("timed out"), "{}", rig.logs());
     assert_eq!(rig.show_unit(AXUM, "Result"), "success");
+
+    // To stop serving for good, stop the sockets with the service: the service stops first
+    // (its lame duck again), then the sockets close, and the port refuses connections.
+    let b = rig.main_pid_of(AXUM);
+    let started = Instant::now();
+    rig.systemctl(&["stop", AXUM_WEB_SOCKET, AXUM_ADMIN_SOCKET, AXUM]);
+    let took = started.elapsed();
+    assert!(took >= DELAY && took < timeout_stop, "{took:?}");
+    for unit in [AXUM, AXUM_WEB_SOCKET, AXUM_ADMIN_SOCKET] {
+        assert_eq!(rig.show_unit(unit, "ActiveState"), "inactive", "{unit}");
+    }
+    assert!(!rig.alive_inside(b));
+    match std::net::TcpStream::connect_timeout(&web, WAIT) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => panic!("connect after stopping the sockets too: {other:?}"),
+    }
+    eprintln!("systemctl stop of the sockets and the service took {took:?}");
     eprintln!(
         "the manager during the stop and after:\n{}",
         new_console
             .lines()
             .filter(|l| l.contains("handover-axum")
+                && !l.contains("Preset files")
+                && !l.contains("Found unit")
                 && (l.contains("Changed")
                     || l.contains("ocket")
                     || l.contains("Trigger")
