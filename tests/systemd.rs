@@ -123,10 +123,19 @@ struct Rig {
     /// Host pid of the manager (PID 1 of the namespace).
     pid: u32,
     stopped: bool,
+    /// One rig at a time (see [`RIG_TURN`]); released after the teardown in `drop`.
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
+
+/// The rigs of this file take turns: several service managers, their services and their loads
+/// at once on a small shared machine starve one another, and some of these tests measure time
+/// (watchdog intervals, the lame duck's window).
+static RIG_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Rig {
     fn boot(workdir: &Path) -> Rig {
+        // A test that panicked while holding the turn has torn its rig down already (drop).
+        let turn = RIG_TURN.lock().unwrap_or_else(|p| p.into_inner());
         let err = File::create(workdir.join("log/boot.err")).expect("create boot.err");
         let boot = Command::new("bash")
             .arg(RIG)
@@ -144,6 +153,7 @@ impl Rig {
             boot,
             pid: 0,
             stopped: false,
+            _turn: turn,
         };
         let wd = workdir.to_str().expect("UTF-8 path");
         let mut wait = Command::new("bash");
