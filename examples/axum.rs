@@ -27,6 +27,8 @@
 //!
 //! `HANDOVER_SHUTDOWN_DELAY_MS` sets the lame duck (behind a load balancer or in Kubernetes:
 //! see the README), `HANDOVER_DRAIN_TIMEOUT_MS` and `HANDOVER_READY_TIMEOUT_MS` the timeouts.
+//! `HANDOVER_RESTARTS=0` turns handover's restarts off (in a container, where a rolling
+//! update replaces the process instead: `deploy/kubernetes/`); `POST /restart` then says so.
 //!
 //! Why no `#[tokio::main]`: the listeners are taken first, while the process has one thread,
 //! so that handover can also remove the `LISTEN_*` variables from the environment (removing
@@ -94,6 +96,11 @@ fn main() -> ExitCode {
     }
     if let Some(d) = common::env_ms("HANDOVER_READY_TIMEOUT_MS") {
         server = server.ready_timeout(d);
+    }
+    match std::env::var("HANDOVER_RESTARTS").as_deref() {
+        Ok("0") => server = server.restarts(false),
+        Ok("1") | Err(_) => {}
+        Ok(other) => tracing::warn!("HANDOVER_RESTARTS={other:?} is neither 0 nor 1; ignored"),
     }
     common::run(server)
 }

@@ -9,6 +9,11 @@
 #                                             With FDSTORE_PORT, also
 #                                             handover-hello-fdstore.service, binding that port
 #                                             (not started by the rig: `systemctl start` it)
+#   systemd-rig.sh prepare-axum WORKDIR BINARY WEB_PORT ADMIN_PORT
+#                                             the same for the axum example's units
+#                                             (handover-axum.service and its two sockets, web
+#                                             and admin); WORKDIR/bin/handover-axum: BINARY.
+#                                             May be combined with prepare in one WORKDIR
 #   systemd-rig.sh boot WORKDIR               runs the manager in the foreground; it dies with
 #                                             the calling process (for a test that spawns it)
 #   systemd-rig.sh start WORKDIR              boot in the background, then `wait`
@@ -18,9 +23,10 @@
 #   systemd-rig.sh exec WORKDIR|PID CMD...    runs CMD inside (nsenter: mount, pid, uts, ipc)
 #   systemd-rig.sh stop WORKDIR               SIGKILL to the namespace's PID 1, then checks that
 #                                             nothing is left and the host was not touched
-#   systemd-rig.sh verify BINARY UNIT...      systemd-analyze verify, BINARY at the ExecStart=
-#                                             path /usr/local/bin/handover-hello (private mount
-#                                             namespace: the host's /usr/local/bin is untouched)
+#   systemd-rig.sh verify BINARY UNIT...      systemd-analyze verify, BINARY at every
+#                                             /usr/local/bin/NAME path the units' ExecStart=
+#                                             name (private mount namespace: the host's
+#                                             /usr/local/bin is untouched)
 #   systemd-rig.sh security UNIT              systemd-analyze security --offline=yes
 #
 # Example, by hand (as root, from the repository root):
@@ -251,6 +257,40 @@ StandardError=inherit
 EOF
     fi
     install -m 0755 "$bin" "$w/bin/handover-hello"
+}
+
+# The axum example: one service, two socket units (web, admin), each on a port of the test's.
+cmd_prepare_axum() {
+    [ $# -eq 4 ] || die "usage: prepare-axum WORKDIR BINARY WEB_PORT ADMIN_PORT"
+    local w bin=$2 web=$3 admin=$4 name port
+    case "$web$admin" in
+    *[!0-9]* | "") die "ports must be numbers: $web $admin" ;;
+    esac
+    [ "$web" != "$admin" ] || die "the web and admin ports must differ ($web)"
+    mkdir -p "$1"
+    w=$(abs_dir "$1")
+    [ -x "$bin" ] || die "$bin is not an executable"
+    mkdir -p "$w/units/handover-axum.service.d" "$w/bin" "$w/log"
+    chmod 0755 "$w" "$w/bin"
+    cp "$REPO/systemd/handover-axum.service" "$REPO/systemd/handover-axum-web.socket" \
+        "$REPO/systemd/handover-axum-admin.socket" "$w/units/"
+    # The templates as they are; only the ports and the log file differ, in drop-ins.
+    for name in web admin; do
+        port=$web
+        [ "$name" = admin ] && port=$admin
+        mkdir -p "$w/units/handover-axum-$name.socket.d"
+        cat >"$w/units/handover-axum-$name.socket.d/rig.conf" <<EOF
+[Socket]
+ListenStream=
+ListenStream=127.0.0.1:$port
+EOF
+    done
+    cat >"$w/units/handover-axum.service.d/rig.conf" <<EOF
+[Service]
+StandardOutput=append:$INSIDE/log/handover-axum.log
+StandardError=inherit
+EOF
+    install -m 0755 "$bin" "$w/bin/handover-axum"
 }
 
 # --- boot / start / wait -----------------------------------------------------------------------
@@ -561,18 +601,25 @@ cmd_stop() {
 
 cmd_verify() {
     [ $# -ge 2 ] || die "usage: verify BINARY UNIT..."
-    local bin
+    local bin names
     bin=$(readlink -f "$1")
     shift
     [ -x "$bin" ] || die "$bin is not an executable"
-    # systemd-analyze verify checks that ExecStart= exists: put BINARY there, in a private
-    # mount namespace only.
+    # systemd-analyze verify checks that ExecStart= exists: put BINARY at every path under
+    # /usr/local/bin the units start (handover-hello, handover-axum), in a private mount
+    # namespace only.
+    names=$(sed -n 's|^ExecStart=[-@:+!]*/usr/local/bin/\([^ /]*\).*|\1|p' "$@" | sort -u | tr '\n' ' ')
+    [ -n "$names" ] || names=handover-hello
     unshare --mount --propagation private -- "$BASH" -c '
         set -e
+        bin=$1 names=$2
+        shift 2
         mount -t tmpfs -o mode=0755 tmpfs /usr/local/bin
-        install -m 0755 "$0" /usr/local/bin/handover-hello
+        for name in $names; do
+            install -m 0755 "$bin" "/usr/local/bin/$name"
+        done
         exec systemd-analyze verify --man=no --generators=no "$@"
-    ' "$bin" "$@"
+    ' verify "$bin" "$names" "$@"
 }
 
 cmd_security() {
@@ -588,6 +635,7 @@ main() {
     case "$cmd" in
     check) cmd_check "$@" ;;
     prepare) cmd_prepare "$@" ;;
+    prepare-axum) cmd_prepare_axum "$@" ;;
     boot) cmd_boot "$@" ;;
     start) cmd_start "$@" ;;
     wait) cmd_wait "$@" ;;

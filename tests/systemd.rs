@@ -1,8 +1,9 @@
 //! The unit templates of `systemd/` under a real systemd: socket activation, `systemctl
 //! reload` (zero-downtime restart) under load, a failed restart, and a graceful `systemctl
-//! stop`; the fd store of a service without a socket unit across `systemctl restart`; and the
-//! watchdog, across a reload and against a hung process. The service manager runs as PID 1 of
-//! private namespaces (`tests/systemd-rig.sh`).
+//! stop`; the fd store of a service without a socket unit across `systemctl restart`; the
+//! watchdog, across a reload and against a hung process; and the axum example with two named
+//! sockets (reloads and its admin restart endpoint under load, the lame duck of `systemctl
+//! stop`). The service manager runs as PID 1 of private namespaces (`tests/systemd-rig.sh`).
 //!
 //! Needs root, util-linux and systemd. Where the rig cannot run (not root, no cgroup2, no
 //! namespaces) the tests print `SKIPPED: <reason>` and pass, unless
@@ -25,6 +26,11 @@ const SERVICE: &str = "handover-hello.service";
 const SOCKET: &str = "handover-hello.socket";
 /// The variant without a socket unit: binds its address itself, keeps it in the fd store.
 const FDSTORE_SERVICE: &str = "handover-hello-fdstore.service";
+/// The axum example: one service, two named sockets.
+const AXUM: &str = "handover-axum.service";
+const AXUM_WEB_SOCKET: &str = "handover-axum-web.socket";
+const AXUM_ADMIN_SOCKET: &str = "handover-axum-admin.socket";
+const AXUM_LOG: &str = "handover-axum.log";
 /// Exit code of the rig script when the machine cannot run it.
 const RIG_SKIP: i32 = 77;
 /// For the manager's answers and state changes; generous, the machine is shared.
@@ -117,10 +123,19 @@ struct Rig {
     /// Host pid of the manager (PID 1 of the namespace).
     pid: u32,
     stopped: bool,
+    /// One rig at a time (see [`RIG_TURN`]); released after the teardown in `drop`.
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
+
+/// The rigs of this file take turns: several service managers, their services and their loads
+/// at once on a small shared machine starve one another, and some of these tests measure time
+/// (watchdog intervals, the lame duck's window).
+static RIG_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Rig {
     fn boot(workdir: &Path) -> Rig {
+        // A test that panicked while holding the turn has torn its rig down already (drop).
+        let turn = RIG_TURN.lock().unwrap_or_else(|p| p.into_inner());
         let err = File::create(workdir.join("log/boot.err")).expect("create boot.err");
         let boot = Command::new("bash")
             .arg(RIG)
@@ -138,6 +153,7 @@ impl Rig {
             boot,
             pid: 0,
             stopped: false,
+            _turn: turn,
         };
         let wd = workdir.to_str().expect("UTF-8 path");
         let mut wait = Command::new("bash");
@@ -260,6 +276,17 @@ impl Rig {
             .unwrap_or_default()
     }
 
+    /// The environment a process of the namespace was started with (`/proc/PID/environ`: what
+    /// systemd gave it, even after the process removed variables from its own copy).
+    fn environ_inside(&self, pid: u32) -> Vec<String> {
+        let path = format!("/proc/{}/root/proc/{pid}/environ", self.pid);
+        let raw = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        raw.split(|&b| b == 0)
+            .filter(|v| !v.is_empty())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect()
+    }
+
     /// Sends `signal` (`STOP`, `CONT`, ...) to a process of the namespace.
     fn kill_inside(&self, signal: &str, pid: u32) -> bool {
         self.exec(&["kill", &format!("-{signal}"), &pid.to_string()])
@@ -293,6 +320,12 @@ impl Rig {
 
     /// Pids (in the namespace) of the processes named handover-hello, not zombies, sorted.
     fn servers_inside(&self) -> Vec<u32> {
+        self.processes_inside("handover-hello")
+    }
+
+    /// Pids (in the namespace) of the processes whose command name is `comm`, not zombies,
+    /// sorted.
+    fn processes_inside(&self, comm: &str) -> Vec<u32> {
         let root = format!("/proc/{}/root/proc", self.pid);
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&root)
@@ -303,8 +336,8 @@ impl Rig {
             let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
                 continue;
             };
-            let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-            if comm.trim() == "handover-hello" && self.alive_inside(pid) {
+            let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            if name.trim() == comm && self.alive_inside(pid) {
                 out.push(pid);
             }
         }
@@ -336,14 +369,16 @@ impl Rig {
         };
         let any = |_: &str| true;
         format!(
-            "--- manager, about handover-hello (log/console.log) ---\n{}\n\
+            "--- manager, about the units under test (log/console.log) ---\n{}\n\
              --- service (log/handover-hello.log) ---\n{}\n\
              --- service without a socket unit (log/handover-hello-fdstore.log) ---\n{}\n\
+             --- the axum example (log/handover-axum.log) ---\n{}\n\
              --- rig (log/manager.log, log/boot.err) ---\n{}\n{}\n\
              (all logs are in {})",
-            tail("console.log", &|l| l.contains("handover-hello")),
+            tail("console.log", &|l| l.contains("handover-")),
             tail("handover-hello.log", &any),
             tail("handover-hello-fdstore.log", &any),
+            tail(AXUM_LOG, &any),
             tail("manager.log", &any),
             tail("boot.err", &any),
             self.workdir.join("log").display()
@@ -430,11 +465,19 @@ fn reload(rig: &Rig, load: &Load, old: u32) -> u32 {
 
 fn reload_unit(rig: &Rig, unit: &str, load: &Load, old: u32) -> u32 {
     rig.systemctl(&["reload", unit]);
+    handed_over(rig, unit, &[load], old)
+}
+
+/// After a restart of `unit`: waits until it has a new main pid, every load got an answer
+/// from it and the old one is gone; returns the new pid.
+fn handed_over(rig: &Rig, unit: &str, loads: &[&Load], old: u32) -> u32 {
     let new: u32 = rig
         .wait_show_unit(unit, "MainPID", WAIT, |v| v != old.to_string() && v != "0")
         .parse()
         .expect("MainPID");
-    load.wait_pid(new, WAIT);
+    for load in loads {
+        load.wait_pid(new, WAIT);
+    }
     rig.wait_gone_inside(old, WAIT);
     assert_eq!(rig.show_unit(unit, "ActiveState"), "active");
     new
@@ -1177,7 +1220,7 @@ fn watchdog_under_systemd() {
 }
 
 /// `systemd-analyze verify` accepts the templates (with the ExecStart= binary in place), and
-/// `systemd-analyze security` rates the service at most 3.0 ("OK").
+/// `systemd-analyze security` rates each service at most 3.0 ("OK").
 #[test]
 fn unit_templates_verify_and_are_hardened() {
     if !rig_available() {
@@ -1199,7 +1242,30 @@ fn unit_templates_verify_and_are_hardened() {
     );
     assert!(said.is_empty(), "systemd-analyze verify complains: {said}");
 
-    for (path, name) in [(&service, SERVICE), (&fdstore, FDSTORE_SERVICE)] {
+    // The axum example's service and its two sockets, with its own binary.
+    let axum_binary = example("axum");
+    let axum = format!("{UNITS}/{AXUM}");
+    let out = rig_script(
+        &[
+            "verify",
+            axum_binary.to_str().expect("UTF-8 path"),
+            &axum,
+            &format!("{UNITS}/{AXUM_WEB_SOCKET}"),
+            &format!("{UNITS}/{AXUM_ADMIN_SOCKET}"),
+        ],
+        Duration::from_secs(60),
+    );
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success() && said.is_empty(),
+        "systemd-analyze verify of the axum units: {said}"
+    );
+
+    for (path, name) in [
+        (&service, SERVICE),
+        (&fdstore, FDSTORE_SERVICE),
+        (&axum, AXUM),
+    ] {
         let out = rig_script(&["security", path], Duration::from_secs(60));
         let table = text(&out.stdout);
         assert!(out.status.success(), "{table}\n{}", text(&out.stderr));
@@ -1356,6 +1422,434 @@ fn notify_reload_dropin_under_systemd_253_or_later() {
     restore_binary("hello", &installed);
 
     stop_with_a_request_in_flight(&rig, addr, second);
+    let report = rig.stop().unwrap_or_else(|e| panic!("{e}"));
+    assert!(report.contains("no process left"), "{report}");
+    drop(rig);
+    let _ = std::fs::remove_dir_all(&workdir);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The axum example: two named sockets, the admin endpoint, the lame duck.
+
+/// A work directory with the axum example's units (`handover-axum.service` and its sockets
+/// `web` and `admin`, each on a free port), and the example installed; the two addresses.
+fn prepare_axum(tag: &str) -> (PathBuf, SocketAddr, SocketAddr) {
+    let workdir = scratch_dir(tag);
+    let web = free_port();
+    let admin = loop {
+        let p = free_port();
+        if p != web {
+            break p;
+        }
+    };
+    let binary = example("axum");
+    let (web_port, admin_port) = (web.to_string(), admin.to_string());
+    let out = rig_script(
+        &[
+            "prepare-axum",
+            workdir.to_str().expect("UTF-8 path"),
+            binary.to_str().expect("UTF-8 path"),
+            &web_port,
+            &admin_port,
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "prepare-axum: {}", text(&out.stderr));
+    (
+        workdir,
+        SocketAddr::from(([127, 0, 0, 1], web)),
+        SocketAddr::from(([127, 0, 0, 1], admin)),
+    )
+}
+
+/// `method path` on a new connection, bounded.
+fn request_within(addr: SocketAddr, method: &str, path: &str) -> Reply {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (m, p) = (method.to_string(), path.to_string());
+    std::thread::spawn(move || {
+        let _ = tx.send(request(addr, &m, &p));
+    });
+    rx.recv_timeout(WAIT)
+        .unwrap_or_else(|_| Err(format!("no answer within {WAIT:?}")))
+        .unwrap_or_else(|e| panic!("{method} {path} on {addr}: {e}"))
+}
+
+/// The value of `name=` in an environment.
+fn env_value<'a>(env: &'a [String], name: &str) -> Option<&'a str> {
+    env.iter()
+        .find_map(|v| v.strip_prefix(name)?.strip_prefix('='))
+}
+
+/// Both sockets of `handover-axum.service` activate it and reach it under their
+/// `FileDescriptorName=`s (`LISTEN_FDNAMES`), each with its own router; two `systemctl
+/// reload`s and then a `POST /restart` on the admin socket hand both over under keep-alive load
+/// on both, with no failed request, and `MainPID` moves each time.
+#[test]
+fn axum_two_sockets_reload_and_admin_restart_under_systemd() {
+    if !rig_available() {
+        return;
+    }
+    let (workdir, web, admin) = prepare_axum("systemd-axum");
+    let mut rig = Rig::boot(&workdir);
+    for socket in [AXUM_WEB_SOCKET, AXUM_ADMIN_SOCKET] {
+        assert_eq!(rig.show_unit(socket, "ActiveState"), "active", "{socket}");
+    }
+    assert_eq!(rig.show_unit(AXUM, "ActiveState"), "inactive");
+
+    // The first connection starts the service. It is accepted as soon as the process accepts,
+    // which is a moment before it reports READY=1: it may see the state still "starting".
+    let health = get_within(web, "/healthz", WAIT).expect("GET /healthz");
+    assert!(
+        health.status == 200 && ["ok (starting)\n", "ok (serving)\n"].contains(&&*health.body),
+        "{health:?}"
+    );
+    let first = health.pid;
+    assert_eq!(rig.main_pid_of(AXUM), first);
+    rig.wait_show_unit(AXUM, "ActiveState", WAIT, |v| v == "active");
+    let status = rig.show_unit(AXUM, "StatusText");
+    assert!(status.starts_with("Listening on"), "{status}");
+    let health = get_within(web, "/healthz", WAIT).expect("GET /healthz");
+    assert_eq!(
+        (health.status, health.body.as_str(), health.pid),
+        (200, "ok (serving)\n", first)
+    );
+
+    // systemd passed both sockets, named by their units' FileDescriptorName=, and the example
+    // took each by its name (the order is systemd's).
+    let env = rig.environ_inside(first);
+    assert_eq!(env_value(&env, "LISTEN_FDS"), Some("2"), "{env:?}");
+    let names: Vec<&str> = env_value(&env, "LISTEN_FDNAMES")
+        .unwrap_or_else(|| panic!("no LISTEN_FDNAMES in {env:?}"))
+        .split(':')
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, ["admin", "web"], "LISTEN_FDNAMES");
+    let log = rig.log(AXUM_LOG);
+    for (i, name) in names.iter().enumerate() {
+        let fd = 3 + i;
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!("inherited listener fd={fd} name={name} "))),
+            "fd {fd} ({name}) not inherited by name:\n{log}"
+        );
+    }
+    assert!(!log.contains("bound listener"), "{log}");
+
+    // Each socket has its own router: admin routes answer on the admin socket only.
+    assert_eq!(request_within(web, "POST", "/restart").status, 404);
+    assert_eq!(request_within(web, "GET", "/state").status, 404);
+    assert_eq!(request_within(web, "GET", "/ping").status, 404);
+    assert_eq!(request_within(admin, "GET", "/").status, 404);
+    assert_eq!(request_within(admin, "GET", "/healthz").status, 404);
+    let state = request_within(admin, "GET", "/state");
+    assert_eq!(
+        (state.status, state.body.as_str(), state.pid),
+        (200, "serving", first)
+    );
+    // axum's ConnectInfo through a socket systemd bound.
+    let (port, status, body) = get_from_port(web, "/whoami").expect("GET /whoami");
+    assert_eq!(
+        (status, body),
+        (200, format!("peer=127.0.0.1:{port} listener=web"))
+    );
+
+    // Two reloads, then a restart from the admin endpoint, under keep-alive load on both.
+    let web_load = Load::start(web, 4, "/", Duration::from_secs(180));
+    let admin_load = Load::start(admin, 2, "/ping", Duration::from_secs(180));
+    web_load.wait_pid(first, WAIT);
+    admin_load.wait_pid(first, WAIT);
+    let loads = [&web_load, &admin_load];
+    rig.systemctl(&["reload", AXUM]);
+    let second = handed_over(&rig, AXUM, &loads, first);
+    rig.systemctl(&["reload", AXUM]);
+    let third = handed_over(&rig, AXUM, &loads, second);
+
+    let answer = request_within(admin, "POST", "/restart");
+    assert_eq!(answer.status, 200, "{answer:?}\n{}", rig.logs());
+    assert_eq!(answer.pid, third, "answered by the process that restarted");
+    let fourth: u32 = answer
+        .body
+        .strip_prefix("restarted: pid ")
+        .and_then(|rest| rest.strip_suffix(" serves now\n"))
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("{answer:?}"));
+    assert_eq!(handed_over(&rig, AXUM, &loads, third), fourth);
+
+    for (name, load) in [("web", web_load), ("admin", admin_load)] {
+        let report = load.stop();
+        eprintln!(
+            "{name} socket, two reloads and an admin restart: {} requests answered, {} failed, \
+             {} connections",
+            report.ok, report.failed, report.reconnects
+        );
+        assert_eq!(report.failed, 0, "{name}: {:?}", report.errors);
+        assert_eq!(
+            report.pids,
+            BTreeSet::from([first, second, third, fourth]),
+            "{name}: {report:?}"
+        );
+    }
+    // The new process is systemd's, with both sockets under their names.
+    assert_eq!(rig.main_pid_of(AXUM), fourth);
+    assert_eq!(rig.show_unit(AXUM, "ActiveState"), "active");
+    assert_eq!(rig.show_unit(AXUM, "NRestarts"), "0");
+    let status = rig.show_unit(AXUM, "StatusText");
+    assert!(status.starts_with("Listening on"), "{status}");
+    assert_eq!(request_within(admin, "GET", "/ping").pid, fourth);
+    assert_eq!(request_within(web, "GET", "/ping").status, 404);
+    assert_eq!(rig.processes_inside("handover-axum"), [fourth]);
+
+    let report = rig.stop().unwrap_or_else(|e| panic!("{e}"));
+    assert!(report.contains("no process left"), "{report}");
+    drop(rig);
+    let _ = std::fs::remove_dir_all(&workdir);
+}
+
+/// What a raw HTTP/1.1 exchange returned: status, `x-pid`, body.
+type RawReply = (u16, u32, String);
+
+/// Sends `GET path` (`Connection: close`) on a connected stream and reads the whole answer.
+fn raw_get(mut stream: std::net::TcpStream, path: &str) -> Result<RawReply, String> {
+    use std::io::{Read, Write};
+    stream
+        .set_read_timeout(Some(WAIT))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: handover\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("write: {e}"))?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .map_err(|e| format!("read: {e}"))?;
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no end of head in {answer:?}"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status line in {answer:?}"))?;
+    let pid = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("x-pid")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    Ok((status, pid, body.to_string()))
+}
+
+/// Waits until the service log, past `mark`, has a line containing `needle`.
+fn wait_log(rig: &Rig, name: &str, mark: usize, needle: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !since(&rig.log(name), mark).contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in log/{name} within {WAIT:?}\n{}",
+            rig.logs()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `systemctl stop` of `handover-axum.service` with the template's lame duck (2 s,
+/// `HANDOVER_SHUTDOWN_DELAY_MS=2000`): during the delay `StatusText` says lame duck, a new
+/// connection is accepted and served by the stopping process, `/healthz` is 503 and `/livez`
+/// 200; after it the process accepts nothing more and drains its slow request, while the
+/// socket units keep listening: a client that connects then is queued, not refused, and
+/// answered by a new main process that the socket starts once the stop is over. The stop
+/// ends with exit status 0 and `Result=success`, well within `TimeoutStopSec=`.
+#[test]
+fn axum_lame_duck_under_systemctl_stop() {
+    if !rig_available() {
+        return;
+    }
+    const DELAY: Duration = Duration::from_secs(2);
+    let (workdir, web, admin) = prepare_axum("systemd-lame-duck");
+    let mut rig = Rig::boot(&workdir);
+    // The template's timing, which the test relies on: TimeoutStopSec= covers delay + drain.
+    let unit = rig.show_many(AXUM, &["Environment", "TimeoutStopUSec"]);
+    assert!(
+        unit["Environment"].contains("HANDOVER_SHUTDOWN_DELAY_MS=2000")
+            && unit["Environment"].contains("HANDOVER_DRAIN_TIMEOUT_MS=5000"),
+        "{unit:?}"
+    );
+    assert_eq!(unit["TimeoutStopUSec"], "15s");
+    let timeout_stop = Duration::from_secs(15);
+
+    let a = get_within(web, "/healthz", WAIT).expect("GET /healthz").pid;
+    assert_eq!(rig.main_pid_of(AXUM), a);
+    // A request in flight that outlasts the lame duck: it is drained after it.
+    let log_mark = rig.log(AXUM_LOG).len();
+    let console_mark = rig.console().len();
+    let slow = get_in_background(web, "/slow?ms=4500", false);
+    wait_log(&rig, AXUM_LOG, log_mark, "slow request: sleeping");
+
+    std::thread::scope(|scope| {
+        let started = Instant::now();
+        let rig = &rig;
+        let stop = scope.spawn(move || {
+            let out = rig.exec(&["systemctl", "--no-pager", "stop", AXUM]);
+            (out, started.elapsed())
+        });
+
+        // At once: the status says lame duck; the unit is stopping.
+        let status = rig.wait_show_unit(AXUM, "StatusText", WAIT, |v| v.contains("lame duck"));
+        assert_eq!(
+            status,
+            "Stopping: lame duck for 2s, still accepting; then draining (at most 5s)"
+        );
+        let now = rig.show_many(AXUM, &["ActiveState", "SubState", "MainPID"]);
+        assert_eq!(
+            (
+                now["ActiveState"].as_str(),
+                now["SubState"].as_str(),
+                now["MainPID"].as_str()
+            ),
+            ("deactivating", "stop-sigterm", a.to_string().as_str()),
+        );
+        // New connections are accepted and served by the stopping process; readiness fails,
+        // liveness does not, and answers tell keep-alive clients to go.
+        let health = get_within(web, "/healthz", WAIT).expect("a new connection, lame duck");
+        assert_eq!(
+            (health.status, health.body.as_str(), health.pid),
+            (503, "lame duck\n", a)
+        );
+        let hello = get_within(web, "/", WAIT).expect("served during the lame duck");
+        assert_eq!(
+            (hello.status, hello.body.as_str(), hello.pid),
+            (200, "Hello world", a)
+        );
+        assert!(hello.connection_close, "{hello:?}");
+        let live = get_within(web, "/livez", WAIT).expect("GET /livez");
+        assert_eq!((live.status, live.pid), (200, a));
+        let state = request_within(admin, "GET", "/state");
+        assert_eq!((state.body.as_str(), state.pid), ("lame duck", a));
+        // All of that within the delay: the process has not ended it yet.
+        let log = rig.log(AXUM_LOG);
+        assert!(
+            !since(&log, log_mark).contains("lame duck over"),
+            "the checks took longer than the delay ({:?}):\n{log}",
+            started.elapsed()
+        );
+
+        // After the delay the process closes its copies of the sockets and drains; the socket
+        // units keep listening.
+        wait_log(
+            rig,
+            AXUM_LOG,
+            log_mark,
+            "lame duck over: no longer accepting",
+        );
+        wait_log(rig, AXUM_LOG, log_mark, "stopped accepting");
+        assert!(started.elapsed() >= DELAY);
+        for socket in [AXUM_WEB_SOCKET, AXUM_ADMIN_SOCKET] {
+            assert_eq!(rig.show_unit(socket, "ActiveState"), "active", "{socket}");
+        }
+        assert_eq!(listening_inodes(web.port()).len(), 1, "{}", rig.logs());
+        let queued = std::net::TcpStream::connect_timeout(&web, WAIT)
+            .unwrap_or_else(|e| panic!("connect after the lame duck: {e}\n{}", rig.logs()));
+        // Connected while the old process still drains (and accepts nothing): the connection
+        // waits in the socket's backlog.
+        assert!(
+            rig.alive_inside(a),
+            "pid {a} is gone already: the test came too late"
+        );
+        let queued = std::thread::spawn(move || raw_get(queued, "/"));
+
+        // The request in flight is answered, then the process exits: the stop is over.
+        let slow = slow
+            .join()
+            .expect("request thread")
+            .unwrap_or_else(|e| panic!("the request in flight failed: {e}\n{}", rig.logs()));
+        assert_eq!(
+            (slow.status, slow.body.as_str(), slow.pid),
+            (200, "slow answer", a)
+        );
+        let (out, took) = stop.join().expect("systemctl stop thread");
+        assert!(
+            out.status.success(),
+            "systemctl stop: {}\n{}",
+            text(&out.stderr),
+            rig.logs()
+        );
+        eprintln!(
+            "systemctl stop took {took:?} (lame duck {DELAY:?}, then a slow request drained); \
+             it said: {:?}",
+            text(&out.stderr)
+        );
+        assert!(took >= DELAY, "{took:?}");
+        assert!(took < timeout_stop, "{took:?}");
+        rig.wait_gone_inside(a, WAIT);
+
+        // The queued client is answered by a new main process, which the socket started.
+        let (status, pid, body) = queued
+            .join()
+            .expect("queued request thread")
+            .unwrap_or_else(|e| panic!("the queued request failed: {e}\n{}", rig.logs()));
+        assert_eq!((status, body.as_str()), (200, "Hello world"));
+        assert_ne!(pid, a);
+        assert_eq!(rig.main_pid_of(AXUM), pid);
+        assert_eq!(rig.show_unit(AXUM, "ActiveState"), "active");
+        // Not a restart after a failure: socket activation.
+        assert_eq!(rig.show_unit(AXUM, "NRestarts"), "0");
+    });
+
+    // The manager's view of the stop: exactly the lame duck's notifications, a clean exit.
+    let console = rig.console();
+    let new_console = since(&console, console_mark);
+    for needle in [
+        format!(
+            "Got notification message from PID {a} (STOPPING=1, STATUS=Stopping: lame duck for \
+             2s, still accepting; then draining (at most 5s))"
+        ),
+        format!("Got notification message from PID {a} (EXTEND_TIMEOUT_USEC=8000000)"),
+        format!("{AXUM}: Main process exited, code=exited, status=0/SUCCESS"),
+        format!("{AXUM}: Deactivated successfully."),
+    ] {
+        assert!(new_console.contains(&needle), "{needle}\n{}", rig.logs());
+    }
+    assert!(!new_console.contains("timed out"), "{}", rig.logs());
+    assert_eq!(rig.show_unit(AXUM, "Result"), "success");
+
+    // To stop serving for good, stop the sockets with the service: the service stops first
+    // (its lame duck again), then the sockets close, and the port refuses connections.
+    let b = rig.main_pid_of(AXUM);
+    let started = Instant::now();
+    rig.systemctl(&["stop", AXUM_WEB_SOCKET, AXUM_ADMIN_SOCKET, AXUM]);
+    let took = started.elapsed();
+    assert!(took >= DELAY && took < timeout_stop, "{took:?}");
+    for unit in [AXUM, AXUM_WEB_SOCKET, AXUM_ADMIN_SOCKET] {
+        assert_eq!(rig.show_unit(unit, "ActiveState"), "inactive", "{unit}");
+    }
+    assert!(!rig.alive_inside(b));
+    match std::net::TcpStream::connect_timeout(&web, WAIT) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => panic!("connect after stopping the sockets too: {other:?}"),
+    }
+    eprintln!("systemctl stop of the sockets and the service took {took:?}");
+    eprintln!(
+        "the manager during the stop and after:\n{}",
+        new_console
+            .lines()
+            .filter(|l| l.contains("handover-axum")
+                && !l.contains("Preset files")
+                && !l.contains("Found unit")
+                && (l.contains("Changed")
+                    || l.contains("ocket")
+                    || l.contains("Trigger")
+                    || l.contains("Main process")
+                    || l.contains("Deactivated")
+                    || l.contains("Stopping")))
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
     let report = rig.stop().unwrap_or_else(|e| panic!("{e}"));
     assert!(report.contains("no process left"), "{report}");
     drop(rig);
