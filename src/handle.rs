@@ -1,32 +1,4 @@
 //! Drive a server from code: restart it, shut it down, watch its lifecycle state.
-//!
-//! A [`Handle`] is obtained from a [`crate::Server`] before it is awaited, is cheap to clone,
-//! and is `Send`, so it can go into application state (an admin endpoint that restarts the
-//! service) or another task. The handle, the signals and a lost listener all drive one and the
-//! same lifecycle: a restart asked for through the handle while one runs is refused with
-//! [`RestartErrorKind::AlreadyRestarting`], exactly as a second `SIGUSR1` is coalesced.
-//!
-//! Commands sent before the server runs wait for it: they are acted upon once it is serving.
-//!
-//! # Example
-//! ```no_run
-//! # async fn example(listeners: handover::Listeners) -> Result<(), handover::Error> {
-//! # let app = tower::service_fn(|_req: hyper::Request<hyper::body::Incoming>| async {
-//! #     Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
-//! # });
-//! let server = handover::serve(listeners, app);
-//! let handle = server.handle();
-//! tokio::spawn(async move {
-//!     // e.g. after a deploy: start the new binary, learn whether it took over.
-//!     match handle.restart().await {
-//!         Ok(restarted) => println!("pid {} serves now", restarted.pid),
-//!         Err(e) => eprintln!("still serving here: {e}"),
-//!     }
-//! });
-//! server.await?;
-//! # Ok(())
-//! # }
-//! ```
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -164,7 +136,35 @@ pub(crate) enum Command {
     Shutdown { force: bool },
 }
 
-/// Restart, shut down, or watch a server from code. See the [module docs](self).
+/// Restart, shut down, or watch a server from code.
+///
+/// A [`Handle`] is obtained from a [`crate::Server`] before it is awaited, is cheap to clone,
+/// and is `Send`, so it can go into application state (an admin endpoint that restarts the
+/// service) or another task. The handle, the signals and a lost listener all drive one and the
+/// same lifecycle: a restart asked for through the handle while one runs is refused with
+/// [`RestartErrorKind::AlreadyRestarting`], exactly as a second `SIGUSR1` is coalesced.
+///
+/// Commands sent before the server runs wait for it: they are acted upon once it is serving.
+///
+/// # Example
+/// ```no_run
+/// # async fn example(listeners: handover::Listeners) -> Result<(), handover::Error> {
+/// # let app = tower::service_fn(|_req: hyper::Request<hyper::body::Incoming>| async {
+/// #     Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+/// # });
+/// let server = handover::serve(listeners, app);
+/// let handle = server.handle();
+/// tokio::spawn(async move {
+///     // e.g. after a deploy: start the new binary, learn whether it took over.
+///     match handle.restart().await {
+///         Ok(restarted) => println!("pid {} serves now", restarted.pid),
+///         Err(e) => eprintln!("still serving here: {e}"),
+///     }
+/// });
+/// server.await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Handle {
     inner: Arc<Inner>,

@@ -87,7 +87,7 @@ pub use hooks::HooksReport;
 pub use listen::{Listener, Listeners, Origin};
 pub use server::{Reason, Server, Shutdown, serve};
 
-/// Signal numbers, for [`Serve::close_signals`] and [`Serve::restart_signals`].
+/// Signal numbers, for [`Server::close_signals`] and [`Server::restart_signals`].
 pub mod signal {
     pub use signal_hook::consts::signal::{
         SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH,

@@ -75,7 +75,6 @@ fn per_client_problems(report: &IdleReport, pids: &[u32]) -> Vec<String> {
 }
 
 #[test]
-#[ignore = "needs connection hand-off (issue 11)"]
 fn idle_keep_alive_clients_over_a_real_network_lose_nothing_across_restarts() {
     let started = Instant::now();
     let notify = NotifySocket::new();
