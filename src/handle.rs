@@ -164,7 +164,8 @@ pub(crate) enum Command {
     Shutdown { force: bool },
 }
 
-/// Restart, shut down, or watch a server from code. See the [module docs](self).
+/// Restart, shut down, or watch a server from code; from [`crate::Server::handle`], cheap to
+/// clone, `Send`. Commands sent before the server runs wait for it.
 #[derive(Clone)]
 pub struct Handle {
     inner: Arc<Inner>,

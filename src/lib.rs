@@ -89,7 +89,7 @@ pub use tls::TlsInfo;
 #[cfg(feature = "rustls")]
 pub use rustls;
 
-/// Signal numbers, for [`Serve::close_signals`] and [`Serve::restart_signals`].
+/// Signal numbers, for [`Server::close_signals`] and [`Server::restart_signals`].
 pub mod signal {
     pub use signal_hook::consts::signal::{
         SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH,

@@ -75,7 +75,7 @@ impl Listener {
     }
 
     /// Renames the listener; the name is what a restart passes on in `LISTEN_FDNAMES`, and
-    /// the `FDNAME=` of [`crate::Serve::fd_store`]. Characters systemd does not allow in a
+    /// the `FDNAME=` of [`crate::Server::fd_store`]. Characters systemd does not allow in a
     /// name (`:`, control characters, non-ASCII) are replaced by `_`; at most 255 are kept.
     pub fn with_name(mut self, name: impl Into<String>) -> Listener {
         self.name = fd_name(&name.into());
