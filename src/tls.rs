@@ -11,8 +11,10 @@
 //!
 //! A handshake in progress when the drain starts is not closed early: its client has sent (or is
 //! sending) a `ClientHello` to a listener that was open, and will send its first request right
-//! after. It is answered, with `Connection: close` (HTTP/1) or GOAWAY (HTTP/2), so the client
-//! reconnects, to the new process after a restart.
+//! after. Once the handshake is done, the connection is idle like a new plaintext one (closed at
+//! the end of the keep-alive grace if no request comes), except when it ends after the grace:
+//! then its first request is awaited and answered, with `Connection: close` (HTTP/1) or GOAWAY
+//! (HTTP/2), so the client reconnects, to the new process after a restart.
 //!
 //! # Not passed to a successor
 //! A TLS session's keys and sequence numbers live in this process's memory: its connection is
@@ -35,7 +37,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use crate::accept::{ConnContext, HandOffSlot, ServeConn};
-use crate::conn::{self, CUT, Conn, Http, Phase, TrackedIo, Transport};
+use crate::conn::{self, CLOSE_IDLE, CUT, Conn, Http, Phase, TrackedIo, Transport};
 use crate::drain::Shared;
 use crate::error::{BoxError, Error};
 use crate::listen::Listener;
@@ -281,11 +283,13 @@ pub(crate) async fn serve<S, B>(
     let info = TlsInfo::from_session(stream.get_ref().1);
     let h2 = info.alpn_protocol() == Some(b"h2".as_slice());
     conn.info.set_tls(info);
-    // The client sends its first request right after its handshake: not idle until that
-    // request is answered, so a drain that started meanwhile answers it (with
-    // `Connection: close`) instead of closing the connection under it. Still timed by the
-    // header-read timeout, and cut at the deadline.
-    conn.set_phase(Phase::Reading);
+    // Idle from here, as a plaintext connection before its first bytes: closed at the end of a
+    // drain's keep-alive grace if no request comes. But a handshake that ends after the grace
+    // was under way when the listener closed, and its client is sending its first request right
+    // now: it is answered (with `Connection: close`), not closed under the client. Timed by the
+    // header-read timeout, and cut at the deadline, either way.
+    let late = conn.ctl.load(Ordering::Acquire) & CLOSE_IDLE != 0;
+    conn.set_phase(if late { Phase::Reading } else { Phase::Idle });
     conn::serve_known(stream, Bytes::new(), h2, service, http, shared, hand_off).await;
 }
 
