@@ -7,7 +7,10 @@
 //! `--health ADDR` (default `127.0.0.1:8080`) are bound.
 //!
 //! The certificate chain and its private key are PEM files, `--cert PATH` and `--key PATH` (or
-//! `HANDOVER_TLS_CERT`, `HANDOVER_TLS_KEY`), read once at start-up. To rotate them, replace the
+//! `HANDOVER_TLS_CERT`, `HANDOVER_TLS_KEY`), read once at start-up. With `--client-ca PATH` (or
+//! `HANDOVER_TLS_CLIENT_CA`), clients must present a certificate signed by a CA of that file
+//! (mutual TLS), and `/client-cert` answers with the client's certificate (DER), as
+//! `ConnectionInfo::tls` gives it. To rotate them, replace the
 //! files and restart (`kill -USR1 <pid>`, `systemctl reload`): the new process serves the new
 //! certificate, the old one finishes its connections with the old one. If the new files are
 //! broken (unreadable, not PEM, a key that does not match the certificate), the new process
@@ -44,6 +47,7 @@ use hyper::{Request, Response, StatusCode};
 struct Args {
     cert: PathBuf,
     key: PathBuf,
+    client_ca: Option<PathBuf>,
     web: SocketAddr,
     health: SocketAddr,
 }
@@ -59,7 +63,7 @@ fn main() -> ExitCode {
     };
     // Before anything is served: a broken certificate must stop this process before it reports
     // READY=1, so that a restart rolls back and the old process keeps serving.
-    let config = match load_tls(&args.cert, &args.key) {
+    let config = match load_tls(&args.cert, &args.key, args.client_ca.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");
@@ -114,6 +118,7 @@ fn main() -> ExitCode {
 fn parse_args() -> Result<Args, String> {
     let mut cert = std::env::var_os("HANDOVER_TLS_CERT").map(PathBuf::from);
     let mut key = std::env::var_os("HANDOVER_TLS_KEY").map(PathBuf::from);
+    let mut client_ca = std::env::var_os("HANDOVER_TLS_CLIENT_CA").map(PathBuf::from);
     let mut web = "127.0.0.1:8443".to_string();
     let mut health = "127.0.0.1:8080".to_string();
     let mut args = std::env::args_os().skip(1);
@@ -123,11 +128,12 @@ fn parse_args() -> Result<Args, String> {
         match flag.as_str() {
             "--cert" => cert = Some(value.into()),
             "--key" => key = Some(value.into()),
+            "--client-ca" => client_ca = Some(value.into()),
             "--web" => web = value.to_string_lossy().into_owned(),
             "--health" => health = value.to_string_lossy().into_owned(),
             _ => {
                 return Err(format!(
-                    "unknown argument {flag:?}; expected --cert PATH, --key PATH, --web ADDR, --health ADDR"
+                    "unknown argument {flag:?}; expected --cert PATH, --key PATH, --client-ca PATH, --web ADDR, --health ADDR"
                 ));
             }
         }
@@ -139,33 +145,47 @@ fn parse_args() -> Result<Args, String> {
     Ok(Args {
         cert: cert.ok_or("no certificate: give --cert PATH (or HANDOVER_TLS_CERT)")?,
         key: key.ok_or("no private key: give --key PATH (or HANDOVER_TLS_KEY)")?,
+        client_ca,
         web: addr("--web", &web)?,
         health: addr("--health", &health)?,
     })
 }
 
-/// The server's TLS configuration from a PEM certificate chain and a PEM private key. Every
-/// error names the file and what is wrong with it.
-fn load_tls(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, String> {
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("TLS certificate file {}: {}", cert.display(), pem_error(&e)))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "TLS certificate file {}: no certificate in it (expected PEM \"BEGIN CERTIFICATE\" blocks)",
-            cert.display()
-        ));
-    }
+/// The server's TLS configuration from a PEM certificate chain and a PEM private key (and the
+/// CA certificates that sign client certificates, for mutual TLS). Every error names the file
+/// and what is wrong with it.
+fn load_tls(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<rustls::ServerConfig, String> {
+    let certs = read_certs(cert, "TLS certificate file")?;
     let private_key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("TLS private key file {}: {}", key.display(), pem_error(&e)))?;
     // Explicitly ring, the provider handover's `rustls` feature enables: `builder()` would panic
     // if another crate of the application also enabled aws-lc-rs.
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS protocol versions: {e}"))?
-        .with_no_client_auth()
-        // Checks that the key is the certificate's.
+        .map_err(|e| format!("TLS protocol versions: {e}"))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in read_certs(path, "TLS client CA file")? {
+                roots
+                    .add(ca)
+                    .map_err(|e| format!("TLS client CA file {}: {e}", path.display()))?;
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .map_err(|e| format!("TLS client CA file {}: {e}", path.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    // `with_single_cert` checks that the key is the certificate's.
+    builder
         .with_single_cert(certs, private_key)
         .map_err(|e| match e {
             rustls::Error::InconsistentKeys(_) => format!(
@@ -181,6 +201,20 @@ fn load_tls(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, String> {
         })
 }
 
+/// The certificates of a PEM file; at least one.
+fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{what} {}: {}", path.display(), pem_error(&e)))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{what} {}: no certificate in it (expected PEM \"BEGIN CERTIFICATE\" blocks)",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
 fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
     use rustls::pki_types::pem::Error;
     match e {
@@ -190,17 +224,32 @@ fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
     }
 }
 
-/// The HTTPS listener: `Hello world` (the tests' load), and `/tls`: what the handshake agreed.
+/// The HTTPS listener: `Hello world` (the tests' load), `/tls`: what the handshake agreed, and
+/// `/client-cert`: the client's certificate.
 async fn web_route(
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    if req.uri().path() != "/tls" {
-        return common::hello(req).await;
-    }
     let tls = req
         .extensions()
         .get::<handover::ConnectionInfo>()
-        .and_then(|c| c.tls());
+        .and_then(|c| c.tls())
+        .cloned();
+    match req.uri().path() {
+        "/tls" => {}
+        "/client-cert" => {
+            let client = tls.and_then(|t| t.peer_certificates()?.first().cloned());
+            let response = match client {
+                Some(der) => Response::new(Full::new(Bytes::copy_from_slice(&der))),
+                None => {
+                    let mut r = Response::new(Full::new(Bytes::from("no client certificate\n")));
+                    *r.status_mut() = StatusCode::NOT_FOUND;
+                    r
+                }
+            };
+            return Ok(with_pid(response));
+        }
+        _ => return common::hello(req).await,
+    }
     let body = match tls {
         Some(tls) => format!(
             "sni={} alpn={} version={:?} suite={} client_certs={}\n",
