@@ -336,3 +336,87 @@ impl<F: Future + Unpin> Future for UntilCut<'_, F> {
         Pin::new(&mut self.inner).poll(cx).map(Some)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accept::HttpService;
+
+    fn config(alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+        let cert =
+            rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+        let key = rustls::pki_types::PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key.into())
+            .expect("config");
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+
+    fn bound(names: &[&str]) -> Vec<Bound> {
+        let service = tower::service_fn(|_req: Request<Incoming>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Empty::<Bytes>::new()))
+        });
+        names
+            .iter()
+            .map(|name| {
+                let listener = crate::Listeners::bind(([127, 0, 0, 1], 0).into())
+                    .expect("bind")
+                    .into_vec()
+                    .remove(0)
+                    .with_name(*name);
+                (listener, service.into_handler().0)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn alpn_defaults_to_h2_then_http1_and_a_given_list_is_kept() {
+        let set = with_default_alpn(config(&[]));
+        assert_eq!(
+            set.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+        let given = with_default_alpn(config(&[b"http/1.1"]));
+        assert_eq!(given.alpn_protocols, vec![b"http/1.1".to_vec()]);
+    }
+
+    #[test]
+    fn only_the_named_listener_is_served_over_tls_and_its_connections_are_not_passable() {
+        let wrapped =
+            apply(bound(&["web", "health"]), vec![("web".into(), config(&[]))]).expect("apply");
+        let passable: Vec<(&str, bool)> = wrapped
+            .iter()
+            .map(|(l, s)| (l.name(), s.passable()))
+            .collect();
+        assert_eq!(passable, vec![("web", false), ("health", true)]);
+        let urls: Vec<String> = wrapped.iter().map(|(l, s)| s.url(l)).collect();
+        assert!(urls[0].starts_with("https://127.0.0.1:"), "{urls:?}");
+        assert!(urls[1].starts_with("http://127.0.0.1:"), "{urls:?}");
+    }
+
+    #[test]
+    fn a_name_without_listener_or_given_twice_is_a_start_up_error() {
+        let e = apply(bound(&["web"]), vec![("wbe".into(), config(&[]))])
+            .expect_err("no listener named wbe");
+        let text = e.to_string();
+        assert!(
+            text.contains(r#"TLS is configured for the listener "wbe", but no listener has that name; the listeners are: "web" (http://127.0.0.1:"#),
+            "{text}"
+        );
+        let e = apply(
+            bound(&["web"]),
+            vec![("web".into(), config(&[])), ("web".into(), config(&[]))],
+        )
+        .expect_err("twice");
+        assert!(
+            e.to_string()
+                .contains("TLS is configured twice for the listener \"web\""),
+            "{e}"
+        );
+    }
+}
