@@ -108,8 +108,27 @@ pub(crate) trait ServeConn: Send + 'static {
         cx: &ConnContext,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
+    /// Serves one connection of a TLS listener: the handshake, then HTTP.
+    #[cfg(feature = "rustls")]
+    fn serve_tls(
+        &self,
+        io: TrackedIo,
+        acceptor: tokio_rustls::TlsAcceptor,
+        cx: &ConnContext,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
     /// A copy for another accept loop.
     fn clone_box(&self) -> Box<dyn ServeConn>;
+
+    /// Whether its connections can be passed to a successor (plaintext ones can).
+    fn passable(&self) -> bool {
+        true
+    }
+
+    /// The listener's address, for logs and `STATUS=`.
+    fn url(&self, listener: &Listener) -> String {
+        listener.url()
+    }
 }
 
 impl std::fmt::Debug for dyn ServeConn {
@@ -140,6 +159,23 @@ where
         Box::pin(conn::serve_plain(
             io,
             read,
+            self.service.clone(),
+            Arc::clone(&cx.http),
+            Arc::clone(cx.connections.shared()),
+            Arc::clone(&cx.hand_off),
+        ))
+    }
+
+    #[cfg(feature = "rustls")]
+    fn serve_tls(
+        &self,
+        io: TrackedIo,
+        acceptor: tokio_rustls::TlsAcceptor,
+        cx: &ConnContext,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(crate::tls::serve(
+            io,
+            acceptor,
             self.service.clone(),
             Arc::clone(&cx.http),
             Arc::clone(cx.connections.shared()),
@@ -271,7 +307,7 @@ pub(crate) async fn accept_loop(
     dead: tokio::sync::mpsc::UnboundedSender<std::io::Error>,
 ) {
     let mut backoff = Duration::from_millis(5);
-    let passable = true;
+    let passable = service.passable();
     loop {
         let accepted = tokio::select! {
             biased;

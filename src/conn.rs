@@ -260,7 +260,7 @@ impl TrackedIo {
     }
 
     /// Whether bytes wait in the socket's receive queue that nobody has read yet.
-    fn bytes_waiting(&self) -> bool {
+    pub(crate) fn bytes_waiting(&self) -> bool {
         rustix::io::ioctl_fionread(&self.sock).is_ok_and(|n| n > 0)
     }
 }
@@ -354,9 +354,41 @@ impl AsFd for TrackedIo {
 }
 
 /// What sits under hyper: the tracked socket, or a TLS session over it.
-pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The connection's control block.
+    fn conn(&self) -> &Arc<Conn>;
 
-impl Transport for TrackedIo {}
+    /// Whether bytes wait that nobody has read yet: in the socket, or, for TLS, decrypted by
+    /// the session and not yet read by hyper.
+    fn bytes_waiting(&mut self) -> bool;
+
+    /// Passes the connection to the successor, or gives it back.
+    fn pass(
+        self,
+        slot: &HandOffSlot,
+        read: Bytes,
+    ) -> impl Future<Output = Result<(), (Self, Bytes)>> + Send
+    where
+        Self: Sized;
+}
+
+impl Transport for TrackedIo {
+    fn conn(&self) -> &Arc<Conn> {
+        &self.conn
+    }
+
+    fn bytes_waiting(&mut self) -> bool {
+        TrackedIo::bytes_waiting(self)
+    }
+
+    fn pass(
+        self,
+        slot: &HandOffSlot,
+        read: Bytes,
+    ) -> impl Future<Output = Result<(), (TrackedIo, Bytes)>> + Send {
+        pass(slot, self, read)
+    }
+}
 
 /// A transport with bytes to deliver before its own: what hyper had read on a connection taken
 /// apart, or what the previous process had read on a connection it passed over.
@@ -654,7 +686,32 @@ pub(crate) async fn serve_plain<S, B>(
     } else {
         false
     };
+    serve_known(io, read, h2, service, http, shared, hand_off).await;
+}
+
+/// Serves a connection whose protocol is known (HTTP/2 if `h2`, else HTTP/1), over any
+/// transport, until it ends, is cut, or is passed on: the part plaintext and TLS connections
+/// share. `read` are bytes already read from it, to deliver first (HTTP/1 only).
+pub(crate) async fn serve_known<T, S, B>(
+    io: T,
+    read: Bytes,
+    h2: bool,
+    service: S,
+    http: Arc<Http>,
+    shared: Arc<Shared>,
+    hand_off: HandOffSlot,
+) where
+    T: Transport,
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let conn = Arc::clone(io.conn());
     if h2 {
+        debug_assert!(read.is_empty(), "BUG: read-ahead bytes are HTTP/1's");
         conn.set_phase(Phase::H2);
         let svc = DrainAware::new(service, Arc::clone(&conn), shared);
         let c = http.h2.serve_connection(TokioIo::new(io), svc);
@@ -677,10 +734,10 @@ pub(crate) async fn serve_plain<S, B>(
         let Some((taken, read, bits)) = drive.await else {
             return;
         };
-        let tracked = taken.inner;
+        let mut transport = taken.inner;
         let read = join(taken.prefix, read);
         if bits & HAND_OFF != 0 {
-            match pass(&hand_off, tracked, read).await {
+            match transport.pass(&hand_off, read).await {
                 Ok(()) => return,
                 Err((back, read)) => {
                     // Not passed (the successor's channel failed): serve it here, with
@@ -691,11 +748,11 @@ pub(crate) async fn serve_plain<S, B>(
                 }
             }
         }
-        if read.is_empty() && !tracked.bytes_waiting() {
-            return close(tracked).await;
+        if read.is_empty() && !transport.bytes_waiting() {
+            return close(transport).await;
         }
         // A request is on its way after all: answer it (with `Connection: close`).
-        io = Prefixed::new(read, tracked);
+        io = Prefixed::new(read, transport);
     }
 }
 

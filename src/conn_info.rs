@@ -42,6 +42,9 @@ struct Inner {
     peer: Peer,
     local: Local,
     handle: Handle,
+    /// Set once, when the handshake is complete, before any request is served.
+    #[cfg(feature = "rustls")]
+    tls: std::sync::OnceLock<crate::tls::TlsInfo>,
 }
 
 /// Who is on the other end of a connection.
@@ -89,8 +92,15 @@ impl ConnectionInfo {
                 peer,
                 local,
                 handle,
+                #[cfg(feature = "rustls")]
+                tls: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    #[cfg(feature = "rustls")]
+    pub(crate) fn set_tls(&self, tls: crate::tls::TlsInfo) {
+        let _ = self.inner.tls.set(tls);
     }
 
     /// The name of the listener the connection came in on (see [`crate::Listener::name`]).
@@ -124,6 +134,14 @@ impl ConnectionInfo {
         }
     }
 
+    /// The TLS session, on a connection of a TLS listener ([`crate::Server::tls`]): server
+    /// name (SNI), ALPN protocol, version, cipher suite, client certificates. `None` on
+    /// plaintext connections. Available with the `rustls` feature.
+    #[cfg(feature = "rustls")]
+    pub fn tls(&self) -> Option<&crate::TlsInfo> {
+        self.inner.tls.get()
+    }
+
     /// The server's lifecycle state now: a `/healthz` answers 503 once
     /// [`State::is_shutting_down`] is true.
     pub fn state(&self) -> State {
@@ -139,11 +157,13 @@ impl ConnectionInfo {
 
 impl fmt::Debug for ConnectionInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ConnectionInfo")
-            .field("listener", &self.inner.listener)
+        let mut d = f.debug_struct("ConnectionInfo");
+        d.field("listener", &self.inner.listener)
             .field("peer", &self.inner.peer)
-            .field("local", &self.inner.local)
-            .finish_non_exhaustive()
+            .field("local", &self.inner.local);
+        #[cfg(feature = "rustls")]
+        d.field("tls", &self.inner.tls.get());
+        d.finish_non_exhaustive()
     }
 }
 

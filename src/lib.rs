@@ -78,6 +78,8 @@ mod server;
 mod signals;
 mod startup;
 mod sys;
+#[cfg(feature = "rustls")]
+mod tls;
 
 pub use accept::HttpService;
 pub use conn_info::{ConnectionInfo, Local, Peer, PeerCredentials};
@@ -86,6 +88,13 @@ pub use handle::{Handle, RestartError, RestartErrorKind, Restarted, State};
 pub use hooks::HooksReport;
 pub use listen::{Listener, Listeners, Origin};
 pub use server::{Reason, Server, Shutdown, serve};
+#[cfg(feature = "rustls")]
+pub use tls::TlsInfo;
+
+/// The rustls crate handover serves TLS with (feature `rustls`): build the
+/// `rustls::ServerConfig` for [`Server::tls`] with this one, so that the versions match.
+#[cfg(feature = "rustls")]
+pub use rustls;
 
 /// Signal numbers, for [`Server::close_signals`] and [`Server::restart_signals`].
 pub mod signal {

@@ -154,9 +154,13 @@ impl Lifecycle {
             handle,
             hooks,
             shutdown_signals,
+            #[cfg(feature = "rustls")]
+            tls,
         } = server;
         let startup = startup::get();
         let bound = bind_services(listeners.into_vec(), services)?;
+        #[cfg(feature = "rustls")]
+        let bound = crate::tls::apply(bound, tls)?;
         let claim = match config.restarts {
             true => Some(RestartClaim::take()?),
             false => None,
@@ -192,9 +196,9 @@ impl Lifecycle {
             .map(|(l, s)| (Arc::from(l.name()), s.clone_box()))
             .collect();
         let cx_for_receiver = cx.clone();
-        let urls: Vec<String> = bound.iter().map(|(l, _)| l.url()).collect();
-        for (l, _) in &bound {
-            tracing::info!(url = %l.url(), listener = l.name(), pid = startup.pid, "accepting");
+        let urls: Vec<String> = bound.iter().map(|(l, s)| s.url(l)).collect();
+        for ((l, _), url) in bound.iter().zip(&urls) {
+            tracing::info!(url = %url, listener = l.name(), pid = startup.pid, "accepting");
         }
         let listeners: Vec<Listener> = bound.into_iter().map(|(l, _)| l).collect();
         if config.fd_store {

@@ -87,6 +87,9 @@ pub struct Server {
     pub(crate) handle: Handle,
     pub(crate) hooks: Vec<Hook>,
     pub(crate) shutdown_signals: Vec<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// The listeners served over TLS, by name.
+    #[cfg(feature = "rustls")]
+    pub(crate) tls: Vec<(String, std::sync::Arc<rustls::ServerConfig>)>,
 }
 
 /// The settings, with their defaults.
@@ -215,6 +218,8 @@ impl Server {
             handle: Handle::new(),
             hooks: Vec::new(),
             shutdown_signals: Vec::new(),
+            #[cfg(feature = "rustls")]
+            tls: Vec::new(),
         }
     }
 
@@ -230,6 +235,69 @@ impl Server {
     /// listener no service claims is an error when the server starts.
     pub fn default_service<S: HttpService>(mut self, service: S) -> Self {
         self.services.push((None, service.into_handler().0));
+        self
+    }
+
+    /// Serves the listener named `listener` over TLS with `config` (feature `rustls`); its
+    /// service is chosen as for any listener ([`Server::service`], [`Server::default_service`]).
+    /// A name with no listener, or TLS given twice for one name, is an error when the server
+    /// starts (before `READY=1`).
+    ///
+    /// - **ALPN**: if `config.alpn_protocols` is empty, handover sets it to `h2`, `http/1.1`
+    ///   (in that order of preference). A connection that agrees on `h2` is served as HTTP/2,
+    ///   every other one (`http/1.1`, or no ALPN) as HTTP/1.1. Set your own list to restrict it
+    ///   (`vec![b"http/1.1".to_vec()]`: no HTTP/2).
+    /// - **Certificates** come with `config`, read once: build it from the files at start-up,
+    ///   and rotate them by replacing the files and restarting (`SIGUSR1`, `systemctl reload`).
+    ///   A new process whose files are broken fails before `READY=1`, and the old one keeps
+    ///   serving (see `examples/tls.rs`).
+    /// - **Handshakes** count as connections from accept on: they are timed out by
+    ///   [`Server::header_read_timeout`], drained, and cut at the drain's deadline; a client
+    ///   that never finishes its handshake cannot hold a shutdown or a restart.
+    /// - **Restarts** hand over the listener, not established TLS sessions (their keys live in
+    ///   this process): after a hand-off they are drained like a shutdown's connections
+    ///   (`Connection: close`, GOAWAY), and their clients reconnect to the new process,
+    ///   resuming their sessions where the config allows it.
+    ///
+    /// The request's [`crate::ConnectionInfo::tls`] tells what was negotiated.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # use std::sync::Arc;
+    /// # use std::convert::Infallible;
+    /// use handover::rustls::{self, pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject}};
+    ///
+    /// # fn app() -> impl handover::HttpService {
+    /// #     tower::service_fn(|_req: hyper::Request<hyper::body::Incoming>| async {
+    /// #         Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from("hi"))))
+    /// #     })
+    /// # }
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let certs = CertificateDer::pem_file_iter("/etc/myapp/cert.pem")?.collect::<Result<Vec<_>, _>>()?;
+    /// let key = PrivateKeyDer::from_pem_file("/etc/myapp/key.pem")?;
+    /// let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+    ///     rustls::crypto::ring::default_provider(),
+    /// ))
+    /// .with_safe_default_protocol_versions()?
+    /// .with_no_client_auth()
+    /// .with_single_cert(certs, key)?; // fails if the key does not match the certificate
+    ///
+    /// let mut listeners = handover::Listeners::from_env()?;
+    /// let web = listeners.take_or_bind("web", "127.0.0.1:8443".parse()?)?;
+    /// let server = handover::Server::new([web])
+    ///     .service("web", app())
+    ///     .tls("web", Arc::new(config));
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "rustls")]
+    pub fn tls(
+        mut self,
+        listener: impl Into<String>,
+        config: std::sync::Arc<rustls::ServerConfig>,
+    ) -> Self {
+        self.tls
+            .push((listener.into(), crate::tls::with_default_alpn(config)));
         self
     }
 

@@ -59,6 +59,7 @@ pub fn example(name: &str) -> PathBuf {
 fn features_of(example: &str) -> Option<&'static str> {
     match example {
         "axum" => Some("axum"),
+        "tls" => Some("rustls"),
         _ => None,
     }
 }
@@ -1174,7 +1175,7 @@ async fn client_h2(
 /// NO_ERROR): RFC 9113 section 8.7 guarantees the server did not act on it, and clients retry
 /// it on a new connection. This happens when the client opened the stream after the server's
 /// first GOAWAY had been sent but before it arrived.
-fn unprocessed(e: &hyper::Error) -> bool {
+pub fn unprocessed(e: &hyper::Error) -> bool {
     std::error::Error::source(e)
         .and_then(|s| s.downcast_ref::<h2::Error>())
         .is_some_and(|h| {
