@@ -212,6 +212,8 @@ impl Lifecycle {
         if config.connection_handoff && notifier.has_parent_channel() {
             notifier.offer_connections();
         }
+        // Accepting already: what a request sees from now on.
+        handle.set_state(State::Serving);
         notifier
             .ready(
                 &format!("Listening on {}", urls.join(", ")),
@@ -552,7 +554,10 @@ impl Lifecycle {
                 self.handle.set_state(State::HandedOver { pid });
             }
             _ => {
-                let status = format!("Stopping: draining {} connections", self.connections.open());
+                let status = format!(
+                    "Stopping: draining {}",
+                    plural_connections(self.connections.open())
+                );
                 self.send_stopping(&status);
                 self.handle.set_state(State::Draining);
             }
@@ -574,7 +579,7 @@ impl Lifecycle {
                     // Tell systemd how long we still need, so that neither a healthy drain
                     // is killed at TimeoutStopSec nor a hung one waited on blindly.
                     let left = deadline.saturating_duration_since(Instant::now());
-                    let status = format!("Stopping: draining {open} connections");
+                    let status = format!("Stopping: draining {}", plural_connections(open));
                     notifier.notify(&[extend_timeout_usec(left), NotifyState::Status(&status)]);
                 }
             };
@@ -730,6 +735,14 @@ impl Lifecycle {
 
     fn extend_timeout(&self, total: Duration) {
         self.notifier.notify(&[extend_timeout_usec(total)]);
+    }
+}
+
+/// "1 connection", "3 connections".
+fn plural_connections(n: usize) -> String {
+    match n {
+        1 => "1 connection".to_string(),
+        n => format!("{n} connections"),
     }
 }
 

@@ -111,7 +111,7 @@ fn a_long_drain_extends_the_stop_timeout_and_reports_what_is_left() {
         usec >= 1_000_000 && Duration::from_micros(usec) <= left + Duration::from_millis(100),
         "{extend:?}"
     );
-    assert_eq!(extend.lines()[1], "STATUS=Stopping: draining 1 connections");
+    assert_eq!(extend.lines()[1], "STATUS=Stopping: draining 1 connection");
     assert_eq!(
         slow.join().expect("client").expect("slow request").status,
         200
