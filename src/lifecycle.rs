@@ -337,7 +337,7 @@ impl Lifecycle {
                 self.end_lame_duck(true).await;
             }
             Stage::Draining(d) if !d.close_seen => {
-                tracing::info!(signal = %name, "close signal received while already draining; the drain goes on (another one cuts)");
+                tracing::info!(signal = %name, "close signal received while already shutting down; the drain goes on (another one cuts)");
                 d.close_seen = true;
             }
             Stage::Draining(d) => {
