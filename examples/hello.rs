@@ -16,7 +16,8 @@
 //! `HANDOVER_READY_TIMEOUT_MS` override the drain and restart-readiness timeouts;
 //! `HANDOVER_FD_STORE=1` hands the bound listener to systemd's fd store;
 //! `HANDOVER_CONNECTION_HANDOFF=0` keeps established connections in the old process after a
-//! restart (closing idle ones), as a build without connection hand-off would.
+//! restart (closing idle ones), as a build without connection hand-off would;
+//! `HANDOVER_CONNECTION_INFO=0` leaves `ConnectionInfo` out of the requests.
 
 mod common;
 
@@ -71,7 +72,14 @@ fn main() -> ExitCode {
     if std::env::var_os("HANDOVER_CONNECTION_HANDOFF").is_some_and(|v| v == "0") {
         server = server.connection_handoff(false);
     }
-    match runtime.block_on(server.into_future()) {
+    if std::env::var_os("HANDOVER_CONNECTION_INFO").is_some_and(|v| v == "0") {
+        server = server.connection_info(false);
+    }
+    let outcome = runtime.block_on(server.into_future());
+    // Serving is over (drained): exit without waiting for idle runtime threads to wind down,
+    // each of which waits for a CPU on a busy machine.
+    runtime.shutdown_background();
+    match outcome {
         Ok(shutdown) => {
             tracing::info!(?shutdown, "server closed");
             ExitCode::SUCCESS

@@ -35,7 +35,6 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{CONNECTION, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::accept::HandOffSlot;
@@ -459,17 +458,31 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
 pub(crate) struct DrainAware<S> {
     // Boxed so that this type is `Unpin` whatever the service is: hyper's connection must be
     // `Unpin` to be taken apart (`into_parts` takes it by value).
-    inner: Box<TowerToHyperService<S>>,
+    inner: Box<S>,
     conn: Arc<Conn>,
     shared: Arc<Shared>,
+    /// What every request of the connection carries, made once: a request gets a clone (a copy
+    /// of a one-entry table), cheaper than building the map anew for each. `None`: nothing
+    /// (`Server::connection_info(false)`).
+    extensions: Option<hyper::http::Extensions>,
 }
 
 impl<S> DrainAware<S> {
     pub(crate) fn new(service: S, conn: Arc<Conn>, shared: Arc<Shared>) -> DrainAware<S> {
+        let extensions = shared.connection_info.then(|| {
+            let mut extensions = hyper::http::Extensions::new();
+            #[cfg(feature = "axum")]
+            if let Some(addr) = conn.info.peer_addr() {
+                extensions.insert(axum::extract::ConnectInfo(addr));
+            }
+            extensions.insert(conn.info.clone());
+            extensions
+        });
         DrainAware {
-            inner: Box::new(TowerToHyperService::new(service)),
+            inner: Box::new(service),
             conn,
             shared,
+            extensions,
         }
     }
 }
@@ -477,11 +490,11 @@ impl<S> DrainAware<S> {
 impl<S, B> hyper::service::Service<Request<Incoming>> for DrainAware<S>
 where
     S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone,
+    S::Error: Into<BoxError>,
 {
     type Response = Response<TrackedBody<B>>;
-    type Error = S::Error;
-    type Future =
-        DrainAwareFuture<hyper_util::service::TowerToHyperServiceFuture<S, Request<Incoming>>>;
+    type Error = BoxError;
+    type Future = DrainAwareFuture<Call<S>>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         let http1 = req.version() < Version::HTTP_2;
@@ -491,17 +504,90 @@ where
         if self.conn.ctl.load(Ordering::Relaxed) & STOPPING != 0 {
             self.shared.count_request_while_stopping();
         }
-        let extensions = req.extensions_mut();
-        #[cfg(feature = "axum")]
-        if let Some(addr) = self.conn.info.peer_addr() {
-            extensions.insert(axum::extract::ConnectInfo(addr));
+        if let Some(extensions) = &self.extensions {
+            req.extensions_mut().extend(extensions.clone());
         }
-        extensions.insert(self.conn.info.clone());
         DrainAwareFuture {
             connect: req.method() == Method::CONNECT,
-            inner: self.inner.call(req),
+            inner: Call::new((*self.inner).clone(), req),
             // Only HTTP/1 responses need the check and the body tracking; HTTP/2 has GOAWAY.
             conn: http1.then(|| Arc::clone(&self.conn)),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call of a tower service: `poll_ready`, then `call`, as tower's contract asks.
+    ///
+    /// Most services are always ready (a router, a `service_fn`): their readiness is asked
+    /// at once, with a waker that does nothing, and the call made on the spot, so that the
+    /// request is not stored and moved in a future of ours first (`tower::util::Oneshot` moves
+    /// it several times per request). A service that is not ready is asked again from this
+    /// future, with the task's waker (the state for that rare case is boxed, so it does not
+    /// make every call's future larger).
+    #[project = CallProj]
+    pub(crate) enum Call<S>
+    where
+        S: tower_service::Service<Request<Incoming>>,
+    {
+        Called { #[pin] fut: S::Future },
+        NotReady { state: Option<Box<(S, Request<Incoming>)>> },
+        Failed { error: Option<BoxError> },
+    }
+}
+
+impl<S> Call<S>
+where
+    S: tower_service::Service<Request<Incoming>>,
+    S::Error: Into<BoxError>,
+{
+    fn new(mut svc: S, req: Request<Incoming>) -> Call<S> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match svc.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => Call::Called { fut: svc.call(req) },
+            Poll::Ready(Err(e)) => Call::Failed {
+                error: Some(e.into()),
+            },
+            Poll::Pending => Call::NotReady {
+                state: Some(Box::new((svc, req))),
+            },
+        }
+    }
+}
+
+impl<S> Future for Call<S>
+where
+    S: tower_service::Service<Request<Incoming>>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            match self.as_mut().project() {
+                CallProj::Called { fut } => return fut.poll(cx).map_err(Into::into),
+                CallProj::Failed { error } => match error.take() {
+                    Some(e) => return Poll::Ready(Err(e)),
+                    None => return Poll::Pending,
+                },
+                CallProj::NotReady { state } => {
+                    let Some(pending) = state.as_mut() else {
+                        return Poll::Pending;
+                    };
+                    if let Err(e) = ready!(pending.0.poll_ready(cx)) {
+                        self.set(Call::Failed {
+                            error: Some(e.into()),
+                        });
+                        continue;
+                    }
+                    let Some(pending) = state.take() else {
+                        return Poll::Pending;
+                    };
+                    let (mut svc, req) = *pending;
+                    let fut = svc.call(req);
+                    self.set(Call::Called { fut });
+                }
+            }
         }
     }
 }

@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     force: CancellationToken,
     /// 0: no header-read timeout.
     header_timeout: Duration,
+    /// Whether requests carry their `ConnectionInfo`.
+    pub(crate) connection_info: bool,
     /// Requests begun while the `STOPPING` bit was set.
     while_stopping: AtomicU64,
     /// Connections cut by the header-read timeout.
@@ -115,13 +117,14 @@ impl Shared {
 impl Connections {
     /// `header_timeout`: how long a connection may go without a complete request head
     /// (`Duration::ZERO`: no limit).
-    pub(crate) fn new(header_timeout: Duration) -> Connections {
+    pub(crate) fn new(header_timeout: Duration, connection_info: bool) -> Connections {
         Connections {
             shared: Arc::new(Shared {
                 registry: Mutex::new(Registry::default()),
                 tracker: TaskTracker::new(),
                 force: CancellationToken::new(),
                 header_timeout,
+                connection_info,
                 while_stopping: AtomicU64::new(0),
                 timed_out: AtomicU64::new(0),
             }),

@@ -176,7 +176,7 @@ impl Lifecycle {
         // As PID 1, what to forward to the successor once this process is its keeper.
         crate::keeper::forward_signals(&config.close_signals, restart_signals);
         let notifier = Arc::new(Notifier::from_startup(startup));
-        let connections = Connections::new(config.header_read_timeout);
+        let connections = Connections::new(config.header_read_timeout, config.connection_info);
         // Registered before any loop starts, so an error here leaves nothing running.
         let acceptors = bound
             .iter()

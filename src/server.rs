@@ -106,6 +106,7 @@ pub(crate) struct Config {
     pub(crate) header_read_timeout: Duration,
     pub(crate) fd_store: bool,
     pub(crate) connection_handoff: bool,
+    pub(crate) connection_info: bool,
 }
 
 impl Default for Http {
@@ -138,6 +139,7 @@ impl Default for Config {
             header_read_timeout: Duration::from_secs(30),
             fd_store: false,
             connection_handoff: true,
+            connection_info: true,
         }
     }
 }
@@ -405,6 +407,18 @@ impl Server {
     /// process's side, `false` refuses connections from the previous one.
     pub fn connection_handoff(mut self, enabled: bool) -> Self {
         self.config.connection_handoff = enabled;
+        self
+    }
+
+    /// Whether every request carries its [`crate::ConnectionInfo`] (and, with the `axum`
+    /// feature, axum's `ConnectInfo<SocketAddr>`) in its extensions (default `true`).
+    ///
+    /// Putting a value in a request's extensions allocates its map (`http::Extensions`): about
+    /// 450 instructions per request, some 5 % of what hyper spends on a minimal request (see
+    /// the README's benchmarks; axum's `ConnectInfo` costs the same). A service that never looks
+    /// at the connection can save that with `false`; handlers then find no `ConnectionInfo`.
+    pub fn connection_info(mut self, enabled: bool) -> Self {
+        self.config.connection_info = enabled;
         self
     }
 

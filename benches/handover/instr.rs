@@ -109,6 +109,7 @@ pub(crate) fn rows(ctx: &Ctx, s: &Settings) -> Result<Vec<Row>, String> {
     std::fs::create_dir_all(&s.dir)
         .map_err(|e| format!("cannot create {}: {e}", s.dir.display()))?;
     let mut rows = Vec::new();
+    let mut plain_h1 = None;
     for &scenario in &s.scenarios {
         // Per-connection costs include glibc's realloc of hyper's read buffer, which is cheap or
         // a copy depending on the heap's layout, which differs from run to run: several runs.
@@ -155,6 +156,9 @@ pub(crate) fn rows(ctx: &Ctx, s: &Settings) -> Result<Vec<Row>, String> {
         };
         let ratio = p / h;
         let headline = scenario == Scenario::KeepAlive;
+        if headline {
+            plain_h1 = Some(p);
+        }
         rows.push(row(
             format!(
                 "1. instructions per request, {} (marginal, {}→{} requests)",
@@ -171,6 +175,40 @@ pub(crate) fn rows(ctx: &Ctx, s: &Settings) -> Result<Vec<Row>, String> {
             },
             headline.then_some(ratio >= 0.97),
         ));
+    }
+    // What the lifecycle costs without the per-request `ConnectionInfo` (an `http::Extensions`
+    // insert, which any server that puts connection data in requests pays, axum's ConnectInfo
+    // too): hello with `Server::connection_info(false)`, HTTP/1.1 keep-alive.
+    if s.scenarios.contains(&Scenario::KeepAlive) {
+        let env = [("HANDOVER_CONNECTION_INFO", OsStr::new("0"))];
+        let c = count_with(
+            ctx,
+            s,
+            &ctx.hello,
+            "hello-noinfo",
+            "h1",
+            Scenario::KeepAlive,
+            &env,
+        )?;
+        let plain = plain_h1;
+        eprintln!(
+            "  hello without ConnectionInfo h1: {:>6.0} instructions/request in {}",
+            c.per_request,
+            c.file.display()
+        );
+        if let Some(p) = plain {
+            let ratio = p / c.per_request;
+            rows.push(row(
+                format!(
+                    "1. instructions per request, {}, hello with `connection_info(false)`",
+                    Scenario::KeepAlive.label(s)
+                ),
+                format!("{:.0}", c.per_request),
+                format!("{p:.0} (plain)"),
+                format!("plain/hello {ratio:.3} (≥ 0.97)"),
+                Some(ratio >= 0.97),
+            ));
+        }
     }
     Ok(rows)
 }
@@ -196,6 +234,18 @@ fn count(
     tag: &str,
     scenario: Scenario,
 ) -> Result<Count, String> {
+    count_with(ctx, s, program, name, tag, scenario, &[])
+}
+
+fn count_with(
+    ctx: &Ctx,
+    s: &Settings,
+    program: &Path,
+    name: &str,
+    tag: &str,
+    scenario: Scenario,
+    env: &[(&str, &OsStr)],
+) -> Result<Count, String> {
     let out = s.dir.join(format!("callgrind.{name}.{tag}.out"));
     let part = |n: u32| PathBuf::from(format!("{}.{n}", out.display()));
     for f in [out.clone(), part(1), part(2)] {
@@ -211,7 +261,7 @@ fn count(
     ];
     let server = ctx
         .procs
-        .start_server_under(&wrapper, program, &[], &ctx.cfg.log)?;
+        .start_server_under(&wrapper, program, env, &ctx.cfg.log)?;
     let pid = server.proc.pid;
     let driven = (|| {
         let mut client = Client::connect(scenario, server.addr, s)?;

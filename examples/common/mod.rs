@@ -104,7 +104,11 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(server.into_future()) {
+    let outcome = runtime.block_on(server.into_future());
+    // Serving is over (drained): exit without waiting for idle runtime threads to wind down,
+    // each of which waits for a CPU on a busy machine.
+    runtime.shutdown_background();
+    match outcome {
         Ok(shutdown) => {
             tracing::info!(reason = ?shutdown.reason, ?shutdown, "server closed");
             ExitCode::SUCCESS
