@@ -826,9 +826,12 @@ pub(crate) async fn serve_known<T, S, B>(
             match transport.pass(&hand_off, read).await {
                 Ok(()) => return,
                 Err((back, read)) => {
-                    // Not passed (the successor's channel failed): serve it here, with
-                    // `Connection: close` (the server sets that flag with the fallback).
+                    // Not passed after all (the successor's channel failed, or too much
+                    // read-ahead): served here to the end, as without a successor that takes
+                    // connections: `Connection: close` now, closed when idle a grace later.
                     ignore |= HAND_OFF;
+                    conn.ctl.fetch_or(CLOSE_RESPONSES, Ordering::Release);
+                    close_idle_later(&conn, shared.fallback_grace());
                     io = Prefixed::new(read, back);
                     continue;
                 }
@@ -840,6 +843,16 @@ pub(crate) async fn serve_known<T, S, B>(
         // A request is on its way after all: answer it (with `Connection: close`).
         io = Prefixed::new(read, transport);
     }
+}
+
+/// Raises `CLOSE_IDLE` on `conn` once `grace` is over.
+fn close_idle_later(conn: &Arc<Conn>, grace: std::time::Duration) {
+    let conn = Arc::clone(conn);
+    tokio::spawn(async move {
+        tokio::time::sleep(grace).await;
+        conn.ctl.fetch_or(CLOSE_IDLE, Ordering::Release);
+        conn.waker.wake();
+    });
 }
 
 fn join(a: Bytes, b: Bytes) -> Bytes {

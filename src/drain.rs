@@ -67,6 +67,9 @@ pub(crate) struct Shared {
     while_stopping: AtomicU64,
     /// Connections cut by the header-read timeout.
     timed_out: AtomicU64,
+    /// The keep-alive grace of a drain with a successor that takes connections, in
+    /// milliseconds: what a connection that could not be passed gets.
+    fallback_grace_ms: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -109,6 +112,10 @@ impl Shared {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    pub(crate) fn fallback_grace(&self) -> Duration {
+        Duration::from_millis(self.fallback_grace_ms.load(Ordering::Relaxed))
+    }
+
     pub(crate) fn count_request_while_stopping(&self) {
         self.while_stopping.fetch_add(1, Ordering::Relaxed);
     }
@@ -127,6 +134,7 @@ impl Connections {
                 connection_info,
                 while_stopping: AtomicU64::new(0),
                 timed_out: AtomicU64::new(0),
+                fallback_grace_ms: AtomicU64::new(1000),
             }),
         }
     }
@@ -192,13 +200,14 @@ impl Connections {
         registry.ctl_other |= CUT;
         let mut n = 0;
         for (_, conn) in registry.conns.iter() {
+            // One given back after the cut is dropped at once (the bit), but the socket of one
+            // in flight is not shut down: it is the successor's now, or about to be.
+            conn.ctl.fetch_or(CUT, Ordering::Release);
+            conn.waker.wake();
             if conn.is_in_flight() {
-                // The successor's now, or about to be: not ours to end.
                 continue;
             }
             n += 1;
-            conn.ctl.fetch_or(CUT, Ordering::Release);
-            conn.waker.wake();
             // SAFETY: registered fds are open while registered (see `Registration`), and the
             // lock we hold keeps their owners from deregistering, hence from closing them.
             unsafe { crate::sys::shutdown_registered(conn.fd) };
@@ -295,6 +304,10 @@ impl Connections {
         failed: CancellationToken,
         progress: impl FnMut(usize),
     ) -> Drained {
+        let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        self.shared
+            .fallback_grace_ms
+            .store(grace_ms, Ordering::Relaxed);
         self.command(HAND_OFF, CLOSE_RESPONSES | DRAIN);
         self.wait(deadline, grace, (0, CLOSE_IDLE), Some(failed), progress)
             .await

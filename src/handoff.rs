@@ -52,6 +52,7 @@ use rustix::net::{
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::accept::{ConnContext, ServeConn};
@@ -67,6 +68,9 @@ pub(crate) const MAX_BATCH: usize = 64;
 pub(crate) const MAX_BATCH_BYTES: usize = 48 * 1024;
 /// Most batches sent and not acknowledged.
 pub(crate) const WINDOW: usize = 8;
+/// How long the successor has to acknowledge a batch (it does on receipt: a healthy process
+/// takes microseconds). After that, nothing more is passed.
+const ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 // ---------------------------------------------------------------------------------------------
 // The old process's side.
@@ -83,22 +87,28 @@ struct Parcel {
 pub(crate) struct Outbox {
     tx: mpsc::UnboundedSender<Parcel>,
     failed: CancellationToken,
+    sent: Arc<Sent>,
 }
 
 impl HandOff for Outbox {
     fn pass(&self, io: TrackedIo, read: Bytes) -> oneshot::Receiver<PassOutcome> {
         let (done, outcome) = oneshot::channel();
-        if self.failed.is_cancelled() || read.len() > MAX_BATCH_BYTES {
+        if self.failed.is_cancelled() || entry_size(&io, &read) > MAX_BATCH_BYTES {
+            self.sent.kept.fetch_add(1, Ordering::Relaxed);
             let _ = done.send(PassOutcome::Kept(io, read));
             return outcome;
         }
         io.conn().mark_in_flight(true);
         if let Err(mpsc::error::SendError(p)) = self.tx.send(Parcel { io, read, done }) {
-            p.io.conn().mark_in_flight(false);
-            let _ = p.done.send(PassOutcome::Kept(p.io, p.read));
+            give_back(std::iter::once(p), &self.sent);
         }
         outcome
     }
+}
+
+/// What a connection takes of a batch message: its listener's name, its byte count, the bytes.
+fn entry_size(io: &TrackedIo, read: &Bytes) -> usize {
+    io.conn().info.listener().len() + 24 + read.len()
 }
 
 /// How the passing went, for the drain's report.
@@ -106,8 +116,12 @@ impl HandOff for Outbox {
 pub(crate) struct Sent {
     /// Connections the successor acknowledged.
     pub(crate) passed: AtomicUsize,
-    /// Connections given back (the channel failed): served here, with `Connection: close`.
+    /// Connections given back (the channel failed, or too much read-ahead to pass): served
+    /// here, with `Connection: close`.
     pub(crate) kept: AtomicUsize,
+    /// Connections sent and never acknowledged by a successor that stopped answering: they
+    /// are in its queue, its if it ever reads them (never served twice, so not ours again).
+    pub(crate) unconfirmed: AtomicUsize,
     /// Cancelled when the channel failed; every later connection is kept.
     pub(crate) failed: CancellationToken,
 }
@@ -121,6 +135,7 @@ pub(crate) fn send(channel: Connected, to_pid: u32) -> (Arc<Outbox>, Arc<Sent>) 
     let outbox = Arc::new(Outbox {
         tx,
         failed: sent.failed.clone(),
+        sent: Arc::clone(&sent),
     });
     tokio::spawn(sender(channel, rx, Arc::clone(&sent), to_pid));
     (outbox, sent)
@@ -132,7 +147,7 @@ async fn sender(
     sent: Arc<Sent>,
     to_pid: u32,
 ) {
-    let mut unacked: VecDeque<(u64, Vec<Parcel>)> = VecDeque::new();
+    let mut unacked: VecDeque<(u64, Instant, Vec<Parcel>)> = VecDeque::new();
     // A parcel that did not fit in the last batch: the first of the next one.
     let mut next: Option<Parcel> = None;
     let mut seq = 0u64;
@@ -147,16 +162,19 @@ async fn sender(
             break None;
         }
         let room = unacked.len() < WINDOW;
+        let oldest = unacked.front().map(|(_, at, _)| *at + ACK_TIMEOUT);
         tokio::select! {
             biased;
             ack = channel.async_io(Interest::READABLE, recv_ack), if !unacked.is_empty() => match ack {
-                Ok(Some(acked)) => acknowledged(&mut unacked, acked, &sent),
-                Ok(None) => break Some(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the new process closed the connection channel",
-                )),
-                Err(e) => break Some(e),
+                Ok(Some(acked)) => {
+                    if let Err(e) = acknowledged(&mut unacked, acked, &sent) {
+                        break Some(Failure::Protocol(e));
+                    }
+                }
+                Ok(None) => break Some(Failure::Closed),
+                Err(e) => break Some(Failure::Protocol(e)),
             },
+            () = sleep_until_some(oldest) => break Some(Failure::Silent),
             parcel = next_parcel(&mut next, &mut rx), if room && (open || next.is_some()) => {
                 let Some(first) = parcel else {
                     open = false;
@@ -164,32 +182,112 @@ async fn sender(
                 };
                 let batch = fill_batch(first, &mut rx, &mut next);
                 if let Err(e) = send_batch(channel, seq, &batch).await {
+                    // The kernel refused the message: this batch never left.
                     give_back(batch, &sent);
-                    break Some(e);
+                    break Some(Failure::Protocol(e));
                 }
                 tracing::debug!(seq, connections = batch.len(), to_pid, "passing connections to the new process");
-                unacked.push_back((seq, batch));
+                unacked.push_back((seq, Instant::now(), batch));
                 seq += 1;
             }
         }
     };
-    if let Some(e) = failure {
-        tracing::warn!(error = %e, to_pid, "passing connections to the new process failed; the rest are served here until they close (Connection: close)");
-        sent.failed.cancel();
-        // Not acknowledged: the successor never read from them (it acknowledges first), so
-        // they are still ours to serve.
-        for (_, batch) in unacked {
-            give_back(batch, &sent);
-        }
-        give_back(next, &sent);
-        rx.close();
-        while let Ok(p) = rx.try_recv() {
-            give_back(std::iter::once(p), &sent);
-        }
+    if let Some(failure) = failure {
+        fail(channel, failure, unacked, next, rx, &sent, to_pid).await;
     }
     let passed = sent.passed.load(Ordering::Relaxed);
     let kept = sent.kept.load(Ordering::Relaxed);
     tracing::info!(passed, kept, to_pid, "connection hand-off finished");
+}
+
+/// Why passing stopped.
+enum Failure {
+    /// The successor closed its end: it never acknowledged what is left, so it never read
+    /// from those connections.
+    Closed,
+    /// A send failed, or the successor said something unexpected.
+    Protocol(std::io::Error),
+    /// The successor did not acknowledge a batch within [`ACK_TIMEOUT`].
+    Silent,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Closed => f.write_str("the new process closed the connection channel"),
+            Failure::Protocol(e) => write!(f, "{e}"),
+            Failure::Silent => write!(
+                f,
+                "the new process did not acknowledge passed connections within {ACK_TIMEOUT:?}"
+            ),
+        }
+    }
+}
+
+/// Passing failed: nothing more is passed (later connections are kept and served here), and
+/// what was sent but not acknowledged is given back only once the successor has provably not
+/// taken it (its end closed); a successor that stays silent keeps it (it may still read it:
+/// serving it here too could serve it twice).
+async fn fail(
+    channel: &AsyncFd<OwnedFd>,
+    failure: Failure,
+    mut unacked: VecDeque<(u64, Instant, Vec<Parcel>)>,
+    next: Option<Parcel>,
+    mut rx: mpsc::UnboundedReceiver<Parcel>,
+    sent: &Sent,
+    to_pid: u32,
+) {
+    tracing::warn!(%failure, to_pid, "passing connections to the new process failed; the rest are served here until they close (Connection: close)");
+    sent.failed.cancel();
+    give_back(next, sent);
+    rx.close();
+    while let Ok(p) = rx.try_recv() {
+        give_back(std::iter::once(p), sent);
+    }
+    let mut closed = matches!(failure, Failure::Closed);
+    if !closed && !unacked.is_empty() {
+        // Tell the successor that nothing more comes; it acknowledges what it has read and
+        // closes. Read its acknowledgements until then, within a bound.
+        let _ = rustix::net::shutdown(channel.get_ref(), rustix::net::Shutdown::Write);
+        let until = Instant::now() + ACK_TIMEOUT;
+        while !unacked.is_empty() {
+            let ack =
+                tokio::time::timeout_at(until, channel.async_io(Interest::READABLE, recv_ack))
+                    .await;
+            match ack {
+                Ok(Ok(Some(acked))) if acknowledged(&mut unacked, acked, sent).is_ok() => {}
+                Ok(Ok(None)) => {
+                    closed = true;
+                    break;
+                }
+                // Silent, or talking nonsense: its acknowledgements cannot be trusted to come.
+                _ => break,
+            }
+        }
+    }
+    for (_, _, batch) in unacked {
+        if closed {
+            give_back(batch, sent);
+        } else {
+            sent.unconfirmed.fetch_add(batch.len(), Ordering::Relaxed);
+            tracing::warn!(
+                connections = batch.len(),
+                to_pid,
+                "connections sent to a new process that does not answer: left to it"
+            );
+            for parcel in batch {
+                // Our copy closes (never a shutdown); the successor's is in its queue.
+                let _ = parcel.done.send(PassOutcome::Passed);
+            }
+        }
+    }
+}
+
+async fn sleep_until_some(when: Option<Instant>) {
+    match when {
+        Some(when) => tokio::time::sleep_until(when).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn next_parcel(
@@ -209,12 +307,12 @@ fn fill_batch(
     rx: &mut mpsc::UnboundedReceiver<Parcel>,
     next: &mut Option<Parcel>,
 ) -> Vec<Parcel> {
-    let mut bytes = first.read.len();
+    let mut bytes = entry_size(&first.io, &first.read);
     let mut batch = vec![first];
     while batch.len() < MAX_BATCH {
         match rx.try_recv() {
-            Ok(p) if bytes + p.read.len() <= MAX_BATCH_BYTES => {
-                bytes += p.read.len();
+            Ok(p) if bytes + entry_size(&p.io, &p.read) <= MAX_BATCH_BYTES => {
+                bytes += entry_size(&p.io, &p.read);
                 batch.push(p);
             }
             Ok(p) => {
@@ -227,12 +325,26 @@ fn fill_batch(
     batch
 }
 
-/// The batches up to `acked` are the successor's now.
-fn acknowledged(unacked: &mut VecDeque<(u64, Vec<Parcel>)>, acked: u64, sent: &Sent) {
-    while unacked.front().is_some_and(|(s, _)| *s <= acked) {
-        let Some((_, batch)) = unacked.pop_front() else {
-            break;
-        };
+/// The batch `acked` is the successor's now. Batches are acknowledged one by one, in order:
+/// anything else is a protocol error.
+fn acknowledged(
+    unacked: &mut VecDeque<(u64, Instant, Vec<Parcel>)>,
+    acked: u64,
+    sent: &Sent,
+) -> std::io::Result<()> {
+    match unacked.front() {
+        Some((seq, _, _)) if *seq == acked => {}
+        other => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "acknowledgement of batch {acked}, expected {:?}",
+                    other.map(|(s, _, _)| *s)
+                ),
+            ));
+        }
+    }
+    if let Some((_, _, batch)) = unacked.pop_front() {
         sent.passed.fetch_add(batch.len(), Ordering::Relaxed);
         for parcel in batch {
             // Dropping the parcel closes our copy of the socket (never a shutdown, which
@@ -240,6 +352,7 @@ fn acknowledged(unacked: &mut VecDeque<(u64, Vec<Parcel>)>, acked: u64, sent: &S
             let _ = parcel.done.send(PassOutcome::Passed);
         }
     }
+    Ok(())
 }
 
 fn give_back(parcels: impl IntoIterator<Item = Parcel>, sent: &Sent) {
@@ -321,27 +434,64 @@ pub(crate) async fn receive(
 ) -> usize {
     let channel = channel.async_fd();
     let mut taken = 0;
-    let mut buf = vec![0u8; MAX_BATCH_BYTES + 64 * (MAX_BATCH + 1)];
+    let mut buf = vec![0u8; MAX_BATCH_BYTES + 4096];
     loop {
         let received = channel
             .async_io(Interest::READABLE, |fd| recv_batch(fd, &mut buf))
             .await;
         let (len, fds) = match received {
-            Ok(Some(x)) => x,
-            Ok(None) => break,
+            Ok(Received::Message(len, fds)) => (len, fds),
+            Ok(Received::End) => break,
+            Ok(Received::Truncated) => {
+                // Sockets or bytes were lost on the way (out of fds here?): refuse the batch.
+                tracing::warn!(
+                    "a batch of passed connections arrived truncated; refusing it (the old process keeps them)"
+                );
+                break;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "the connection channel failed");
                 break;
             }
         };
+        if buf[..len] == *b"DONE\n" {
+            break;
+        }
         let Some(batch) = parse_batch(&buf[..len], fds) else {
-            if buf[..len] == *b"DONE\n" {
-                break;
-            }
-            tracing::warn!("unexpected message on the connection channel; ignored");
-            continue;
+            tracing::warn!(
+                "unexpected message on the connection channel; refusing it (the old process keeps its connections)"
+            );
+            break;
         };
-        // Acknowledge first: until this is sent, the connections are still the old process's.
+        // Everything about each connection is settled before any is acknowledged: until the
+        // acknowledgement, they are the old process's, which gets them back if we refuse
+        // (closing the channel unacknowledged) — also for a name this process has no
+        // plaintext service for (a deploy that renamed a listener, or put TLS on it).
+        let mut adopted = Vec::with_capacity(batch.conns.len());
+        let mut refused = None;
+        for (name, read, fd) in batch.conns {
+            let Some(index) = services
+                .iter()
+                .position(|(n, s)| **n == *name && s.passable())
+            else {
+                refused = Some(format!("no plaintext listener named {name:?} here"));
+                break;
+            };
+            match crate::accept::adopt_passed(fd, Arc::clone(&services[index].0), &cx) {
+                Ok(io) => adopted.push((index, io, read)),
+                Err(e) => {
+                    refused = Some(format!("a passed socket is unusable: {e}"));
+                    break;
+                }
+            }
+        }
+        if let Some(why) = refused {
+            tracing::warn!(
+                why,
+                "refusing a batch of passed connections (the old process keeps them)"
+            );
+            break;
+        }
         let ack = format!("ACK {}\n", batch.seq);
         if let Err(e) = channel
             .async_io(Interest::WRITABLE, |fd| send_msg(fd, ack.as_bytes(), &[]))
@@ -350,20 +500,9 @@ pub(crate) async fn receive(
             tracing::warn!(error = %e, "could not acknowledge passed connections; the old process keeps them");
             break;
         }
-        for (name, read, fd) in batch.conns {
-            let Some((_, service)) = services.iter().find(|(n, _)| **n == *name) else {
-                tracing::warn!(listener = %name, "a connection from a listener this process does not serve was passed; closing it");
-                continue;
-            };
-            match crate::accept::adopt_passed(fd, Arc::from(name.as_str()), &cx) {
-                Ok(io) => {
-                    taken += 1;
-                    tokio::spawn(service.serve(io, read, &cx));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "a passed connection could not be served; closing it")
-                }
-            }
+        for (index, io, read) in adopted {
+            taken += 1;
+            tokio::spawn(services[index].1.serve(io, read, &cx));
         }
     }
     tracing::info!(
@@ -373,12 +512,22 @@ pub(crate) async fn receive(
     taken
 }
 
+/// What a read of the channel gave.
+enum Received {
+    Message(usize, Vec<OwnedFd>),
+    /// The other end closed.
+    End,
+    /// The message, or its sockets, did not fit (`MSG_TRUNC`, `MSG_CTRUNC`); what arrived is
+    /// closed.
+    Truncated,
+}
+
 struct Batch {
     seq: u64,
     conns: Vec<(String, Bytes, OwnedFd)>,
 }
 
-fn recv_batch(fd: &OwnedFd, buf: &mut [u8]) -> std::io::Result<Option<(usize, Vec<OwnedFd>)>> {
+fn recv_batch(fd: &OwnedFd, buf: &mut [u8]) -> std::io::Result<Received> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_BATCH))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let msg = rustix::net::recvmsg(
@@ -387,16 +536,23 @@ fn recv_batch(fd: &OwnedFd, buf: &mut [u8]) -> std::io::Result<Option<(usize, Ve
         &mut control,
         RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
     )?;
-    if msg.bytes == 0 && !msg.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
-        return Ok(None);
-    }
     let mut fds = Vec::new();
     for cmsg in control.drain() {
         if let RecvAncillaryMessage::ScmRights(received) = cmsg {
             fds.extend(received);
         }
     }
-    Ok(Some((msg.bytes, fds)))
+    use rustix::net::ReturnFlags;
+    if msg
+        .flags
+        .intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC)
+    {
+        return Ok(Received::Truncated);
+    }
+    if msg.bytes == 0 {
+        return Ok(Received::End);
+    }
+    Ok(Received::Message(msg.bytes, fds))
 }
 
 /// Parses a `CONNS` message; `None` if it is not one, or is malformed (then its sockets are

@@ -43,7 +43,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_core::Stream;
-use signal_hook_tokio::Signals;
+use signal_hook::iterator::exfiltrator::WithOrigin;
+use signal_hook::low_level::siginfo::{Cause, Origin};
+use signal_hook_tokio::SignalsInfo;
+
+/// Signals with who sent them.
+type Signals = SignalsInfo<WithOrigin>;
 use tokio::io::Interest;
 use tokio::sync::oneshot;
 
@@ -210,16 +215,23 @@ async fn keep(
                 state.reap();
             }
             sig = next_signal(&mut signals), if signals.is_some() => match sig {
-                Some(libc::SIGCHLD) if keeping => {
-                    state.drain(socket.as_ref());
-                    state.reap();
+                Some(origin) if origin.signal == libc::SIGCHLD => {
+                    if keeping {
+                        state.drain(socket.as_ref());
+                        state.reap();
+                    }
                 }
-                Some(libc::SIGCHLD) => {}
-                Some(sig) => {
+                Some(Origin { cause: Cause::Kernel, signal, .. }) => {
+                    // From the kernel, not sent: a terminal's Ctrl-C (`docker run -it`) goes to
+                    // the whole foreground process group, the serving process included, which
+                    // has it already; a second one would cut its connections.
+                    tracing::info!(signal = %crate::signals::name(signal), "keeper: a signal from the terminal reaches the serving process itself; not forwarded");
+                }
+                Some(origin) => {
                     // What the serving process has said so far (a MAINPID= naming its own
                     // successor) decides who gets the signal.
                     state.drain(socket.as_ref());
-                    state.forward(sig);
+                    state.forward(origin.signal);
                 }
                 None => signals = None,
             },
@@ -231,7 +243,7 @@ async fn keep(
     }
 }
 
-async fn next_signal(signals: &mut Option<Signals>) -> Option<i32> {
+async fn next_signal(signals: &mut Option<Signals>) -> Option<Origin> {
     match signals {
         Some(s) => poll_fn(|cx| Pin::new(&mut *s).poll_next(cx)).await,
         None => std::future::pending().await,

@@ -72,12 +72,18 @@ pub(crate) struct HandedOver {
     /// The new process said, with its `READY=1`, that it takes connections
     /// ([`crate::handoff::ACCEPTS_CONNECTIONS`]).
     pub(crate) accepts_connections: bool,
+    /// Started as our own child (as PID 1): the keeper, whose signal handlers run from the
+    /// hand-off on, forwards close signals to it; forwarding here too would send one twice.
+    pub(crate) keeper_forwards: bool,
 }
 
 impl HandedOver {
     /// Forwards `sig` to the new process: a close signal that arrived while the hand-off was
     /// being completed was meant for the service, which the new process is now.
     pub(crate) fn forward_signal(&self, sig: i32) {
+        if self.keeper_forwards {
+            return;
+        }
         match sys::pidfd_signal(self.pidfd.as_fd(), sig) {
             Ok(()) => tracing::info!(
                 pid = self.pid,
@@ -453,6 +459,7 @@ async fn attempt(
                 pidfd: child_ref.pidfd,
                 channel,
                 accepts_connections,
+                keeper_forwards: placement == Placement::Child,
             })
         }
         Err(failure) => {

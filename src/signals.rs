@@ -60,7 +60,13 @@ impl SignalEvents {
         }
         let mut defaults = DEFAULTS.lock().unwrap_or_else(|p| p.into_inner());
         for &sig in &all {
-            if !defaults.armed.contains(&sig) && crate::sys::has_default_disposition(sig) {
+            // Not as PID 1: the kernel ignores default-action signals sent to the init of a
+            // PID namespace, and emulating the action (raise, then abort) would crash it. The
+            // do-nothing handler left behind gives init its real default: ignored.
+            if !crate::keeper::is_pid1()
+                && !defaults.armed.contains(&sig)
+                && crate::sys::has_default_disposition(sig)
+            {
                 // Registered once per process and signal, before our own handler exists: it
                 // does nothing while a server runs (`no_server` is false), and the default
                 // action otherwise.

@@ -105,7 +105,14 @@ fn capture() -> Startup {
     let args: Vec<OsString> = std::env::args_os().collect();
     let cwd = working_dir();
     let exe = resolve_exe(args.first().map(OsString::as_os_str), cwd.as_deref());
-    let channel_fd = var(CHANNEL_VAR).map(|raw| parse_channel_fd(&raw));
+    // The handover-private variables are for the process a restart started, which always has
+    // `LISTEN_PID` = its own pid; anything else inherited them (a program the application
+    // started, with an environment that could not be scrubbed) and must not act on them.
+    let pid = std::process::id();
+    let from_handover_parent =
+        var("LISTEN_PID").and_then(|v| v.to_str().and_then(|v| v.parse::<u32>().ok())) == Some(pid);
+    let handover_var = |name: &str| var(name).filter(|_| from_handover_parent);
+    let channel_fd = handover_var(CHANNEL_VAR).map(|raw| parse_channel_fd(&raw));
     if let Some(Ok(fd)) = channel_fd {
         // First of all, so that nothing the application starts from now on inherits it.
         if let Err(e) = sys::set_cloexec_raw(fd) {
@@ -113,7 +120,7 @@ fn capture() -> Startup {
         }
     }
     let startup = Startup {
-        pid: std::process::id(),
+        pid,
         exe,
         args,
         cwd,
@@ -122,7 +129,7 @@ fn capture() -> Startup {
         listen_fdnames: var("LISTEN_FDNAMES"),
         listen_fds_first_fd: var("LISTEN_FDS_FIRST_FD"),
         notify_socket: var("NOTIFY_SOCKET"),
-        upstream_notify_socket: var(UPSTREAM_NOTIFY_VAR),
+        upstream_notify_socket: handover_var(UPSTREAM_NOTIFY_VAR),
         watchdog_usec: var("WATCHDOG_USEC"),
         watchdog_pid: var("WATCHDOG_PID"),
         channel_fd,

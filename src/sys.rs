@@ -490,6 +490,9 @@ pub(crate) fn spawn(mut plan: ExecPlan, placement: Placement) -> io::Result<Spaw
     })
 }
 
+// The legacy clone's argument order differs per architecture; parent_tid (where CLONE_PIDFD
+// writes the pidfd) is the third argument on every architecture Rust targets (only
+// CLONE_BACKWARDS3, microblaze, differs).
 /// The legacy `clone` syscall with `flags | SIGCHLD`, no new stack, the pidfd written to
 /// `pidfd` (`CLONE_PIDFD` uses the parent_tid argument). Returns what the syscall returns.
 ///
@@ -624,7 +627,10 @@ pub(crate) fn signal_child(pid: u32, sig: c_int) -> io::Result<()> {
 /// Whether `pid` is a child of this process (alive, or a zombie not yet reaped). Does not reap.
 pub(crate) fn is_our_child(pid: u32) -> bool {
     use rustix::process::{WaitId, WaitIdOptions};
-    let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else {
+    let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
         return false;
     };
     rustix::process::waitid(
