@@ -40,6 +40,34 @@ use crate::listen::{Listener, Socket};
 /// Not: `Router::into_make_service()` and other make-services (pass the router itself; the
 /// peer address is in every request's [`ConnectionInfo`], and, with the `axum` feature, in
 /// axum's `ConnectInfo<SocketAddr>`).
+///
+/// # Examples
+/// ```no_run
+/// # fn demo(listeners: handover::Listeners) {
+/// #[derive(Clone)]
+/// struct AppState {
+///     greeting: &'static str,
+/// }
+/// let app = axum::Router::<AppState>::new()
+///     .route(
+///         "/",
+///         axum::routing::get(|axum::extract::State(s): axum::extract::State<AppState>| async move {
+///             s.greeting
+///         }),
+///     )
+///     .with_state(AppState { greeting: "hi" }); // now an axum::Router<()>: a service
+/// let server = handover::serve(listeners, app);
+/// # drop(server);
+/// # }
+/// ```
+/// A wrong type is an error where it is passed, naming this trait and its bounds:
+/// ```compile_fail
+/// # fn demo(listeners: handover::Listeners) {
+/// let app = axum::Router::new().route("/", axum::routing::get(|| async { "hi" }));
+/// // error: the trait bound `IntoMakeService<Router>: HttpService` is not satisfied ...
+/// let server = handover::serve(listeners, app.into_make_service());
+/// # }
+/// ```
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a service handover can serve",
     label = "handover cannot serve this",

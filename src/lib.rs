@@ -33,22 +33,36 @@
 //! # use std::future::IntoFuture;
 //! ```
 //!
-//! # Modules, in lifecycle order
-//! [`Listeners`] (acquire) → [`serve`] (accept, signals, notify) → restart (hand-off) →
-//! hooks → drain → [`Shutdown`] (exit), or, as PID 1 after a hand-off, keeper (init for the
-//! successors). All `unsafe` code lives in one private module, `sys`.
+//! # What is here
+//! - [`Listeners`], [`Listener`]: acquire the listening sockets (`LISTEN_FDS`, or bind; by
+//!   name with [`Listeners::take_or_bind`]).
+//! - [`serve`], [`Server`]: serve them, a service per listener name ([`HttpService`] names
+//!   what can be served), with the settings; `.await` it for the [`Shutdown`] report.
+//! - [`Handle`], [`State`]: restart ([`Handle::restart`] tells how it went) or shut down from
+//!   code, and the lifecycle state (serving, restarting, lame duck, draining, handed over).
+//! - [`ConnectionInfo`]: in every request's extensions, the peer, the local address, the
+//!   listener's name (and the TLS session's details with the `rustls` feature).
+//!
+//! A restart passes the listeners to the new process and, after the new process is ready, its
+//! established plaintext HTTP/1 connections too, at a request boundary
+//! ([`Server::connection_handoff`]). All `unsafe` code lives in one private module.
 //!
 //! # Rules worth knowing
 //! - Linux only (≥ 5.3 for `clone3` and pidfds, ≥ 5.4 as PID 1; ≥ 5.11 for
 //!   `close_range(CLOSE_RANGE_CLOEXEC)`, used as an extra safety net).
+//! - Take the listeners before the tokio runtime starts (`Listeners::from_env` first thing in
+//!   `main`): the process then has one thread, and the `LISTEN_*` variables can also be
+//!   removed from the environment. Under `#[tokio::main]` everything works the same, but the
+//!   variables stay in the environment of the programs the service starts.
+//! - handover logs through `tracing`: install a subscriber, or its messages (restart failures
+//!   among them) go nowhere.
 //! - A restart is confirmed: the old process stops serving only once the service manager's
 //!   queue holds the new `MAINPID=`; otherwise the restart is rolled back.
 //! - As PID 1 of a PID namespace (a container without an init), `serve` does not return after a
 //!   hand-off: the process stays on as a minimal init for its successors, and exits with the
-//!   serving process's exit status (see the README's "Rules and limits").
-//! - One `serve` per process handles restarts: a restart hands over the listeners of the
-//!   `serve` that received the signal, and the new process must find all the listeners it
-//!   needs in `LISTEN_FDS`. Serve every listener through one `serve` call.
+//!   serving process's exit status.
+//! - One restart-capable [`Server`] per process: a restart hands over the listeners of one
+//!   server, so serve every listener through one (a service per listener name).
 //! - Shutdown hooks run after the listeners stop accepting and *before* the drain (as in the
 //!   Go original): requests already being served go on meanwhile. Release what in-flight
 //!   requests still need after `serve(..).await` has returned instead: that is after the drain.
