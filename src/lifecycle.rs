@@ -225,8 +225,19 @@ impl Lifecycle {
         // them.
         let receiver = match notifier.take_parent_channel() {
             Some(channel) if config.connection_handoff => {
+                let notifier = Arc::clone(&notifier);
+                let listening = format!("Listening on {}", urls.join(", "));
                 Some(AbortOnDrop(tokio::spawn(async move {
-                    crate::handoff::receive(channel, by_name, cx_for_receiver).await;
+                    let taken = crate::handoff::receive(channel, by_name, cx_for_receiver).await;
+                    if taken > 0 {
+                        // What `systemctl status` shows: this process serves the previous
+                        // one's clients too.
+                        let status = format!(
+                            "{listening}; took over {} from the previous process",
+                            plural_connections(taken)
+                        );
+                        notifier.notify(&[NotifyState::Status(&status)]);
+                    }
                 })))
             }
             _ => None,
