@@ -6,8 +6,8 @@
 //! probes that read the lifecycle state, and a shutdown hook.
 //!
 //! Two listeners, by name: `web` and `admin`. Inherited when the service manager passes them
-//! (systemd's `FileDescriptorName=web` / `=admin`, `systemd-socket-activate --fdname=web:admin`,
-//! `systemfd -s web::8877 -s admin::8878`), bound otherwise: `web` on WEB_ADDR (default
+//! (systemd's `FileDescriptorName=web` / `=admin`, `systemd-socket-activate --fdname=web:admin`;
+//! by address when unnamed, as from `systemfd -s http::8877 -s http::8878`), bound otherwise: `web` on WEB_ADDR (default
 //! `127.0.0.1:8877`), `admin` on ADMIN (default `127.0.0.1:8878`, or `unix:/path/admin.sock`).
 //!
 //! ```text

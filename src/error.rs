@@ -60,6 +60,8 @@ pub(crate) enum Inner {
     Bind {
         addr: String,
         source: io::Error,
+        /// What to do about it, when known.
+        hint: Option<String>,
     },
     Signal {
         signal: i32,
@@ -120,6 +122,20 @@ impl Error {
         Error::new(Inner::Io { context, source })
     }
 
+    /// The same error with `hint` on a bind error whose address was in use; others as they
+    /// are.
+    pub(crate) fn hint_if_in_use(mut self, hint: impl FnOnce() -> Option<String>) -> Error {
+        if let Inner::Bind {
+            source, hint: h, ..
+        } = &mut self.inner
+        {
+            if source.kind() == io::ErrorKind::AddrInUse {
+                *h = hint();
+            }
+        }
+        self
+    }
+
     pub(crate) fn config(message: impl Into<String>) -> Error {
         Error::new(Inner::Config(message.into()))
     }
@@ -171,7 +187,16 @@ impl fmt::Display for Error {
                 f,
                 "inherited fd {fd} (LISTEN_FDNAMES name {name:?}) {problem}"
             ),
-            Inner::Bind { addr, source } => write!(f, "could not bind {addr}: {source}"),
+            Inner::Bind {
+                addr,
+                source,
+                hint: None,
+            } => write!(f, "could not bind {addr}: {source}"),
+            Inner::Bind {
+                addr,
+                source,
+                hint: Some(hint),
+            } => write!(f, "could not bind {addr}: {source}; {hint}"),
             Inner::Signal { signal, source } => {
                 write!(f, "could not listen for signal {signal}: {source}")
             }

@@ -1,7 +1,7 @@
 //! Drive a server from code: restart it, shut it down, watch its lifecycle state.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -103,6 +103,9 @@ pub enum RestartErrorKind {
     NotServing,
     /// Restarts are disabled for this server ([`crate::Server::restarts`]).
     Disabled,
+    /// This process has handed over already: the service runs in the new process (restart it
+    /// there).
+    HandedOver,
     /// The new process could not be started, failed, or was not ready in time; it was killed.
     Failed,
 }
@@ -172,21 +175,21 @@ pub struct Handle {
 
 struct Inner {
     commands: mpsc::UnboundedSender<Command>,
-    /// Taken by the server when it starts.
-    receiver: Mutex<Option<mpsc::UnboundedReceiver<Command>>>,
     state: watch::Sender<State>,
 }
 
 impl Handle {
-    pub(crate) fn new() -> Handle {
+    /// A handle, and the receiving end of its commands, which the server keeps: dropping the
+    /// server (run or not) ends the commands, and a restart asked for then says `NotServing`.
+    pub(crate) fn new() -> (Handle, mpsc::UnboundedReceiver<Command>) {
         let (commands, receiver) = mpsc::unbounded_channel();
-        Handle {
+        let handle = Handle {
             inner: Arc::new(Inner {
                 commands,
-                receiver: Mutex::new(Some(receiver)),
                 state: watch::Sender::new(State::Starting),
             }),
-        }
+        };
+        (handle, receiver)
     }
 
     /// Starts a restart and waits for its outcome: `Ok` once the new process is ready and the
@@ -227,15 +230,6 @@ impl Handle {
         self.inner.state.subscribe()
     }
 
-    /// The command receiver, once: `None` if a server already took it.
-    pub(crate) fn take_commands(&self) -> Option<mpsc::UnboundedReceiver<Command>> {
-        self.inner
-            .receiver
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-    }
-
     pub(crate) fn set_state(&self, state: State) {
         self.inner.state.send_if_modified(|s| {
             let changed = *s != state;
@@ -258,4 +252,19 @@ fn not_serving() -> RestartError {
         RestartErrorKind::NotServing,
         "the server is not running (it stopped, or its future was dropped)",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_restart_asked_of_a_server_dropped_unrun_says_not_serving() {
+        let server = crate::Server::new(crate::Listeners::default());
+        let handle = server.handle();
+        drop(server);
+        let err = handle.restart().await.expect_err("no server");
+        assert_eq!(err.kind(), RestartErrorKind::NotServing);
+        assert_eq!(handle.state(), State::Starting);
+    }
 }

@@ -152,6 +152,7 @@ impl Lifecycle {
             config,
             http,
             handle,
+            commands,
             hooks,
             shutdown_signals,
             #[cfg(feature = "rustls")]
@@ -165,13 +166,8 @@ impl Lifecycle {
             true => Some(RestartClaim::take()?),
             false => None,
         };
-        let commands = handle.take_commands().ok_or_else(|| {
-            Error::config("this server's handle is already serving: a Server runs once")
-        })?;
-        let restart_signals: &[i32] = match config.restarts {
-            true => &config.restart_signals,
-            false => &[],
-        };
+        // Caught even with restarts off: ignored then, rather than ending the process.
+        let restart_signals: &[i32] = &config.restart_signals;
         let signals = SignalEvents::new(&config.close_signals, restart_signals)?;
         // As PID 1, what to forward to the successor once this process is its keeper.
         crate::keeper::forward_signals(&config.close_signals, restart_signals);
@@ -362,6 +358,9 @@ impl Lifecycle {
     fn on_restart_signal(&mut self, sig: i32) {
         let name = signals::name(sig);
         match &self.stage {
+            _ if !self.config.restarts => {
+                tracing::info!(signal = %name, "restart signal ignored: restarts are disabled for this server");
+            }
             Stage::Serving { restart: None } => {
                 tracing::info!(signal = %name, "restart signal received");
                 self.start_restart(None);
@@ -386,6 +385,15 @@ impl Lifecycle {
             Stage::Serving { restart: Some(_) } => RestartError::new(
                 RestartErrorKind::AlreadyRestarting,
                 "already restarting: a restart is in progress",
+            ),
+            Stage::Draining(Draining {
+                reason: Reason::HandedOver { pid },
+                ..
+            }) => RestartError::new(
+                RestartErrorKind::HandedOver,
+                format!(
+                    "this process has handed over to pid {pid}: the service runs there; restart it there"
+                ),
             ),
             _ => RestartError::new(
                 RestartErrorKind::ShuttingDown,
@@ -641,17 +649,26 @@ impl Lifecycle {
             )
         });
         tracing::info!(
+            reason = ?d.reason,
             drained = drained.open_at_start,
             passed,
             kept,
             cut = drained.cut,
+            forced = d.forced,
+            hooks_completed = hooks.completed,
+            hooks_panicked = hooks.panicked,
+            hooks_abandoned = hooks.abandoned,
+            hooks_skipped = hooks.skipped,
             lame_duck = ?d.lame_duck,
             lame_duck_requests = d.lame_duck_requests,
             timed_out = self.connections.timed_out(),
             ?elapsed,
             "server closed"
         );
-        self.handle.set_state(State::Stopped);
+        if !matches!(d.reason, Reason::HandedOver { .. }) {
+            // After a hand-off the state stays `HandedOver`: the service goes on elsewhere.
+            self.handle.set_state(State::Stopped);
+        }
         if let Some(e) = self.failure.take() {
             // Drained like any shutdown, but it is not one anybody asked for: an error, so the
             // process exits non-zero and its supervisor restarts it.

@@ -259,6 +259,7 @@ impl Listeners {
             Error::new(Inner::Bind {
                 addr: addr.to_string(),
                 source,
+                hint: None,
             })
         })?;
         let listener = Listener::from_tcp(listener, Origin::Bound)?;
@@ -280,6 +281,7 @@ impl Listeners {
             Error::new(Inner::Bind {
                 addr: format!("unix:{}", path.display()),
                 source,
+                hint: None,
             })
         })?;
         let listener = Listener::from_unix(listener, Origin::Bound)?;
@@ -301,10 +303,12 @@ impl Listeners {
         }
     }
 
-    /// The listener named `name` among the inherited ones, or else a TCP listener bound on
-    /// `addr`, named `name` either way: the set-up of an application with several listeners,
-    /// which works the same under systemd (`FileDescriptorName=name`), under `systemfd`
-    /// (`--fdname`, or the `-s name::addr` form) and on its own.
+    /// The listener named `name` among the inherited ones, or else the inherited listener
+    /// whose address is `addr` (a manager that gave it no name: `systemfd`, or
+    /// `systemd-socket-activate` without `--fdname`), or else a TCP listener bound on `addr`;
+    /// named `name` in every case. The set-up of an application with several listeners, which
+    /// works the same under systemd (`FileDescriptorName=name`; without it systemd names the fd
+    /// after its socket unit, `myapp.socket`), under `systemfd` and on its own.
     ///
     /// # Example
     /// ```no_run
@@ -316,17 +320,24 @@ impl Listeners {
     /// ```
     ///
     /// # Errors
-    /// As [`Listeners::bind`].
+    /// As [`Listeners::bind`]; an address in use while inherited listeners are left untaken
+    /// says which (an inherited socket under another name, most likely).
     pub fn take_or_bind(&mut self, name: &str, addr: SocketAddr) -> Result<Listener, Error> {
         if let Some(l) = self.take(name) {
             return Ok(l);
         }
-        let bound = Listeners::bind(addr)?.list.remove(0);
-        Ok(bound.with_name(name))
+        if let Some(i) = self.list.iter().position(|l| l.local_addr() == Some(addr)) {
+            return Ok(self.list.remove(i).with_name(name));
+        }
+        match Listeners::bind(addr) {
+            Ok(mut bound) => Ok(bound.list.remove(0).with_name(name)),
+            Err(e) => Err(self.explain(e, name)),
+        }
     }
 
-    /// The listener named `name` among the inherited ones, or else a Unix stream listener
-    /// bound at `path` (see [`Listeners::bind_unix`]), named `name` either way.
+    /// The listener named `name` among the inherited ones, or else the inherited Unix listener
+    /// at `path`, or else one bound at `path` (see [`Listeners::bind_unix`]: its directory must
+    /// exist; under systemd, `RuntimeDirectory=`); named `name` in every case.
     ///
     /// # Errors
     /// As [`Listeners::bind_unix`].
@@ -335,11 +346,44 @@ impl Listeners {
         name: &str,
         path: impl AsRef<Path>,
     ) -> Result<Listener, Error> {
+        let path = path.as_ref();
         if let Some(l) = self.take(name) {
             return Ok(l);
         }
-        let bound = Listeners::bind_unix(path)?.list.remove(0);
-        Ok(bound.with_name(name))
+        let at_path = |l: &Listener| match &l.socket {
+            Socket::Unix(u) => u
+                .local_addr()
+                .ok()
+                .is_some_and(|a| a.as_pathname() == Some(path)),
+            Socket::Tcp(_) => false,
+        };
+        if let Some(i) = self.list.iter().position(at_path) {
+            return Ok(self.list.remove(i).with_name(name));
+        }
+        match Listeners::bind_unix(path) {
+            Ok(mut bound) => Ok(bound.list.remove(0).with_name(name)),
+            Err(e) => Err(self.explain(e, name)),
+        }
+    }
+
+    /// A bind error, with the inherited listeners left untaken when the address was in use.
+    fn explain(&self, e: Error, name: &str) -> Error {
+        e.hint_if_in_use(|| {
+            if self.list.is_empty() {
+                return None;
+            }
+            let left: Vec<String> = self
+                .list
+                .iter()
+                .map(|l| format!("{:?} ({})", l.name, l.url()))
+                .collect();
+            Some(format!(
+                "no inherited listener is named {name:?}, and these are left untaken: {}. Name \
+                 the socket {name:?} where it is made (FileDescriptorName= in the socket unit, \
+                 systemd-socket-activate --fdname), or take it by its name",
+                left.join(", ")
+            ))
+        })
     }
 
     /// Removes and returns the first listener named `name` (see [`Listener::name`]).

@@ -180,10 +180,13 @@ fn resolve_exe(argv0: Option<&OsStr>, cwd: Option<&Path>) -> Result<PathBuf, Str
     let Some(argv0) = argv0.filter(|a| a.as_bytes().contains(&b'/')) else {
         return Ok(exe);
     };
-    let candidate = match cwd {
+    // Components, collected again: `./target/app` under `/srv` is `/srv/target/app`.
+    let candidate: PathBuf = match cwd {
         Some(cwd) => cwd.join(argv0),
         None => PathBuf::from(argv0),
-    };
+    }
+    .components()
+    .collect();
     if candidate.is_absolute() && sys::same_file(&candidate, Path::new("/proc/self/exe")) {
         Ok(candidate)
     } else {

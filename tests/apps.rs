@@ -275,6 +275,74 @@ fn two_named_sockets_from_systemd_socket_activate_are_routed_by_name_and_handed_
     assert_none_left([activator.pid, new]);
 }
 
+#[test]
+fn with_restarts_off_a_restart_signal_is_ignored_not_deadly() {
+    let notify = NotifySocket::new();
+    let server = Spawn::new(example("axum"))
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env("HANDOVER_RESTARTS", "0")
+        .start();
+    let web = addr_in(&listen_line_of(&server.lines, "web"));
+    let admin = addr_in(&listen_line_of(&server.lines, "admin"));
+    notify.wait_line("READY=1", SOON);
+    signal(server.pid, Signal::USR1);
+    server
+        .lines
+        .wait_for("restart signal ignored: restarts are disabled", SOON);
+    assert_eq!(get(web, "/").expect("still serving").pid, server.pid);
+    let refused = request(admin, "POST", "/restart").expect("POST /restart");
+    assert!(
+        refused.status == 500 && refused.body.contains("restarts are disabled"),
+        "{refused:?}"
+    );
+    signal(server.pid, Signal::TERM);
+    assert_eq!(wait_exit(server.pid, SOON), Some(0));
+    assert_none_left([server.pid]);
+    drop(server);
+}
+
+#[test]
+fn unnamed_inherited_sockets_are_taken_by_their_address() {
+    // systemd-socket-activate without --fdname (or systemfd, which cannot name sockets): both
+    // fds are named "unknown"; take_or_bind finds each by its address.
+    let notify = NotifySocket::new();
+    let (web, admin) = (
+        SocketAddr::from(([127, 0, 0, 1], free_port())),
+        SocketAddr::from(([127, 0, 0, 1], free_port())),
+    );
+    let mut activator = Spawn::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(web.to_string())
+        .arg("-l")
+        .arg(admin.to_string())
+        .arg("-E")
+        .arg(format!("NOTIFY_SOCKET={}", notify.path.display()))
+        .arg("-E")
+        .arg("RUST_LOG=info")
+        .arg(example("axum"))
+        .arg(web.to_string())
+        .arg(admin.to_string())
+        .start();
+    activator.lines.wait_for("Listening on", SOON);
+    assert_eq!(get(web, "/").expect("web").body, "Hello world");
+    notify.wait_line("READY=1", SOON);
+    for fd in [3, 4] {
+        let line = activator
+            .lines
+            .wait_for(&format!("inherited listener fd={fd}"), SOON);
+        assert!(line.contains("name=unknown"), "{line}");
+    }
+    assert_eq!(get(admin, "/ping").expect("admin").body, "Hello world");
+    assert_eq!(get(web, "/ping").expect("web").status, 404);
+    let (port, _, body) = get_from_port(web, "/whoami").expect("whoami");
+    assert_eq!(body, format!("peer=127.0.0.1:{port} listener=web"));
+    activator.signal(Signal::TERM);
+    assert_eq!(activator.wait(SOON), Some(0));
+    assert_none_left([activator.pid]);
+}
+
 /// The faults example with `env`, on a free port; returns it and its listener's name.
 fn misconfigured(env: &[(&str, &str)], notify: &NotifySocket) -> (Proc, String) {
     let port = free_port();
