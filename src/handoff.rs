@@ -82,19 +82,22 @@ struct Parcel {
 #[derive(Debug)]
 pub(crate) struct Outbox {
     tx: mpsc::UnboundedSender<Parcel>,
-    failed: CancellationToken,
+    /// The counters (a connection refused here is kept, like one given back) and the failure.
+    sent: Arc<Sent>,
 }
 
 impl HandOff for Outbox {
     fn pass(&self, io: TrackedIo, read: Bytes) -> oneshot::Receiver<PassOutcome> {
         let (done, outcome) = oneshot::channel();
-        if self.failed.is_cancelled() || read.len() > MAX_BATCH_BYTES {
+        if self.sent.failed.is_cancelled() || read.len() > MAX_BATCH_BYTES {
+            self.sent.kept.fetch_add(1, Ordering::Relaxed);
             let _ = done.send(PassOutcome::Kept(io, read));
             return outcome;
         }
         io.conn().mark_in_flight(true);
         if let Err(mpsc::error::SendError(p)) = self.tx.send(Parcel { io, read, done }) {
             p.io.conn().mark_in_flight(false);
+            self.sent.kept.fetch_add(1, Ordering::Relaxed);
             let _ = p.done.send(PassOutcome::Kept(p.io, p.read));
         }
         outcome
@@ -120,7 +123,7 @@ pub(crate) fn send(channel: Connected, to_pid: u32) -> (Arc<Outbox>, Arc<Sent>) 
     let sent = Arc::new(Sent::default());
     let outbox = Arc::new(Outbox {
         tx,
-        failed: sent.failed.clone(),
+        sent: Arc::clone(&sent),
     });
     tokio::spawn(sender(channel, rx, Arc::clone(&sent), to_pid));
     (outbox, sent)
