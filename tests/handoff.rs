@@ -32,7 +32,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rustix::process::Signal;
-use support::idle::{IdleClients, IdleConfig, IdleReport};
+use support::idle::{IdleClients, IdleConfig};
 use support::proxy::Proxy;
 use support::*;
 
@@ -61,34 +61,6 @@ fn ready_server(program: &Path, notify: &NotifySocket) -> (Proc, SocketAddr) {
 fn give_up(load: IdleClients, why: String) -> ! {
     let report = load.stop();
     panic!("{why}\n{}", report.summary());
-}
-
-/// What must hold for every client: one connection all along (same client-side port), and
-/// answers from each process in turn on it. One line per client that fails it.
-fn per_client_problems(report: &IdleReport, pids: &[u32]) -> Vec<String> {
-    let mut problems = Vec::new();
-    for client in 0..CLIENTS {
-        let sent = report.of(client);
-        let mut wrong = Vec::new();
-        let ports: BTreeSet<u16> = sent.iter().map(|r| r.local_port).collect();
-        if ports.len() != 1 {
-            wrong.push(format!(
-                "{} connections (client-side ports {ports:?}), expected 1",
-                ports.len()
-            ));
-        }
-        let mut answered_by: Vec<u32> = sent.iter().filter_map(|r| r.pid()).collect();
-        answered_by.dedup();
-        if answered_by != pids {
-            wrong.push(format!(
-                "answered by {answered_by:?}, expected {pids:?} in turn"
-            ));
-        }
-        if !wrong.is_empty() {
-            problems.push(format!("client {client}: {}", wrong.join("; ")));
-        }
-    }
-    problems
 }
 
 #[test]
@@ -188,7 +160,7 @@ fn idle_keep_alive_clients_over_a_real_network_lose_nothing_across_restarts() {
             server_closed.len()
         ));
     }
-    let problems = per_client_problems(&report, &pids);
+    let problems = report.per_client_problems(CLIENTS, &pids);
     if !problems.is_empty() {
         wrong.push(format!(
             "{} of {CLIENTS} clients did not keep one connection answered by each process in turn; first ones:\n  {}",
