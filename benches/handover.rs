@@ -1222,7 +1222,7 @@ pub(crate) fn run(cfg: Config) -> bool {
                     ),
                     format!("{h:.0} ({})", values(&s.per_conn[0])),
                     format!("{p:.0} (plain: {})", values(&s.per_conn[1])),
-                    format!("+{diff:.0} B/conn (< +1024)"),
+                    format!("{diff:+.0} B/conn (< +1024)"),
                     Some(diff < 1024.0),
                 ));
                 let (h, p) = (median(&s.stop[0]), median(&s.stop[1]));
