@@ -658,13 +658,17 @@ fn a_request_head_in_pieces_across_the_hand_off_is_answered_by_the_old_process_t
 /// numbers. Not stdio, nor what the test process itself passed down to the first server (fds
 /// it inherited without close-on-exec, like a jobserver pipe: a restart does not pass those on).
 fn own_fd_kinds(pid: u32) -> BTreeMap<String, usize> {
-    let ours: BTreeSet<String> = fds_of(std::process::id())
+    // Inherited: the same fd number, open on the same file (a pipe or socket inode, or
+    // /dev/null). Not an anonymous inode: those strings name no particular file.
+    let ours: BTreeSet<(u32, String)> = fds_of(std::process::id())
         .into_iter()
-        .map(|(_, target)| target)
+        .filter(|(_, target)| {
+            target.contains(":[") && !target.starts_with("anon_inode:") || target == "/dev/null"
+        })
         .collect();
     let mut out = BTreeMap::new();
     for (fd, target) in fds_of(pid) {
-        if fd < 3 || ours.contains(&target) {
+        if fd < 3 || ours.contains(&(fd, target.clone())) {
             continue;
         }
         let kind = match target.split_once(":[") {
@@ -674,6 +678,28 @@ fn own_fd_kinds(pid: u32) -> BTreeMap<String, usize> {
         *out.entry(kind).or_default() += 1;
     }
     out
+}
+
+/// The socket inodes among the fds of process `pid`.
+fn socket_inodes(pid: u32) -> BTreeSet<u64> {
+    fds_of(pid)
+        .into_iter()
+        .filter_map(|(_, t)| t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok())
+        .collect()
+}
+
+/// The inodes of every Unix `SOCK_SEQPACKET` socket (type 0005 in `/proc/net/unix`).
+fn unix_seqpacket_inodes() -> BTreeSet<u64> {
+    let table = std::fs::read_to_string("/proc/net/unix").expect("/proc/net/unix");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            // Num RefCount Protocol Flags Type St Inode Path
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.get(4) == Some(&"0005")).then(|| f.get(6)?.parse().ok())?
+        })
+        .collect()
 }
 
 /// `n` connections, each with a request of `ms` milliseconds in flight (tags `busy-0`, ...),
@@ -791,17 +817,40 @@ fn a_new_binary_without_connection_hand_off_gets_the_drain_of_today() {
         "the new process took no connection"
     );
 
-    // The new process holds what the old one held before any client came: its listener and
-    // its runtime's fds; not the channel, nor anything else of the restart.
-    // (Polled: the server side of a connection a client just closed goes a moment later.)
+    // The new process holds no fd of the restart: of its TCP sockets only the listener (the
+    // connections it served are closed, none came from the old process), no channel (the one
+    // `SOCK_SEQPACKET` socket a restart makes), and the same runtime fds (epoll, eventfd; no
+    // pidfd) as the old process had before any client came. Polled: the server side of a
+    // connection a client just closed goes a moment later.
+    let not_sockets = |kinds: BTreeMap<String, usize>| {
+        kinds
+            .into_iter()
+            .filter(|(kind, _)| kind != "socket")
+            .collect::<BTreeMap<_, _>>()
+    };
+    let expected = (BTreeSet::from([listener]), 0, not_sockets(old_alone));
+    let held = || {
+        let sockets = socket_inodes(new);
+        let tcp: BTreeSet<u64> = tcp_table()
+            .into_iter()
+            .map(|e| e.inode)
+            .filter(|i| sockets.contains(i))
+            .collect();
+        let seqpacket = unix_seqpacket_inodes()
+            .iter()
+            .filter(|i| sockets.contains(i))
+            .count();
+        (tcp, seqpacket, not_sockets(own_fd_kinds(new)))
+    };
     let deadline = Instant::now() + SOON;
-    while own_fd_kinds(new) != old_alone && Instant::now() < deadline {
+    while held() != expected && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(
-        own_fd_kinds(new),
-        old_alone,
-        "fds of the new process {new}, against the old one's before any client came"
+        held(),
+        expected,
+        "the new process {new}: (TCP socket inodes, SEQPACKET sockets, other fds), against \
+         (its listener, none, the old process's before any client came)"
     );
     stop_server(new);
     assert_none_left([old, new]);
