@@ -55,7 +55,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::accept::{ConnContext, ServeConn};
-use crate::conn::{HandOff, PassOutcome, TrackedIo};
+use crate::conn::{CLOSE_RESPONSES, HandOff, PassOutcome, TrackedIo};
 use crate::notify::Connected;
 
 /// The line a new process adds to its `READY=1` when it takes connections.
@@ -90,15 +90,12 @@ impl HandOff for Outbox {
     fn pass(&self, io: TrackedIo, read: Bytes) -> oneshot::Receiver<PassOutcome> {
         let (done, outcome) = oneshot::channel();
         if self.sent.failed.is_cancelled() || read.len() > MAX_BATCH_BYTES {
-            self.sent.kept.fetch_add(1, Ordering::Relaxed);
-            let _ = done.send(PassOutcome::Kept(io, read));
+            give_back(std::iter::once(Parcel { io, read, done }), &self.sent);
             return outcome;
         }
         io.conn().mark_in_flight(true);
         if let Err(mpsc::error::SendError(p)) = self.tx.send(Parcel { io, read, done }) {
-            p.io.conn().mark_in_flight(false);
-            self.sent.kept.fetch_add(1, Ordering::Relaxed);
-            let _ = p.done.send(PassOutcome::Kept(p.io, p.read));
+            give_back(std::iter::once(p), &self.sent);
         }
         outcome
     }
@@ -245,9 +242,15 @@ fn acknowledged(unacked: &mut VecDeque<(u64, Vec<Parcel>)>, acked: u64, sent: &S
     }
 }
 
+/// The connections stay here: served to the end, their next response with `Connection: close`
+/// (raised on each now, so that it does not wait for the server's fallback, which comes a
+/// moment later, or not at all for a connection refused for its size), so that the client
+/// moves on to the new process.
 fn give_back(parcels: impl IntoIterator<Item = Parcel>, sent: &Sent) {
     for p in parcels {
-        p.io.conn().mark_in_flight(false);
+        let conn = p.io.conn();
+        conn.mark_in_flight(false);
+        conn.ctl.fetch_or(CLOSE_RESPONSES, Ordering::Release);
         sent.kept.fetch_add(1, Ordering::Relaxed);
         let _ = p.done.send(PassOutcome::Kept(p.io, p.read));
     }
