@@ -29,6 +29,15 @@
 //! 5. **Idle shutdown**: SIGTERM → exit, `hello` and `plain`.
 //! 6. **Drain at scale**: RSS per idle keep-alive connection with 10,000 of them (target: less
 //!    than 1 KiB more than `plain`), then SIGTERM → exit of `hello` (target: < 250 ms).
+//! 7. **Connection hand-off** (issue 11): keep-alive clients that idle between requests and
+//!    never retry (`tests/support/idle.rs`), over a loopback proxy that delays bytes and closes
+//!    by 15 ms each way (`tests/support/proxy.rs`), across restarts, with the hand-off and
+//!    without it (`HANDOVER_CONNECTION_HANDOFF=0` for every process of that run): failed
+//!    requests and connections closed by the server, per restart (target with the hand-off:
+//!    0). And the time to move N idle keep-alive connections in one restart: the old process's
+//!    own drain time from its `Shutdown` line (hand-off done → the last connection
+//!    acknowledged by the new process; `passed` must be N), and `MAINPID=` received → old
+//!    process exited; then one request on each connection, answered by the new pid.
 //!
 //! Sizes come from the environment (defaults in brackets, quick mode in braces):
 //! `HANDOVER_BENCH_CG_BASE` [5000] {100} and `HANDOVER_BENCH_CG_REQUESTS` [20000] {200}
@@ -49,10 +58,14 @@
 //! `HANDOVER_BENCH_RESTART_CONNS` [50] {10}, `HANDOVER_BENCH_SLEEP_MS` [200] {200},
 //! `HANDOVER_BENCH_STARTS` [20] {3} start/restart/stop cycles at idle,
 //! `HANDOVER_BENCH_IDLE_CONNS` [10000] {100}, `HANDOVER_BENCH_SCALE_ROUNDS` [3] {1} (each
-//! server, alternating; medians reported), `HANDOVER_BENCH_NOFILE` [30000] (`RLIMIT_NOFILE`
+//! server, alternating; medians reported), `HANDOVER_BENCH_HANDOFF_CLIENTS` [60] {10} idle
+//! clients (quick mode: polling every 200 ms, idling up to 300 ms, instead of 1 s and 3 s) over
+//! `HANDOVER_BENCH_HANDOFF_RESTARTS` [6] {2} restarts, `HANDOVER_BENCH_HANDOFF_MOVE`
+//! [1000,10000] {50,200} idle connections moved, `HANDOVER_BENCH_HANDOFF_ROUNDS` [3] {1} times
+//! each (medians reported), `HANDOVER_BENCH_NOFILE` [30000] (`RLIMIT_NOFILE`
 //! set here and inherited by the servers), `HANDOVER_BENCH_CLIENT_THREADS` [2] load generator
 //! threads, `HANDOVER_BENCH_LOG` [info] the servers' `RUST_LOG`, `HANDOVER_BENCH_ONLY`
-//! (comma-separated subset of `instructions,throughput,restart,startstop,scale`),
+//! (comma-separated subset of `instructions,throughput,restart,startstop,scale,handoff`),
 //! `HANDOVER_BENCH_ECHO=1` to echo the servers' output.
 //!
 //! Every loop is bounded in count and time; every process started (or taken over by restart)
@@ -64,6 +77,13 @@ mod instr;
 mod load;
 #[path = "handover/procs.rs"]
 mod procs;
+// The tests' idle keep-alive workload and delaying proxy (self-contained for this use).
+#[allow(dead_code, unreachable_pub)]
+#[path = "../tests/support/idle.rs"]
+mod idle;
+#[allow(dead_code, unreachable_pub)]
+#[path = "../tests/support/proxy.rs"]
+mod proxy;
 
 use std::ffi::OsStr;
 use std::net::Ipv4Addr;
@@ -95,6 +115,10 @@ pub(crate) struct Config {
     starts: usize,
     idle_conns: usize,
     scale_rounds: usize,
+    handoff_clients: usize,
+    handoff_restarts: usize,
+    handoff_moves: Vec<usize>,
+    handoff_rounds: usize,
     nofile: u64,
     client_threads: usize,
     log: String,
@@ -135,6 +159,23 @@ impl Config {
             starts: env_or("HANDOVER_BENCH_STARTS", q(20, 3) as usize).max(1),
             idle_conns: env_or("HANDOVER_BENCH_IDLE_CONNS", q(10_000, 100) as usize).max(1),
             scale_rounds: env_or("HANDOVER_BENCH_SCALE_ROUNDS", q(3, 1) as usize).max(1),
+            handoff_clients: env_or("HANDOVER_BENCH_HANDOFF_CLIENTS", q(60, 10) as usize).max(1),
+            handoff_restarts: env_or("HANDOVER_BENCH_HANDOFF_RESTARTS", q(6, 2) as usize).max(1),
+            handoff_moves: std::env::var("HANDOVER_BENCH_HANDOFF_MOVE")
+                .unwrap_or_else(|_| if quick { "50,200" } else { "1000,10000" }.into())
+                .split(',')
+                .filter_map(|n| match n.trim().parse::<usize>() {
+                    Ok(n) if n > 0 => Some(n),
+                    _ => {
+                        eprintln!(
+                            "warning: HANDOVER_BENCH_HANDOFF_MOVE: {n:?} is not a number of \
+                             connections; ignored"
+                        );
+                        None
+                    }
+                })
+                .collect(),
+            handoff_rounds: env_or("HANDOVER_BENCH_HANDOFF_ROUNDS", q(3, 1) as usize).max(1),
             nofile: env_or("HANDOVER_BENCH_NOFILE", 30_000),
             client_threads: env_or("HANDOVER_BENCH_CLIENT_THREADS", 2),
             log: std::env::var("HANDOVER_BENCH_LOG").unwrap_or_else(|_| "info".into()),
@@ -715,17 +756,7 @@ fn scale(ctx: &Ctx) -> Result<Scale, String> {
             ctx.nofile
         ));
     }
-    // One source address has this many ephemeral ports; beyond that, more loopback sources.
-    let per_source = (procs::ephemeral_ports() as usize)
-        .saturating_sub(2_000)
-        .max(1_000);
-    let sources: Vec<Ipv4Addr> = if n <= per_source {
-        Vec::new()
-    } else {
-        (1..=n.div_ceil(per_source) as u8)
-            .map(|i| Ipv4Addr::new(127, 0, 0, i))
-            .collect()
-    };
+    let sources = loopback_sources(n);
     let mut out = Scale::default();
     for round in 0..ctx.cfg.scale_rounds {
         let order = if round % 2 == 0 { [1, 0] } else { [0, 1] };
@@ -771,6 +802,300 @@ fn scale(ctx: &Ctx) -> Result<Scale, String> {
         }
     }
     Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Connection hand-off.
+
+/// What idle clients saw over the delaying proxy across restarts.
+struct IdleRun {
+    restarts: usize,
+    report: idle::IdleReport,
+    /// Connections the proxy saw closed by the server side first.
+    server_closed: usize,
+}
+
+impl IdleRun {
+    fn per_restart(&self, n: usize) -> f64 {
+        n as f64 / self.restarts.max(1) as f64
+    }
+}
+
+/// `hello` behind the delaying proxy, `cfg.handoff_clients` idle clients, and
+/// `cfg.handoff_restarts` restarts, each done when every client has been answered by the new
+/// process. `handoff: false` runs every process with `HANDOVER_CONNECTION_HANDOFF=0`.
+fn idle_restarts(ctx: &Ctx, handoff: bool) -> Result<IdleRun, String> {
+    let cfg = &ctx.cfg;
+    let mut env: Vec<(&str, &OsStr)> = vec![("NOTIFY_SOCKET", ctx.notify.path.as_os_str())];
+    if !handoff {
+        env.push(("HANDOVER_CONNECTION_HANDOFF", OsStr::new("0")));
+    }
+    let since = Instant::now();
+    let server = ctx.procs.start_server(&ctx.hello, &env, &cfg.log)?;
+    ctx.ready(&server, since)?;
+    let proxy = proxy::Proxy::start(server.addr);
+    let mut workload = idle::IdleConfig::new(cfg.handoff_clients);
+    if cfg.quick {
+        workload.poll_every = Duration::from_millis(200);
+        workload.max_idle = Duration::from_millis(300);
+    }
+    workload.max_time = SOON * (cfg.handoff_restarts as u32 + 2);
+    let load = idle::IdleClients::start(proxy.addr(), workload);
+    let mut current = server.proc.clone();
+    let mut done = 0;
+    let looped = idle_restart_loop(ctx, &load, &mut current, &mut done);
+    let report = load.stop();
+    // The clients closed their connections: the proxy sees every close soon.
+    let ended = proxy.wait_all_ended(SOON);
+    let server_closed = proxy
+        .connections()
+        .iter()
+        .filter(|c| c.server_closed_first())
+        .count();
+    let stopped = terminate(&current);
+    if let Err(e) = looped {
+        return Err(format!(
+            "after {done} restarts: {e}\n{}; the servers said:\n{}",
+            report.summary(),
+            server.lines.tail(30)
+        ));
+    }
+    ended?;
+    expect_exit_0("the last hello", current.pid, stopped?.1)?;
+    Ok(IdleRun {
+        restarts: done,
+        report,
+        server_closed,
+    })
+}
+
+fn idle_restart_loop(
+    ctx: &Ctx,
+    load: &idle::IdleClients,
+    current: &mut Proc,
+    done: &mut usize,
+) -> Result<(), String> {
+    load.wait_all_answered_by(current.pid, SOON)?;
+    for i in 1..=ctx.cfg.handoff_restarts {
+        let old = current.clone();
+        let sent = Instant::now();
+        old.signal(Signal::USR1)?;
+        let handed = ctx.handed_over(old.pid, sent)?;
+        *current = ctx.procs.track(handed.mainpid().unwrap_or(0))?;
+        let exit = old.wait_exit(SOON)?;
+        expect_exit_0("the old hello", old.pid, exit.code)?;
+        // Every client has had its turn with the new process before the next restart.
+        load.wait_all_answered_by(current.pid, SOON)?;
+        *done = i;
+    }
+    Ok(())
+}
+
+/// One move of idle connections: the old process's own drain time (from its `Shutdown` line)
+/// and `MAINPID=` received → the old process's exit, in ms.
+struct Moved {
+    drain: f64,
+    exit: f64,
+}
+
+/// `n` idle keep-alive connections to a fresh `hello`, one restart, then one request on each,
+/// which the new process must answer.
+fn move_idle(ctx: &Ctx, n: usize) -> Result<Moved, String> {
+    let needed = n as u64 + 200;
+    if ctx.nofile < needed {
+        return Err(format!(
+            "RLIMIT_NOFILE is {} but {n} connections need about {needed}; lower \
+             HANDOVER_BENCH_HANDOFF_MOVE or raise the hard limit",
+            ctx.nofile
+        ));
+    }
+    let since = Instant::now();
+    let server = ctx.start(&ctx.hello, true)?;
+    let pid = server.proc.pid;
+    ctx.ready(&server, since)?;
+    let mut conns = match load::open_idle(server.addr, n, &loopback_sources(n)) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = terminate(&server.proc);
+            return Err(e);
+        }
+    };
+    let sent = Instant::now();
+    server.proc.signal(Signal::USR1)?;
+    let handed = ctx.handed_over(pid, sent)?;
+    let new = ctx.procs.track(handed.mainpid().unwrap_or(0))?;
+    let exit = server.proc.wait_exit(SOON * 2)?;
+    expect_exit_0("the old hello", pid, exit.code)?;
+    let closed = server
+        .lines
+        .wait_for(
+            &format!("[{pid}]  INFO hello: server closed shutdown="),
+            SOON,
+        )
+        .ok_or_else(|| format!("pid {pid} logged no Shutdown line"))?;
+    let passed = shutdown_field(&closed, "passed")?;
+    let drain = shutdown_field(&closed, "elapsed")?;
+    // Still usable, and the new process's.
+    let usable = load::request_each(&mut conns, new.pid);
+    // The server closes first: the clients' ports are not left in TIME_WAIT for the next round.
+    let (_, code) = terminate(&new)?;
+    drop(conns);
+    usable?;
+    expect_exit_0("the new hello", new.pid, code)?;
+    if passed != format!("{n}") {
+        return Err(format!(
+            "pid {pid} passed {passed} connections, expected {n}: {closed}"
+        ));
+    }
+    Ok(Moved {
+        drain: parse_debug_ms(&drain)
+            .ok_or_else(|| format!("no duration in elapsed: {drain:?}"))?,
+        exit: signed_ms(exit.at, handed.at),
+    })
+}
+
+/// Loopback source addresses for `n` connections: none (the default one) if it has enough
+/// ephemeral ports, else 127.0.0.1, 127.0.0.2, ... (beyond one source's share).
+fn loopback_sources(n: usize) -> Vec<Ipv4Addr> {
+    let per_source = (procs::ephemeral_ports() as usize)
+        .saturating_sub(2_000)
+        .max(1_000);
+    if n <= per_source {
+        return Vec::new();
+    }
+    (1..=n.div_ceil(per_source) as u8)
+        .map(|i| Ipv4Addr::new(127, 0, 0, i))
+        .collect()
+}
+
+/// The value after `field: ` in a `Shutdown { .. }` log line, as written there.
+fn shutdown_field(line: &str, field: &str) -> Result<String, String> {
+    line.split_once(&format!(" {field}: "))
+        .and_then(|(_, rest)| rest.split([',', ' ']).next())
+        .map(str::to_string)
+        .ok_or_else(|| format!("no {field} in {line:?}"))
+}
+
+/// A `Duration` as `Debug` prints it (`435.367µs`, `12.5ms`, `2.0001s`), in ms.
+fn parse_debug_ms(text: &str) -> Option<f64> {
+    let units = [("ns", 1e-6), ("µs", 1e-3), ("ms", 1.0), ("s", 1e3)];
+    units.iter().find_map(|(unit, scale)| {
+        let number = text.strip_suffix(unit)?;
+        number.parse::<f64>().ok().map(|v| v * scale)
+    })
+}
+
+fn handoff_rows(ctx: &Ctx) -> Result<Vec<Row>, String> {
+    let cfg = &ctx.cfg;
+    let mut rows = Vec::new();
+    let mut runs = Vec::new();
+    for handoff in [true, false] {
+        let label = if handoff { "with" } else { "without" };
+        eprintln!(
+            "  {} idle clients over a {:?} proxy, {} restarts, {label} connection hand-off",
+            cfg.handoff_clients,
+            proxy::DEFAULT_LATENCY,
+            cfg.handoff_restarts
+        );
+        let run = idle_restarts(ctx, handoff)?;
+        eprintln!(
+            "    {}; proxy: {} closed by the server first",
+            run.report.summary(),
+            run.server_closed
+        );
+        for f in run.report.failed() {
+            eprintln!(
+                "    failed: client {} port {} at {:.3} s: {:?}",
+                f.client,
+                f.local_port,
+                f.at.as_secs_f64(),
+                f.outcome
+            );
+        }
+        runs.push(run);
+    }
+    let (with, without) = (&runs[0], &runs[1]);
+    let what = format!(
+        "{} idle keep-alive clients (never retrying) over a {} ms proxy, {} restarts",
+        cfg.handoff_clients,
+        proxy::DEFAULT_LATENCY.as_millis(),
+        with.restarts
+    );
+    let failed = |r: &IdleRun| r.report.failed().len();
+    rows.push(row(
+        format!("7. failed requests per restart, {what}"),
+        format!(
+            "{:.2} ({} of {} requests)",
+            with.per_restart(failed(with)),
+            failed(with),
+            with.report.requests.len()
+        ),
+        format!(
+            "{:.2} ({} of {}; without hand-off)",
+            without.per_restart(failed(without)),
+            failed(without),
+            without.report.requests.len()
+        ),
+        "0",
+        Some(failed(with) == 0 && with.restarts == cfg.handoff_restarts),
+    ));
+    let closed = |r: &IdleRun| r.report.closed_by_server();
+    rows.push(row(
+        format!("7. connections closed by the server per restart, {what}"),
+        format!(
+            "{:.2} ({}; proxy: {} closed by the server first)",
+            with.per_restart(closed(with)),
+            closed(with),
+            with.server_closed
+        ),
+        format!(
+            "{:.2} ({}; proxy: {}; without hand-off)",
+            without.per_restart(closed(without)),
+            closed(without),
+            without.server_closed
+        ),
+        "0",
+        Some(closed(with) == 0 && with.server_closed == 0),
+    ));
+    for &n in &cfg.handoff_moves {
+        let mut drains = Vec::new();
+        let mut exits = Vec::new();
+        for round in 0..cfg.handoff_rounds {
+            let m = move_idle(ctx, n)?;
+            eprintln!(
+                "  moving {n} idle connections, round {}/{}: the old process's drain {:.1} ms, \
+                 MAINPID → its exit {:.1} ms; each connection answered by the new process",
+                round + 1,
+                cfg.handoff_rounds,
+                m.drain,
+                m.exit
+            );
+            drains.push(m.drain);
+            exits.push(m.exit);
+        }
+        let values = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        rows.push(row(
+            format!(
+                "7. moving {n} idle keep-alive conns in one restart: the old pid's drain \
+                 (hand-off → last conn acknowledged by the new pid), ms, median of {}",
+                cfg.handoff_rounds
+            ),
+            format!("{:.1} ({})", median(&drains), values(&drains)),
+            format!(
+                "MAINPID received → old pid exited: {:.1} ({})",
+                median(&exits),
+                values(&exits)
+            ),
+            "info (all passed, each then answered by the new pid)",
+            None,
+        ));
+    }
+    Ok(rows)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -897,7 +1222,7 @@ pub(crate) fn run(cfg: Config) -> bool {
                     ),
                     format!("{h:.0} ({})", values(&s.per_conn[0])),
                     format!("{p:.0} (plain: {})", values(&s.per_conn[1])),
-                    format!("+{diff:.0} B/conn (< +1024)"),
+                    format!("{diff:+.0} B/conn (< +1024)"),
                     Some(diff < 1024.0),
                 ));
                 let (h, p) = (median(&s.stop[0]), median(&s.stop[1]));
@@ -915,6 +1240,14 @@ pub(crate) fn run(cfg: Config) -> bool {
                 }
             }
             Err(e) => fail("scale", e),
+        }
+    }
+
+    if ctx.cfg.enabled("handoff") {
+        eprintln!("7. connection hand-off");
+        match handoff_rows(&ctx) {
+            Ok(r) => rows.extend(r),
+            Err(e) => fail("handoff", e),
         }
     }
 

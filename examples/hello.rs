@@ -11,9 +11,10 @@
 //! kill <pid>         # shut down after the requests in flight
 //! ```
 //!
-//! For experiments and the tests: `?sleep_ms=N` delays the answer by N ms; every response
-//! carries `x-pid` (the pid that answered); `HANDOVER_DRAIN_TIMEOUT_MS` and
-//! `HANDOVER_READY_TIMEOUT_MS` override the drain and restart-readiness timeouts;
+//! For experiments and the tests: `?sleep_ms=N` delays the answer by N ms, `?tag=T` comes back
+//! in `x-tag` (to tell pipelined answers apart); every response carries `x-pid` (the pid that
+//! answered); `HANDOVER_DRAIN_TIMEOUT_MS` and `HANDOVER_READY_TIMEOUT_MS` override the drain
+//! and restart-readiness timeouts;
 //! `HANDOVER_FD_STORE=1` hands the bound listener to systemd's fd store;
 //! `HANDOVER_CONNECTION_HANDOFF=0` keeps established connections in the old process after a
 //! restart (closing idle ones), as a build without connection hand-off would;

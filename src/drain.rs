@@ -308,9 +308,16 @@ impl Connections {
         self.shared
             .fallback_grace_ms
             .store(grace_ms, Ordering::Relaxed);
+        // Counted before the command: idle connections are passed (and gone) at once after it.
+        let open_at_start = self.open();
         self.command(HAND_OFF, CLOSE_RESPONSES | DRAIN);
-        self.wait(deadline, grace, (0, CLOSE_IDLE), Some(failed), progress)
-            .await
+        let drained = self
+            .wait(deadline, grace, (0, CLOSE_IDLE), Some(failed), progress)
+            .await;
+        Drained {
+            open_at_start,
+            ..drained
+        }
     }
 
     /// Waits until every connection has closed (or was passed), raising the `after_grace`

@@ -56,7 +56,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::accept::{ConnContext, ServeConn};
-use crate::conn::{HandOff, PassOutcome, TrackedIo};
+use crate::conn::{CLOSE_RESPONSES, HandOff, PassOutcome, TrackedIo};
 use crate::notify::Connected;
 
 /// The line a new process adds to its `READY=1` when it takes connections.
@@ -86,16 +86,15 @@ struct Parcel {
 #[derive(Debug)]
 pub(crate) struct Outbox {
     tx: mpsc::UnboundedSender<Parcel>,
-    failed: CancellationToken,
+    /// The counters (a connection refused here is kept, like one given back) and the failure.
     sent: Arc<Sent>,
 }
 
 impl HandOff for Outbox {
     fn pass(&self, io: TrackedIo, read: Bytes) -> oneshot::Receiver<PassOutcome> {
         let (done, outcome) = oneshot::channel();
-        if self.failed.is_cancelled() || entry_size(&io, &read) > MAX_BATCH_BYTES {
-            self.sent.kept.fetch_add(1, Ordering::Relaxed);
-            let _ = done.send(PassOutcome::Kept(io, read));
+        if self.sent.failed.is_cancelled() || entry_size(&io, &read) > MAX_BATCH_BYTES {
+            give_back(std::iter::once(Parcel { io, read, done }), &self.sent);
             return outcome;
         }
         io.conn().mark_in_flight(true);
@@ -134,7 +133,6 @@ pub(crate) fn send(channel: Connected, to_pid: u32) -> (Arc<Outbox>, Arc<Sent>) 
     let sent = Arc::new(Sent::default());
     let outbox = Arc::new(Outbox {
         tx,
-        failed: sent.failed.clone(),
         sent: Arc::clone(&sent),
     });
     tokio::spawn(sender(channel, rx, Arc::clone(&sent), to_pid));
@@ -197,7 +195,14 @@ async fn sender(
     }
     let passed = sent.passed.load(Ordering::Relaxed);
     let kept = sent.kept.load(Ordering::Relaxed);
-    tracing::info!(passed, kept, to_pid, "connection hand-off finished");
+    let unconfirmed = sent.unconfirmed.load(Ordering::Relaxed);
+    tracing::info!(
+        passed,
+        kept,
+        unconfirmed,
+        to_pid,
+        "connection hand-off finished"
+    );
 }
 
 /// Why passing stopped.
@@ -355,9 +360,15 @@ fn acknowledged(
     Ok(())
 }
 
+/// The connections stay here: served to the end, their next response with `Connection: close`
+/// (raised on each now, so that it does not wait for the server's fallback, which comes a
+/// moment later, or not at all for a connection refused for its size), so that the client
+/// moves on to the new process.
 fn give_back(parcels: impl IntoIterator<Item = Parcel>, sent: &Sent) {
     for p in parcels {
-        p.io.conn().mark_in_flight(false);
+        let conn = p.io.conn();
+        conn.mark_in_flight(false);
+        conn.ctl.fetch_or(CLOSE_RESPONSES, Ordering::Release);
         sent.kept.fetch_add(1, Ordering::Relaxed);
         let _ = p.done.send(PassOutcome::Kept(p.io, p.read));
     }

@@ -1,6 +1,7 @@
 //! The unit templates of `systemd/` under a real systemd: socket activation, `systemctl
 //! reload` (zero-downtime restart) under load, a failed restart, and a graceful `systemctl
-//! stop`; the fd store of a service without a socket unit across `systemctl restart`; the
+//! stop`; `systemctl reload` with idle keep-alive clients over a delaying proxy (their
+//! connections move to the new process: no failure, the same client-side ports); the fd store of a service without a socket unit across `systemctl restart`; the
 //! watchdog, across a reload and against a hung process; and the axum example with two named
 //! sockets (reloads and its admin restart endpoint under load, the lame duck of `systemctl
 //! stop`). The service manager runs as PID 1 of private namespaces (`tests/systemd-rig.sh`).
@@ -687,6 +688,114 @@ fn socket_activation_reload_and_stop_under_systemd() {
         "a file in the host's /tmp was changed"
     );
     let _ = std::fs::remove_file(&canary);
+    let _ = std::fs::remove_dir_all(&workdir);
+}
+
+/// Clients of the idle-keep-alive test under systemd: a few dozen, as the issue asks.
+const IDLE_CLIENTS: usize = 36;
+
+#[test]
+fn reload_with_idle_keep_alive_clients_loses_nothing_and_keeps_their_connections_under_systemd() {
+    if !rig_available() {
+        return;
+    }
+    let (workdir, addr) = prepare("systemd-idle");
+    let mut rig = Rig::boot(&workdir);
+    // The first connection starts the service.
+    let first = hello_from(addr, "/");
+    assert_eq!(rig.main_pid(), first);
+
+    // Keep-alive clients that idle between requests and never retry, over a path with latency
+    // (the race of closing an idle connection is one round trip wide there).
+    let proxy = support::proxy::Proxy::start(addr);
+    let load = support::idle::IdleClients::start(
+        proxy.addr(),
+        support::idle::IdleConfig::new(IDLE_CLIENTS),
+    );
+    let give_up = |load: support::idle::IdleClients, why: String| -> ! {
+        let report = load.stop();
+        panic!("{why}\n{}\n{}", report.summary(), rig.logs());
+    };
+    if let Err(e) = load.wait_all_answered_by(first, WAIT) {
+        give_up(load, e);
+    }
+    let mut pids = vec![first];
+    for i in 1..=3 {
+        let old = *pids.last().expect("a pid");
+        rig.systemctl(&["reload", SERVICE]);
+        let new: u32 = rig
+            .wait_show("MainPID", WAIT, |v| v != old.to_string() && v != "0")
+            .parse()
+            .expect("MainPID");
+        // Every client has had its turn with the new process before the next reload.
+        if let Err(e) = load.wait_all_answered_by(new, WAIT) {
+            give_up(load, format!("reload {i}: {e}"));
+        }
+        rig.wait_gone_inside(old, WAIT);
+        assert_eq!(rig.show("ActiveState"), "active");
+        pids.push(new);
+    }
+    let report = load.stop();
+    proxy.wait_all_ended(WAIT).expect("proxy connections end");
+    let conns = proxy.connections();
+    eprintln!(
+        "{IDLE_CLIENTS} idle clients over {:?} each way, 3 reloads under systemd (pids {pids:?}): \
+         {}; proxy: {} connections, {} closed by the server first",
+        proxy.latency().to_server,
+        report.summary(),
+        conns.len(),
+        conns.iter().filter(|c| c.server_closed_first()).count()
+    );
+
+    let failed: Vec<String> = report
+        .failed()
+        .iter()
+        .map(|f| format!("client {} port {}: {:?}", f.client, f.local_port, f.outcome))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "failed requests, expected none:\n{}",
+        failed.join("\n")
+    );
+    assert_eq!(
+        report.closed_by_server(),
+        0,
+        "connections closed by the server, expected none: {}",
+        report.summary()
+    );
+    assert!(
+        conns.len() == IDLE_CLIENTS && !conns.iter().any(|c| c.server_closed_first()),
+        "the proxy saw {} connections, expected {IDLE_CLIENTS}, all ended by their client: \
+         {conns:#?}",
+        conns.len()
+    );
+    let problems = report.per_client_problems(IDLE_CLIENTS, &pids);
+    assert!(
+        problems.is_empty(),
+        "clients that did not keep one connection answered by each process in turn:\n{}",
+        problems.join("\n")
+    );
+    // Each old process passed its connections (the service log has every process's lines).
+    let log = rig.service_log();
+    for old in &pids[..pids.len() - 1] {
+        let line = log
+            .lines()
+            .find(|l| l.contains(&format!("[{old}]")) && l.contains("Shutdown {"))
+            .unwrap_or_else(|| panic!("pid {old} logged no Shutdown line\n{}", rig.logs()));
+        assert!(
+            line.contains(&format!("passed: {IDLE_CLIENTS},")) && line.contains("kept: 0,"),
+            "pid {old} passed every client's connection: {line}"
+        );
+    }
+
+    rig.systemctl(&["stop", SERVICE]);
+    assert_eq!(rig.show("ActiveState"), "inactive");
+    assert_eq!(rig.show("Result"), "success");
+    let left = rig.servers_inside();
+    assert!(left.is_empty(), "server processes left: {left:?}");
+    let report = rig.stop().unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{report}");
+    drop(rig);
     let _ = std::fs::remove_dir_all(&workdir);
 }
 

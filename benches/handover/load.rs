@@ -414,3 +414,54 @@ fn read_hello(s: &mut TcpStream) -> Result<(), String> {
         Err(format!("bad response: {:?}", String::from_utf8_lossy(&got)))
     }
 }
+
+/// Sends one `GET /` on each of `conns` (a batch at a time) and checks that each is answered,
+/// `200 Hello world`, by `pid`: the connections are still usable, and are that process's.
+pub(crate) fn request_each(conns: &mut [TcpStream], pid: u32) -> Result<(), String> {
+    const BATCH: usize = 100;
+    for (b, batch) in conns.chunks_mut(BATCH).enumerate() {
+        for (i, s) in batch.iter_mut().enumerate() {
+            s.write_all(b"GET / HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+                .map_err(|e| format!("connection #{}: write: {e}", b * BATCH + i))?;
+        }
+        for (i, s) in batch.iter_mut().enumerate() {
+            let n = b * BATCH + i;
+            let answered = read_hello_from(s).map_err(|e| format!("connection #{n}: {e}"))?;
+            if answered != pid {
+                return Err(format!(
+                    "connection #{n} answered by pid {answered}, expected {pid}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads one `Hello world` response; returns its `x-pid`.
+fn read_hello_from(s: &mut TcpStream) -> Result<u32, String> {
+    s.set_read_timeout(Some(SOON))
+        .map_err(|e| format!("read timeout: {e}"))?;
+    let mut got = Vec::with_capacity(256);
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(b"Hello world") {
+        let n = s.read(&mut buf).map_err(|e| format!("read: {e}"))?;
+        if n == 0 || got.len() > 16 * 1024 {
+            return Err(format!(
+                "no complete response: {:?}",
+                String::from_utf8_lossy(&got)
+            ));
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    if !text.starts_with("HTTP/1.1 200") {
+        return Err(format!("bad response: {text:?}"));
+    }
+    text.lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("x-pid")
+                .then(|| value.trim().parse().ok())?
+        })
+        .ok_or_else(|| format!("no x-pid in {text:?}"))
+}

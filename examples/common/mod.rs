@@ -39,21 +39,23 @@ impl<T: tracing_subscriber::fmt::time::FormatTime> tracing_subscriber::fmt::time
 }
 
 /// Answers `Hello world`. For experiments and tests: `?sleep_ms=N` delays the answer by N ms
-/// (at most 60 s), and the `x-pid` header tells which process answered.
+/// (at most 60 s), `?tag=T` is echoed in an `x-tag` header (to tell pipelined answers apart),
+/// and the `x-pid` header tells which process answered.
 pub(crate) async fn hello<B>(req: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let sleep_ms = req
-        .uri()
-        .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("sleep_ms=")))
-        .and_then(|v| v.parse::<u64>().ok());
+    let query = req.uri().query().unwrap_or("");
+    let param = |name: &str| query.split('&').find_map(|kv| kv.strip_prefix(name));
+    let sleep_ms = param("sleep_ms=").and_then(|v| v.parse::<u64>().ok());
+    let tag = param("tag=").and_then(|t| hyper::header::HeaderValue::from_str(t).ok());
     if let Some(ms) = sleep_ms {
         tracing::info!(ms, "slow request: sleeping");
         tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
     }
     let mut response = Response::new(Full::new(Bytes::from_static(b"Hello world")));
-    response
-        .headers_mut()
-        .insert("x-pid", std::process::id().into());
+    let headers = response.headers_mut();
+    headers.insert("x-pid", std::process::id().into());
+    if let Some(tag) = tag {
+        headers.insert("x-tag", tag);
+    }
     Ok(response)
 }
 

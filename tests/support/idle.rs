@@ -153,6 +153,35 @@ impl IdleReport {
         self.found_closed + self.told_to_close
     }
 
+    /// What must hold for each of `clients` clients across restarts that hand connections
+    /// over: one connection all along (the same client-side port), answered by each of `pids`
+    /// in turn. One line per client that fails it.
+    pub fn per_client_problems(&self, clients: usize, pids: &[u32]) -> Vec<String> {
+        let mut problems = Vec::new();
+        for client in 0..clients {
+            let sent = self.of(client);
+            let mut wrong = Vec::new();
+            let ports: BTreeSet<u16> = sent.iter().map(|r| r.local_port).collect();
+            if ports.len() != 1 {
+                wrong.push(format!(
+                    "{} connections (client-side ports {ports:?}), expected 1",
+                    ports.len()
+                ));
+            }
+            let mut answered_by: Vec<u32> = sent.iter().filter_map(|r| r.pid()).collect();
+            answered_by.dedup();
+            if answered_by != pids {
+                wrong.push(format!(
+                    "answered by {answered_by:?}, expected {pids:?} in turn"
+                ));
+            }
+            if !wrong.is_empty() {
+                problems.push(format!("client {client}: {}", wrong.join("; ")));
+            }
+        }
+        problems
+    }
+
     pub fn summary(&self) -> String {
         format!(
             "{} requests: {} ok, {} failed; connections: {} opened, {} found closed by the server, {} told to close, {} not opened; {:.1} s, seed {}",
