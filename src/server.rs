@@ -197,8 +197,9 @@ pub struct Shutdown {
     /// Connections passed to the new process after a hand-off (plaintext HTTP/1, at a request
     /// boundary; see [`Server::connection_handoff`]).
     pub passed: usize,
-    /// Connections that could not be passed after all (the new process's channel failed), and
-    /// were served here to the end, with `Connection: close`.
+    /// Connections that could not be passed after all (the new process's channel failed, it
+    /// refused them, or one had too many bytes read ahead to carry), and were served here to
+    /// the end, with `Connection: close`.
     pub kept: usize,
     /// Connections cut at the deadline (or by a forced shutdown) instead of finishing.
     pub cut: usize,
@@ -374,9 +375,12 @@ impl Server {
         self
     }
 
-    /// The same after a hand-off to a new process (default 1 s): nothing hurries the old
-    /// process then, and every keep-alive client that sends within the grace is answered and
-    /// moves to the new process without seeing a closed connection.
+    /// The same after a hand-off to a new process (default 1 s), for the connections that stay
+    /// in the old process: TLS ones, and every HTTP/1 one when the new process does not take
+    /// connections ([`Server::connection_handoff`]) or passing them failed. Nothing hurries the
+    /// old process then, and a keep-alive client that sends within the grace is answered (with
+    /// `Connection: close`) and reconnects to the new process without seeing a closed
+    /// connection.
     pub fn restart_keep_alive_grace(mut self, grace: Duration) -> Self {
         self.config.restart_keep_alive_grace = grace;
         self

@@ -1142,7 +1142,7 @@ fn a_stalled_handshake_is_closed_by_the_header_read_timeout() {
 
     server.proc.signal(Signal::TERM);
     assert_eq!(server.proc.wait(SOON), Some(0));
-    let closed = server.proc.lines.wait_for("server closed drained=", SOON);
+    let closed = server.proc.lines.wait_for("lifecycle: server closed", SOON);
     assert!(closed.contains("timed_out=3"), "{closed}");
     assert_none_left([server.proc.pid]);
 }
