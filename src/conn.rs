@@ -870,11 +870,13 @@ fn join(a: Bytes, b: Bytes) -> Bytes {
 
 /// Closes a connection between requests: FIN after everything written, bounded.
 async fn close<T: AsyncWrite + Unpin>(mut io: T) {
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(1),
-        tokio::io::AsyncWriteExt::shutdown(&mut io),
-    )
-    .await;
+    let mut shutdown = std::pin::pin!(tokio::io::AsyncWriteExt::shutdown(&mut io));
+    // Done at once for a socket (a FIN); no timer for that, as a drain closes thousands. Only a
+    // TLS session whose close_notify waits behind a full socket needs the bound.
+    let first = std::future::poll_fn(|cx| Poll::Ready(shutdown.as_mut().poll(cx))).await;
+    if first.is_pending() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), shutdown).await;
+    }
 }
 
 enum Detected {
