@@ -28,7 +28,6 @@ mod proxy_tests;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rustix::process::Signal;
@@ -38,24 +37,6 @@ use support::*;
 
 const CLIENTS: usize = 60;
 const RESTARTS: usize = 6;
-
-/// The hello example on a free loopback port, reporting to `notify`, once it is ready.
-fn ready_hello(notify: &NotifySocket) -> (Proc, SocketAddr) {
-    ready_server(&example("hello"), notify)
-}
-
-/// `program` (the hello example, or a copy of it) on a free loopback port, reporting to
-/// `notify`, once it is ready.
-fn ready_server(program: &Path, notify: &NotifySocket) -> (Proc, SocketAddr) {
-    let port = free_port();
-    let server = Spawn::new(program)
-        .arg(format!("127.0.0.1:{port}"))
-        .env("NOTIFY_SOCKET", &notify.path)
-        .start();
-    let addr = addr_in(&server.listen_line());
-    notify.wait_line("READY=1", SOON);
-    (server, addr)
-}
 
 /// Stops the workload and fails with what it saw so far.
 fn give_up(load: IdleClients, why: String) -> ! {

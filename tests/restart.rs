@@ -12,18 +12,6 @@ use support::*;
 const RESTARTS: usize = 5;
 const LOAD_CONNECTIONS: usize = 16;
 
-/// The hello example on a free loopback port, reporting to `notify`, once it is ready.
-fn ready_hello(notify: &NotifySocket) -> (Proc, SocketAddr) {
-    let port = free_port();
-    let server = Spawn::new(example("hello"))
-        .arg(format!("127.0.0.1:{port}"))
-        .env("NOTIFY_SOCKET", &notify.path)
-        .start();
-    let addr = addr_in(&server.listen_line());
-    notify.wait_line("READY=1", SOON);
-    (server, addr)
-}
-
 /// Restarts the server `restarts` times under a keep-alive load and checks every request was
 /// answered, each restart moved to a new pid, and one server is left, then none. Returns the
 /// fd count and RSS (KiB) of each serving process, taken once it answered.

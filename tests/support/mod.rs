@@ -1219,6 +1219,24 @@ pub fn listen_line_of(lines: &Lines, name: &str) -> String {
     lines.wait_for(&format!("({name}), pid:"), SOON)
 }
 
+/// The hello example on a free loopback port, reporting to `notify`, once it is ready.
+pub fn ready_hello(notify: &NotifySocket) -> (Proc, SocketAddr) {
+    ready_server(&example("hello"), notify)
+}
+
+/// `program` (the hello example, or a copy of it) on a free loopback port, reporting to
+/// `notify`, once it is ready.
+pub fn ready_server(program: &Path, notify: &NotifySocket) -> (Proc, SocketAddr) {
+    let port = free_port();
+    let server = Spawn::new(program)
+        .arg(format!("127.0.0.1:{port}"))
+        .env("NOTIFY_SOCKET", &notify.path)
+        .start();
+    let addr = addr_in(&server.listen_line());
+    notify.wait_line("READY=1", SOON);
+    (server, addr)
+}
+
 /// The `MAINPID=` of a hand-off datagram.
 pub fn mainpid(notice: &Notice) -> u32 {
     notice
