@@ -234,23 +234,7 @@ fn two_named_sockets_from_systemd_socket_activate_are_routed_by_name_and_handed_
     );
     // The arguments name the same ports: binding them would fail, so serving proves the
     // inherited sockets were used, by name.
-    let mut activator = Spawn::new("systemd-socket-activate")
-        .arg("-l")
-        .arg(web.to_string())
-        .arg("-l")
-        .arg(admin.to_string())
-        .arg("--fdname=web:admin")
-        .arg("-E")
-        .arg(format!("NOTIFY_SOCKET={}", notify.path.display()))
-        .arg("-E")
-        .arg("RUST_LOG=info")
-        .arg(example("axum"))
-        .arg(web.to_string())
-        .arg(admin.to_string())
-        .start();
-    activator.lines.wait_for("Listening on", SOON);
-    assert_eq!(get(web, "/").expect("web").body, "Hello world");
-    notify.wait_line("READY=1", SOON);
+    let mut activator = activate_axum(web, admin, Some("web:admin"), &notify);
     for (fd, name) in [(3, "web"), (4, "admin")] {
         let line = activator
             .lines
@@ -312,22 +296,7 @@ fn unnamed_inherited_sockets_are_taken_by_their_address() {
         SocketAddr::from(([127, 0, 0, 1], free_port())),
         SocketAddr::from(([127, 0, 0, 1], free_port())),
     );
-    let mut activator = Spawn::new("systemd-socket-activate")
-        .arg("-l")
-        .arg(web.to_string())
-        .arg("-l")
-        .arg(admin.to_string())
-        .arg("-E")
-        .arg(format!("NOTIFY_SOCKET={}", notify.path.display()))
-        .arg("-E")
-        .arg("RUST_LOG=info")
-        .arg(example("axum"))
-        .arg(web.to_string())
-        .arg(admin.to_string())
-        .start();
-    activator.lines.wait_for("Listening on", SOON);
-    assert_eq!(get(web, "/").expect("web").body, "Hello world");
-    notify.wait_line("READY=1", SOON);
+    let mut activator = activate_axum(web, admin, None, &notify);
     for fd in [3, 4] {
         let line = activator
             .lines
@@ -341,6 +310,38 @@ fn unnamed_inherited_sockets_are_taken_by_their_address() {
     activator.signal(Signal::TERM);
     assert_eq!(activator.wait(SOON), Some(0));
     assert_none_left([activator.pid]);
+}
+
+/// The axum example under `systemd-socket-activate` on `web` and `admin` (the arguments name
+/// the same addresses: binding them would fail, so serving proves the inherited sockets were
+/// used), started by a first request, once it reported `READY=1`.
+fn activate_axum(
+    web: SocketAddr,
+    admin: SocketAddr,
+    fdnames: Option<&str>,
+    notify: &NotifySocket,
+) -> Proc {
+    let mut spawn = Spawn::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(web.to_string())
+        .arg("-l")
+        .arg(admin.to_string());
+    if let Some(names) = fdnames {
+        spawn = spawn.arg(format!("--fdname={names}"));
+    }
+    let activator = spawn
+        .arg("-E")
+        .arg(format!("NOTIFY_SOCKET={}", notify.path.display()))
+        .arg("-E")
+        .arg("RUST_LOG=info")
+        .arg(example("axum"))
+        .arg(web.to_string())
+        .arg(admin.to_string())
+        .start();
+    activator.lines.wait_for("Listening on", SOON);
+    assert_eq!(get(web, "/").expect("web").body, "Hello world");
+    notify.wait_line("READY=1", SOON);
+    activator
 }
 
 /// The faults example with `env`, on a free port; returns it and its listener's name.

@@ -58,14 +58,7 @@ fn idle_keep_alive_clients_over_a_real_network_lose_nothing_across_restarts() {
     let mut pids = vec![server.pid];
     for i in 1..=RESTARTS {
         let old = *pids.last().expect("a pid");
-        signal(old, Signal::USR1);
-        let handed = notify.wait_nth(i, SOON, |n| n.has("READY=1") && n.text.contains("MAINPID="));
-        assert_eq!(
-            handed.pid, old,
-            "the old main process announces its successor"
-        );
-        let new = mainpid(&handed);
-        assert_ne!(new, old);
+        let new = restart_once(&notify, old, i);
         let code = if i == 1 {
             server.wait(SOON)
         } else {

@@ -29,14 +29,7 @@ fn restart_under_load(
     let mut server = server;
     for i in 1..=restarts {
         let old = *pids.last().expect("a pid");
-        signal(old, Signal::USR1);
-        let handed = notify.wait_nth(i, SOON, |n| n.has("READY=1") && n.text.contains("MAINPID="));
-        assert_eq!(
-            handed.pid, old,
-            "the old main process announces its successor"
-        );
-        let new = mainpid(&handed);
-        assert_ne!(new, old);
+        let new = restart_once(notify, old, i);
         load.wait_pid(new, SOON);
         usage.push((fds_of(new).len(), rss_kib(new)));
         // The old process drains and exits 0; only then is the next restart sent.

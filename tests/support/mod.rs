@@ -1237,6 +1237,22 @@ pub fn ready_server(program: &Path, notify: &NotifySocket) -> (Proc, SocketAddr)
     (server, addr)
 }
 
+/// Sends `SIGUSR1` to the main process `old` and waits for the `nth` hand-off datagram, which
+/// `old` must have sent; returns the new main pid it names.
+pub fn restart_once(notify: &NotifySocket, old: u32, nth: usize) -> u32 {
+    signal(old, rustix::process::Signal::USR1);
+    let handed = notify.wait_nth(nth, SOON, |n| {
+        n.has("READY=1") && n.text.contains("MAINPID=")
+    });
+    assert_eq!(
+        handed.pid, old,
+        "the old main process announces its successor"
+    );
+    let new = mainpid(&handed);
+    assert_ne!(new, old);
+    new
+}
+
 /// The `MAINPID=` of a hand-off datagram.
 pub fn mainpid(notice: &Notice) -> u32 {
     notice
