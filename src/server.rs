@@ -297,6 +297,7 @@ impl Server {
     /// # }
     /// ```
     #[cfg(feature = "rustls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rustls")))]
     pub fn tls(
         mut self,
         listener: impl Into<String>,
