@@ -27,6 +27,8 @@
 //!
 //! `HANDOVER_SHUTDOWN_DELAY_MS` sets the lame duck (behind a load balancer or in Kubernetes:
 //! see the README), `HANDOVER_DRAIN_TIMEOUT_MS` and `HANDOVER_READY_TIMEOUT_MS` the timeouts.
+//! `HANDOVER_CLOSE_UNUSED=1` closes inherited sockets other than `web` and `admin` with a
+//! warning; without it they are an error at start-up (exit status 1).
 //! `HANDOVER_RESTARTS=0` turns handover's restarts off (in a container, where a rolling
 //! update replaces the process instead: `deploy/kubernetes/`); `POST /restart` then says so.
 //!
@@ -124,8 +126,10 @@ fn listeners(web: &str, admin: &str) -> Result<handover::Listeners, String> {
         }
     }
     .map_err(|e| e.to_string())?;
-    for extra in inherited {
-        tracing::warn!(name = extra.name(), url = %extra.url(), "inherited listener not used by this service; closing it");
+    // Any other socket the service manager passed is an error when the server starts (a name
+    // this code does not take, most likely), unless closing it is asked for.
+    if std::env::var("HANDOVER_CLOSE_UNUSED").as_deref() == Ok("1") {
+        inherited.close_unused();
     }
     Ok([web, admin].into())
 }

@@ -160,6 +160,7 @@ impl Lifecycle {
         } = server;
         let startup = startup::get();
         let bound = bind_services(listeners.into_vec(), services)?;
+        listen::check_untaken()?;
         #[cfg(feature = "rustls")]
         let bound = crate::tls::apply(bound, tls)?;
         let claim = match config.restarts {
