@@ -52,6 +52,8 @@
 //! - `axum`: requests on TCP connections also carry axum's `ConnectInfo<SocketAddr>`, so the
 //!   `ConnectInfo` extractor works unchanged.
 //! - `rustls`: listeners served over TLS (`Server::tls`), with `ring` as crypto provider.
+//! - `metrics`: restarts, readiness, hand-off and drain durations and connections, recorded
+//!   through the `metrics` crate (the table: `handover::metrics`).
 //!
 //! # Rules worth knowing
 //! - Linux only (≥ 5.3 for `clone3` and pidfds, ≥ 5.4 as PID 1; ≥ 5.11 for
@@ -96,6 +98,11 @@ mod hooks;
 mod keeper;
 mod lifecycle;
 mod listen;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
+#[cfg(not(feature = "metrics"))]
+mod metrics;
 mod notify;
 mod restart;
 mod server;
