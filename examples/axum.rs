@@ -22,11 +22,20 @@
 //!        POST /shutdown   graceful shutdown (?now: cut everything)
 //!        GET /state       the lifecycle state
 //!        GET /whoami      the connection as handover describes it (Unix peers: their uid/pid)
+//!        GET /metrics     handover's metrics in Prometheus's text format (with
+//!                         `--features axum,metrics`; 404 without)
 //! ```
 //! Every response carries `x-pid`, the process that answered.
 //!
 //! `HANDOVER_SHUTDOWN_DELAY_MS` sets the lame duck (behind a load balancer or in Kubernetes:
 //! see the README), `HANDOVER_DRAIN_TIMEOUT_MS` and `HANDOVER_READY_TIMEOUT_MS` the timeouts.
+//! With the `metrics` feature, a Prometheus recorder is installed before serving (the
+//! exporter's own HTTP listener is not used: `/metrics` on the admin listener renders it), and
+//! `HANDOVER_METRICS_AT_EXIT=1` also prints the last rendering to stdout when serving ends,
+//! each line prefixed with `metrics at exit, pid N:`, as a push-based exporter would send it:
+//! what an old process records at the end of its drain is otherwise gone with it.
+//! `HANDOVER_CLOSE_UNUSED=1` closes inherited sockets other than `web` and `admin` with a
+//! warning; without it they are an error at start-up (exit status 1).
 //! `HANDOVER_RESTARTS=0` turns handover's restarts off (in a container, where a rolling
 //! update replaces the process instead: `deploy/kubernetes/`); `POST /restart` then says so.
 //!
@@ -53,10 +62,21 @@ use axum::{Extension, Router};
 struct App {
     handle: handover::Handle,
     hits: AtomicU64,
+    #[cfg(feature = "metrics")]
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 fn main() -> ExitCode {
     common::init_tracing();
+    // Before serving, so that handover's first figures (its readiness) are recorded.
+    #[cfg(feature = "metrics")]
+    let metrics = match install_metrics() {
+        Ok(handle) => handle,
+        Err(e) => {
+            tracing::error!("could not install the metrics recorder: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut args = std::env::args().skip(1);
     let web_addr = args.next().unwrap_or_else(|| "127.0.0.1:8877".to_string());
     let admin_addr = args.next().unwrap_or_else(|| "127.0.0.1:8878".to_string());
@@ -80,6 +100,8 @@ fn main() -> ExitCode {
     let app = Arc::new(App {
         handle: server.handle(),
         hits: AtomicU64::new(0),
+        #[cfg(feature = "metrics")]
+        metrics: metrics.clone(),
     });
     let mut server = server
         .service("web", web(Arc::clone(&app)))
@@ -102,7 +124,46 @@ fn main() -> ExitCode {
         Ok("1") | Err(_) => {}
         Ok(other) => tracing::warn!("HANDOVER_RESTARTS={other:?} is neither 0 nor 1; ignored"),
     }
-    common::run(server)
+    let code = common::run(server);
+    #[cfg(feature = "metrics")]
+    if std::env::var("HANDOVER_METRICS_AT_EXIT").as_deref() == Ok("1") {
+        let pid = std::process::id();
+        for line in metrics.render().lines() {
+            println!("metrics at exit, pid {pid}: {line}");
+        }
+    }
+    code
+}
+
+/// A Prometheus recorder for the `metrics` facade, without the exporter's HTTP listener: the
+/// admin router renders it. Every `_seconds` histogram gets buckets (else the exporter would
+/// render summaries, which cannot be aggregated across processes).
+#[cfg(feature = "metrics")]
+fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle, String> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".to_string()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ],
+        )
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())
+}
+
+/// `GET /metrics`: the Prometheus text format.
+#[cfg(feature = "metrics")]
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
 }
 
 /// `web` and `admin`, inherited by name or bound.
@@ -124,8 +185,10 @@ fn listeners(web: &str, admin: &str) -> Result<handover::Listeners, String> {
         }
     }
     .map_err(|e| e.to_string())?;
-    for extra in inherited {
-        tracing::warn!(name = extra.name(), url = %extra.url(), "inherited listener not used by this service; closing it");
+    // Any other socket the service manager passed is an error when the server starts (a name
+    // this code does not take, most likely), unless closing it is asked for.
+    if std::env::var("HANDOVER_CLOSE_UNUSED").as_deref() == Ok("1") {
+        inherited.close_unused();
     }
     Ok([web, admin].into())
 }
@@ -144,7 +207,10 @@ fn web(app: Arc<App>) -> Router {
 
 /// The admin router, on a listener of its own.
 fn admin(app: Arc<App>) -> Router {
-    Router::new()
+    let router = Router::new();
+    #[cfg(feature = "metrics")]
+    let router = router.route("/metrics", get(metrics));
+    router
         .route("/ping", get(common::hello))
         .route("/restart", post(restart))
         .route("/shutdown", post(shutdown))

@@ -60,19 +60,34 @@ use crate::listen::{Listener, Socket};
 /// # drop(server);
 /// # }
 /// ```
-/// A wrong type is an error where it is passed, naming this trait and its bounds:
-/// ```compile_fail
+/// A wrong type is an error where it is passed. rustc 1.95 prints, for axum's
+/// `into_make_service()` (and the same for `into_make_service_with_connect_info::<SocketAddr>()`
+/// or a router whose state is not given yet):
+/// ```text
+/// error[E0277]: `IntoMakeService<Router>` is not a service handover can serve
+///  --> src/main.rs:5:46
+///   |
+/// 5 |     let _server = handover::serve(listeners, app.into_make_service());
+///   |                                              ^^^^^^^^^^^^^^^^^^^^^^^ handover cannot serve this
+///   |
+///   = help: the trait `HttpService` is not implemented for `IntoMakeService<Router>`
+///   = note: handover serves a `tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>` [...]
+///   = note: an `axum::Router` qualifies once its state is given (`.with_state(..)`); a make-service does not
+///           (`into_make_service()`, `into_make_service_with_connect_info::<SocketAddr>()`): pass the router itself. [...]
+/// note: required by a bound in `handover::serve`
+/// ```
+/// (`tests/compile_errors.rs` checks these texts.)
+/// ```compile_fail,E0277
 /// # fn demo(listeners: handover::Listeners) {
 /// let app = axum::Router::new().route("/", axum::routing::get(|| async { "hi" }));
-/// // error: the trait bound `IntoMakeService<Router>: HttpService` is not satisfied ...
-/// let server = handover::serve(listeners, app.into_make_service());
+/// let server = handover::serve(listeners, app.into_make_service()); // pass `app` itself
 /// # }
 /// ```
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a service handover can serve",
     label = "handover cannot serve this",
     note = "handover serves a `tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>` that is `Clone + Send + 'static`, whose `Future` is `Send + 'static` and whose `Error` converts into `Box<dyn std::error::Error + Send + Sync>`; `B` is an `http_body::Body + Send + 'static` with `Send` data",
-    note = "an `axum::Router` qualifies once its state is given (`.with_state(..)`); `into_make_service()` does not: pass the router itself"
+    note = "an `axum::Router` qualifies once its state is given (`.with_state(..)`); a make-service does not (`into_make_service()`, `into_make_service_with_connect_info::<SocketAddr>()`): pass the router itself. The peer address is in every request: `ConnectInfo<SocketAddr>` with handover's `axum` feature, and `Extension<handover::ConnectionInfo>`"
 )]
 pub trait HttpService: private::Sealed {
     #[doc(hidden)]
@@ -88,6 +103,12 @@ mod private {
     pub trait Sealed {}
 }
 
+// `do_not_recommend` on both blanket impls: when a type does not qualify, rustc reports
+// "`X` is not a service handover can serve" with the notes above, instead of the first of
+// these bounds that failed deep inside (`Service::Response == Response<_>` for axum's
+// `into_make_service()`, E0271; `SocketAddr: Connected<Request<Incoming>>` for
+// `into_make_service_with_connect_info::<SocketAddr>()`), which never mentions handover.
+#[diagnostic::do_not_recommend]
 impl<S, B> private::Sealed for S
 where
     S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
@@ -99,6 +120,7 @@ where
 {
 }
 
+#[diagnostic::do_not_recommend]
 impl<S, B> HttpService for S
 where
     S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,

@@ -138,6 +138,7 @@ impl ConnectionInfo {
     /// name (SNI), ALPN protocol, version, cipher suite, client certificates. `None` on
     /// plaintext connections. Available with the `rustls` feature.
     #[cfg(feature = "rustls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rustls")))]
     pub fn tls(&self) -> Option<&crate::TlsInfo> {
         self.inner.tls.get()
     }

@@ -97,6 +97,7 @@ pub(crate) struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         self.shared.lock().conns.try_remove(self.key);
+        crate::metrics::connection_closed();
     }
 }
 
@@ -161,6 +162,7 @@ impl Connections {
             shared: Arc::clone(&self.shared),
             _token: token,
         };
+        crate::metrics::connection_opened();
         TrackedIo::new(registration, conn, sock)
     }
 

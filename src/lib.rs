@@ -47,6 +47,14 @@
 //! established plaintext HTTP/1 connections too, at a request boundary
 //! ([`Server::connection_handoff`]). All `unsafe` code lives in one private module.
 //!
+//! # Cargo features
+//! Both off by default.
+//! - `axum`: requests on TCP connections also carry axum's `ConnectInfo<SocketAddr>`, so the
+//!   `ConnectInfo` extractor works unchanged.
+//! - `rustls`: listeners served over TLS (`Server::tls`), with `ring` as crypto provider.
+//! - `metrics`: restarts, readiness, hand-off and drain durations and connections, recorded
+//!   through the `metrics` crate (the table: `handover::metrics`).
+//!
 //! # Rules worth knowing
 //! - Linux only (≥ 5.3 for `clone3` and pidfds, ≥ 5.4 as PID 1; ≥ 5.11 for
 //!   `close_range(CLOSE_RANGE_CLOEXEC)`, used as an extra safety net).
@@ -70,6 +78,10 @@
 //!   them): a signal that is not handled has its default action, and `SIGTERM`'s is to die
 //!   without draining.
 
+// docs.rs (and .ci/run's docs step) builds with `--cfg docsrs`: every item that needs a feature
+// is marked with it there.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 #[cfg(not(target_os = "linux"))]
 compile_error!(
     "handover supports Linux only: it relies on pidfds, SO_PASSCRED and the LISTEN_FDS protocol of systemd"
@@ -86,6 +98,11 @@ mod hooks;
 mod keeper;
 mod lifecycle;
 mod listen;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
+#[cfg(not(feature = "metrics"))]
+mod metrics;
 mod notify;
 mod restart;
 mod server;
@@ -103,11 +120,13 @@ pub use hooks::HooksReport;
 pub use listen::{Listener, Listeners, Origin};
 pub use server::{Reason, Server, Shutdown, serve};
 #[cfg(feature = "rustls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rustls")))]
 pub use tls::TlsInfo;
 
 /// The rustls crate handover serves TLS with (feature `rustls`): build the
 /// `rustls::ServerConfig` for [`Server::tls`] with this one, so that the versions match.
 #[cfg(feature = "rustls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rustls")))]
 pub use rustls;
 
 /// Signal numbers, for [`Server::close_signals`] and [`Server::restart_signals`].

@@ -51,6 +51,7 @@ pub(crate) async fn run(server: Server) -> Result<Shutdown, Error> {
     loop {
         let event = life.next_event().await;
         if let Some(end) = life.step(event).await {
+            crate::metrics::ended(&end);
             return end;
         }
     }
@@ -160,6 +161,7 @@ impl Lifecycle {
         } = server;
         let startup = startup::get();
         let bound = bind_services(listeners.into_vec(), services)?;
+        listen::check_untaken()?;
         #[cfg(feature = "rustls")]
         let bound = crate::tls::apply(bound, tls)?;
         let claim = match config.restarts {
@@ -217,6 +219,7 @@ impl Lifecycle {
             )
             .await;
         tracing::info!(pid = startup.pid, "ready");
+        crate::metrics::ready();
         // The previous process passes its connections now, if it has any and we said we take
         // them.
         let receiver = match notifier.take_parent_channel() {
@@ -440,6 +443,7 @@ impl Lifecycle {
         match outcome {
             Ok(handed) => {
                 tracing::info!(pid = handed.pid, ready_after = ?handed.ready_after, "handed over");
+                crate::metrics::handed_over(handed.ready_after);
                 in_flight.reply(Ok(handed.restarted()));
                 self.drain_handed_over(handed).await;
             }
@@ -447,6 +451,7 @@ impl Lifecycle {
                 // Reported only now that a new restart would be accepted, so whoever waits for
                 // this message may restart again at once.
                 let pid = self.startup.pid;
+                crate::metrics::restart_failed();
                 let status = format!("Restart failed: {failure}; still serving as pid {pid}");
                 self.notifier.notify_patiently(
                     &[NotifyState::Ready, NotifyState::Status(&status)],

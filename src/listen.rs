@@ -25,6 +25,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
+use std::sync::Mutex;
 
 use crate::error::{Error, Inner};
 use crate::startup;
@@ -245,6 +246,7 @@ impl Listeners {
             tracing::info!(fd, name = %name, url = %listener.url(), "inherited listener");
             list.push(listener.with_name(name));
         }
+        untaken::inherited(&list);
         Ok(Listeners { list })
     }
 
@@ -327,7 +329,7 @@ impl Listeners {
             return Ok(l);
         }
         if let Some(i) = self.list.iter().position(|l| l.local_addr() == Some(addr)) {
-            return Ok(self.list.remove(i).with_name(name));
+            return Ok(untaken::taken(self.list.remove(i)).with_name(name));
         }
         match Listeners::bind(addr) {
             Ok(mut bound) => Ok(bound.list.remove(0).with_name(name)),
@@ -358,7 +360,7 @@ impl Listeners {
             Socket::Tcp(_) => false,
         };
         if let Some(i) = self.list.iter().position(at_path) {
-            return Ok(self.list.remove(i).with_name(name));
+            return Ok(untaken::taken(self.list.remove(i)).with_name(name));
         }
         match Listeners::bind_unix(path) {
             Ok(mut bound) => Ok(bound.list.remove(0).with_name(name)),
@@ -389,7 +391,42 @@ impl Listeners {
     /// Removes and returns the first listener named `name` (see [`Listener::name`]).
     pub fn take(&mut self, name: &str) -> Option<Listener> {
         let index = self.list.iter().position(|l| l.name == name)?;
-        Some(self.list.remove(index))
+        Some(untaken::taken(self.list.remove(index)))
+    }
+
+    /// Closes the listeners left in this set, with a warning that names each one (its fd, name
+    /// and address): the way to say that inherited sockets this service does not serve may go.
+    ///
+    /// An inherited listener that is neither served nor closed this way (left in the set that
+    /// [`Listeners::from_env`] returned, whether that set is dropped or kept) is an error when a
+    /// [`crate::Server`] starts, before `READY=1`: the service manager passed a socket (under a
+    /// name the code does not take, most likely) that nobody would accept on, and its clients
+    /// would wait until they time out.
+    ///
+    /// # Example
+    /// ```no_run
+    /// let mut inherited = handover::Listeners::from_env()?;
+    /// let web = inherited.take_or_bind("web", "127.0.0.1:8080".parse().unwrap())?;
+    /// inherited.close_unused(); // anything else passed to this process: closed, with a warning
+    /// # Ok::<(), handover::Error>(())
+    /// ```
+    pub fn close_unused(self) {
+        for listener in self.list {
+            let listener = untaken::taken(listener);
+            match listener.origin {
+                Origin::Inherited { fd } => tracing::warn!(
+                    fd,
+                    name = %listener.name(),
+                    url = %listener.url(),
+                    "inherited listener not served by this process; closing it"
+                ),
+                Origin::Bound => tracing::warn!(
+                    name = %listener.name(),
+                    url = %listener.url(),
+                    "listener not served by this process; closing it"
+                ),
+            }
+        }
     }
 
     /// Adds a listener.
@@ -412,8 +449,9 @@ impl Listeners {
         self.list.is_empty()
     }
 
+    /// The listeners, given to a server: inherited ones count as taken from here on.
     pub(crate) fn into_vec(self) -> Vec<Listener> {
-        self.list
+        self.list.into_iter().map(untaken::taken).collect()
     }
 }
 
@@ -454,8 +492,9 @@ impl Extend<Listener> for Listeners {
 impl IntoIterator for Listeners {
     type Item = Listener;
     type IntoIter = std::vec::IntoIter<Listener>;
+    /// The listeners, each now the caller's to serve or close: inherited ones count as taken.
     fn into_iter(self) -> Self::IntoIter {
-        self.list.into_iter()
+        self.into_vec().into_iter()
     }
 }
 
@@ -620,6 +659,77 @@ impl From<Socket> for OwnedFd {
         }
     }
 }
+
+/// Inherited listeners not taken yet out of the set [`Listeners::from_env`] returned: an
+/// inherited socket that no server serves and the application did not close is a start-up error
+/// ([`Listeners::close_unused`]).
+///
+/// Kept per process, by fd, because the set may be dropped (closing the fd, a mistake just the
+/// same: the socket was passed to be served) or kept alive next to the server. Taking a
+/// listener out of the set, by name, by address, by iterating it, or by giving the set to a
+/// server, removes it from here.
+mod untaken {
+    use super::{Error, Listener, Mutex, Origin, RawFd};
+
+    /// fd, name, address of each inherited listener not yet taken.
+    static UNTAKEN: Mutex<Vec<(RawFd, String, String)>> = Mutex::new(Vec::new());
+
+    fn untaken() -> std::sync::MutexGuard<'static, Vec<(RawFd, String, String)>> {
+        UNTAKEN.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `list` was just inherited.
+    pub(super) fn inherited(list: &[Listener]) {
+        let mut untaken = untaken();
+        for l in list {
+            if let Origin::Inherited { fd } = l.origin {
+                untaken.push((fd, l.name.clone(), l.url()));
+            }
+        }
+    }
+
+    /// `listener` left the set `from_env` returned.
+    pub(super) fn taken(listener: Listener) -> Listener {
+        if let Origin::Inherited { fd } = listener.origin {
+            untaken().retain(|(f, _, _)| *f != fd);
+        }
+        listener
+    }
+
+    /// An error naming every inherited listener not taken, if there is one.
+    pub(crate) fn check() -> Result<(), Error> {
+        let untaken = untaken();
+        if untaken.is_empty() {
+            return Ok(());
+        }
+        let each: Vec<String> = untaken
+            .iter()
+            .map(|(fd, name, url)| format!("fd {fd} (name {name:?}, {url})"))
+            .collect();
+        let names: Vec<&str> = untaken.iter().map(|(_, n, _)| n.as_str()).collect();
+        Err(Error::config(format!(
+            "inherited listener(s) not served: {}. The service manager passed {} that no service \
+             of this process takes, so clients would wait on {} until they time out. Take it by \
+             its name ({}), or give the socket the name this service takes where it is made \
+             (FileDescriptorName= in the socket unit, systemd-socket-activate --fdname=NAME), or \
+             close what this service does not serve with Listeners::close_unused()",
+            each.join(", "),
+            if untaken.len() == 1 {
+                "a socket"
+            } else {
+                "sockets"
+            },
+            if untaken.len() == 1 { "it" } else { "them" },
+            names
+                .iter()
+                .map(|n| format!("Listeners::take_or_bind({n:?}, ..)"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        )))
+    }
+}
+
+pub(crate) use untaken::check as check_untaken;
 
 #[cfg(test)]
 mod tests {

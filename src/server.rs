@@ -297,6 +297,7 @@ impl Server {
     /// # }
     /// ```
     #[cfg(feature = "rustls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rustls")))]
     pub fn tls(
         mut self,
         listener: impl Into<String>,
@@ -425,7 +426,7 @@ impl Server {
     ///
     /// Putting a value in a request's extensions allocates its map (`http::Extensions`): about
     /// 680 instructions per request with glibc's allocator, some 8 % of what hyper spends on a
-    /// minimal request (see the README's benchmarks; axum's `ConnectInfo` costs the same). A service that never looks
+    /// minimal request (see docs/benchmarks.md; axum's `ConnectInfo` costs the same). A service that never looks
     /// at the connection can save that with `false`; handlers then find no `ConnectionInfo`.
     pub fn connection_info(mut self, enabled: bool) -> Self {
         self.config.connection_info = enabled;

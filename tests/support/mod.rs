@@ -58,7 +58,8 @@ pub fn example(name: &str) -> PathBuf {
 /// The cargo features an example needs (its `required-features`).
 fn features_of(example: &str) -> Option<&'static str> {
     match example {
-        "axum" => Some("axum"),
+        // The metrics feature too: tests/metrics.rs reads the example's /metrics.
+        "axum" => Some("axum metrics"),
         "tls" => Some("rustls"),
         _ => None,
     }
