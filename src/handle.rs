@@ -85,10 +85,31 @@ pub struct Restarted {
 
 /// Why [`Handle::restart`] did not hand over. In every case this process keeps doing what it
 /// did: serving (or shutting down, if it was).
+///
+/// For a new process that failed ([`RestartErrorKind::Failed`]): its pid ([`RestartError::pid`]),
+/// how it ended ([`RestartError::exit_status`]), and the reason it gave
+/// ([`RestartError::reason`]): a process started by a handover restart that fails before it
+/// reports `READY=1` sends the old one a short reason (at most 1 KiB) before it exits: the
+/// message of a panic, of an error from [`crate::Listeners::from_env`], from the server
+/// (`serve(..).await`), from [`crate::TlsCertificate::load_pem`], or what the application
+/// passes to [`crate::report_start_failure`]. The `Display` says all of it in one sentence
+/// (it does not start with "restart failed").
+///
+/// ```
+/// fn describe(e: &handover::RestartError) -> String {
+///     match (e.pid(), e.reason()) {
+///         (Some(pid), Some(why)) => format!("restart failed: pid {pid} said: {why}"),
+///         _ => format!("restart failed: {e}"),
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestartError {
     kind: RestartErrorKind,
     message: String,
+    pid: Option<u32>,
+    exit_status: Option<std::process::ExitStatus>,
+    reason: Option<String>,
 }
 
 /// The class of a [`RestartError`].
@@ -115,12 +136,52 @@ impl RestartError {
         RestartError {
             kind,
             message: message.into(),
+            pid: None,
+            exit_status: None,
+            reason: None,
+        }
+    }
+
+    /// A failed restart, as this process (pid `own_pid`) reports it: the failure, and that this
+    /// process keeps serving.
+    pub(crate) fn failed(failure: &crate::error::RestartFailure, own_pid: u32) -> RestartError {
+        let (exit_status, reason) = match failure {
+            crate::error::RestartFailure::Exited { status, reason, .. } => {
+                (status.exit_status(), reason.clone())
+            }
+            _ => (None, None),
+        };
+        RestartError {
+            kind: RestartErrorKind::Failed,
+            message: format!("{failure}; this process (pid {own_pid}) keeps serving"),
+            pid: failure.pid(),
+            exit_status,
+            reason,
         }
     }
 
     /// The class of the error.
     pub fn kind(&self) -> RestartErrorKind {
         self.kind
+    }
+
+    /// The pid of the new process, if one was started.
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    /// How the new process ended, if it exited (or was killed by a signal) before it was
+    /// ready: [`std::process::ExitStatus::code`], or with
+    /// [`std::os::unix::process::ExitStatusExt::signal`] the signal. `None` when it was
+    /// stopped by this process (a timeout, a close signal), or how it ended is not known.
+    pub fn exit_status(&self) -> Option<std::process::ExitStatus> {
+        self.exit_status
+    }
+
+    /// What the new process said about why it failed, if it said anything before it exited:
+    /// one line, at most 1 KiB.
+    pub fn reason(&self) -> Option<&str> {
+        self.reason.as_deref()
     }
 }
 

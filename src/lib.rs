@@ -76,6 +76,8 @@ compile_error!(
 );
 
 mod accept;
+#[cfg(feature = "rustls")]
+mod certs;
 mod conn;
 mod conn_info;
 mod drain;
@@ -87,6 +89,7 @@ mod keeper;
 mod lifecycle;
 mod listen;
 mod notify;
+mod reason;
 mod restart;
 mod server;
 mod signals;
@@ -96,11 +99,14 @@ mod sys;
 mod tls;
 
 pub use accept::HttpService;
+#[cfg(feature = "rustls")]
+pub use certs::{CertificateError, CertificateErrorKind, TlsCertificate};
 pub use conn_info::{ConnectionInfo, Local, Peer, PeerCredentials};
 pub use error::{Error, ErrorKind};
 pub use handle::{Handle, RestartError, RestartErrorKind, Restarted, State};
 pub use hooks::HooksReport;
 pub use listen::{Listener, Listeners, Origin};
+pub use reason::report_start_failure;
 pub use server::{Reason, Server, Shutdown, serve};
 #[cfg(feature = "rustls")]
 pub use tls::TlsInfo;

@@ -47,7 +47,14 @@ use crate::startup::{self, Startup};
 
 /// Runs `server` to the end of its life.
 pub(crate) async fn run(server: Server) -> Result<Shutdown, Error> {
-    let mut life = Lifecycle::start(server).await?;
+    let mut life = match Lifecycle::start(server).await {
+        Ok(life) => life,
+        Err(e) => {
+            // A restarted process that cannot start serving says why to its parent.
+            crate::reason::report(&e);
+            return Err(e);
+        }
+    };
     loop {
         let event = life.next_event().await;
         if let Some(end) = life.step(event).await {
@@ -453,10 +460,7 @@ impl Lifecycle {
                     self.config.ready_timeout,
                 );
                 tracing::info!(pid, "still serving after the failed restart");
-                in_flight.reply(Err(RestartError::new(
-                    RestartErrorKind::Failed,
-                    format!("restart failed: {failure}; this process (pid {pid}) keeps serving"),
-                )));
+                in_flight.reply(Err(RestartError::failed(&failure, pid)));
                 self.handle.set_state(State::Serving);
             }
         }
@@ -719,7 +723,9 @@ impl Lifecycle {
                 if let Some(w) = waiter {
                     let _ = w.send(Err(RestartError::new(
                         RestartErrorKind::Failed,
-                        format!("restart failed: could not duplicate the listeners: {e}"),
+                        format!(
+                            "could not duplicate the listeners: {e}; this process keeps serving"
+                        ),
                     )));
                 }
             }

@@ -210,6 +210,15 @@ impl Listeners {
     /// A malformed `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES` or `LISTEN_FDS_FIRST_FD`, or an
     /// inherited fd that is not a listening stream socket.
     pub fn from_env() -> Result<Listeners, Error> {
+        let result = Listeners::adopt_env();
+        if let Err(e) = &result {
+            // A restarted process that cannot adopt its listeners says why to its parent.
+            crate::reason::report(e);
+        }
+        result
+    }
+
+    fn adopt_env() -> Result<Listeners, Error> {
         let startup = startup::get();
         if !startup.take_fds() {
             return Ok(Listeners::default());

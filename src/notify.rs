@@ -204,6 +204,9 @@ impl Notifier {
     /// the service manager. A report that cannot be delivered is logged as an error: a parent
     /// then gives up on us and kills us; a service manager may consider the start failed.
     pub(crate) async fn ready(&self, status: &str, patience: Duration) {
+        // From now on a failure is not the start's: no reason may follow READY=1 on the
+        // channel (the parent reads acknowledgements there then).
+        crate::reason::disarm();
         let mut msg = format_states(&[NotifyState::Ready, NotifyState::Status(status)]);
         let deadline = deadline_after(patience.max(MIN_PATIENCE));
         let parent = self.parent.lock().unwrap_or_else(|p| p.into_inner()).take();

@@ -117,6 +117,9 @@ fn capture() -> Startup {
         // First of all, so that nothing the application starts from now on inherits it.
         if let Err(e) = sys::set_cloexec_raw(fd) {
             tracing::warn!(fd, error = %e, "{CHANNEL_VAR} names an fd that is not open");
+        } else {
+            // Until READY=1, a failure (an error, a panic) is told to the parent.
+            crate::reason::arm(fd);
         }
     }
     let startup = Startup {

@@ -855,9 +855,11 @@ fn a_restart_after_replacing_the_files_serves_the_new_certificate() {
 }
 
 /// A broken new certificate (a key that does not match, a missing file, a file that is not
-/// PEM) makes the new process exit 1 before `READY=1`, naming the file and the problem: the
-/// restart rolls back, `STATUS=` says so, and certificate A is still served, by the old
-/// process, without a failed request.
+/// PEM, a key file without a key) makes the new process exit 1 before `READY=1`, naming the
+/// file and the problem: the restart rolls back; the new process's reason (the file and the
+/// problem) reaches the old one, which says it in `STATUS=` and in the handle's error (the
+/// example's `POST /restart`); certificate A is still served, by the old process, without a
+/// failed request.
 #[test]
 fn a_broken_certificate_rolls_back_and_the_old_one_is_still_served() {
     let notify = NotifySocket::new();
@@ -865,7 +867,11 @@ fn a_broken_certificate_rolls_back_and_the_old_one_is_still_served() {
     let (a, other) = (ca.server(), ca.server());
     let files = Files::new("tls-broken");
     files.install(&a);
-    let Server { mut proc, web, .. } = start(&notify, &files, &[], &[]);
+    let Server {
+        mut proc,
+        web,
+        health,
+    } = start(&notify, &files, &[], &[]);
     let pid = proc.pid;
     let config = client_config(&ca.der(), &[b"http/1.1"]);
     let load = TlsLoad::start(web, &ca.der(), 4, 1, Duration::from_secs(60));
@@ -880,7 +886,7 @@ fn a_broken_certificate_rolls_back_and_the_old_one_is_still_served() {
         (
             "a key that does not match the certificate",
             Box::new(|f: &Files| replace_file(&f.key(), &other.key_pem)),
-            format!("TLS private key file {key} does not match the certificate in {cert}"),
+            format!("TLS private key file {key}: does not match the certificate in {cert}"),
         ),
         (
             "a missing certificate file",
@@ -890,25 +896,47 @@ fn a_broken_certificate_rolls_back_and_the_old_one_is_still_served() {
         (
             "a certificate file that is not PEM",
             Box::new(|f: &Files| replace_file(&f.cert(), "not a certificate\n")),
-            format!("TLS certificate file {cert}: no certificate in it"),
+            format!("TLS certificate file {cert}: not PEM: no \"-----BEGIN ...-----\" block in it"),
         ),
         (
             "a key file with no key",
             Box::new(|f: &Files| replace_file(&f.key(), &a.cert_pem)),
-            format!("TLS private key file {key}: no PEM item of the expected kind in it"),
+            format!("TLS private key file {key}: no private key in it (it holds CERTIFICATE;"),
         ),
     ];
     for (i, (name, breaks, why)) in cases.iter().enumerate() {
         files.install(&a);
         breaks(&files);
-        proc.signal(Signal::USR1);
+        // Through the handle (the example's `POST /restart`) and through the signal, in turn.
+        let answer = if i % 2 == 0 {
+            let answer = support::request(health, "POST", "/restart").expect("POST /restart");
+            assert_eq!(answer.status, 500, "{name}: {answer:?}");
+            Some(answer.body)
+        } else {
+            proc.signal(Signal::USR1);
+            None
+        };
         let failed = notify.wait_nth(i + 1, SOON, |n| n.text.contains("STATUS=Restart failed"));
         assert_eq!(failed.pid, pid, "{name}");
         assert!(failed.has("READY=1"), "{name}: the reload ends: {failed:?}");
         assert!(
-            failed.text.contains("exited with status 1"),
+            failed
+                .text
+                .contains("exited with status 1 before it reported READY=1: "),
             "{name}: {failed:?}"
         );
+        // The new process's own words: the file and the problem, in STATUS= and the answer.
+        assert!(failed.text.contains(why.as_str()), "{name}: {failed:?}");
+        if let Some(body) = answer {
+            assert!(
+                body.starts_with("restart failed: new process ")
+                    && body.contains("exited with status 1 before it reported READY=1: ")
+                    && body.contains(why.as_str())
+                    && body.ends_with(&format!("this process (pid {pid}) keeps serving\n")),
+                "{name}: {body}"
+            );
+            assert!(!body.contains("restart failed: restart failed"), "{body}");
+        }
         assert!(
             failed.text.contains(&format!("still serving as pid {pid}")),
             "{name}: {failed:?}"
