@@ -96,6 +96,8 @@ mod signals;
 mod startup;
 mod sys;
 #[cfg(feature = "rustls")]
+mod tickets;
+#[cfg(feature = "rustls")]
 mod tls;
 
 pub use accept::HttpService;

@@ -309,6 +309,14 @@ async fn attempt(
     )
     .map_err(io::Error::from)
     .map_err(io_err("could not create the channel to the new process"))?;
+    // The TLS session ticket keys go first, before the child runs: it takes them at start-up,
+    // before its first handshake (`tickets`). The queue is empty, so this never blocks.
+    #[cfg(feature = "rustls")]
+    if let Some(keys) = crate::tickets::message_for_successor() {
+        notify::send_now(channel.as_fd(), &keys).map_err(io_err(
+            "could not send the TLS session ticket keys to the new process",
+        ))?;
+    }
     let channel = Connected::new(channel)
         .map_err(io_err("could not register the channel to the new process"))?;
 
