@@ -1174,3 +1174,244 @@ fn a_stalled_handshake_is_closed_by_the_header_read_timeout() {
     assert!(closed.contains("timed_out=3"), "{closed}");
     assert_none_left([server.proc.pid]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// TLS sessions across restarts.
+
+/// The `tls` example under `systemd-socket-activate` (the listeners `web` and `health` are the
+/// tool's, by name), with the certificate in `files` and `env` (`VAR=value`); started by a
+/// first connection, once it is ready.
+fn activated(notify: &NotifySocket, files: &Files, env: &[&str]) -> Server {
+    let web = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let health = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut spawn = Spawn::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(web.to_string())
+        .arg("-l")
+        .arg(health.to_string())
+        .arg("--fdname=web:health")
+        .arg("-E")
+        .arg(format!("NOTIFY_SOCKET={}", notify.path.display()))
+        .arg("-E")
+        .arg("RUST_LOG=info")
+        .arg("-E")
+        .arg(format!("HANDOVER_TLS_CERT={}", files.cert().display()))
+        .arg("-E")
+        .arg(format!("HANDOVER_TLS_KEY={}", files.key().display()));
+    for var in env {
+        spawn = spawn.arg("-E").arg(var);
+    }
+    let proc = spawn.arg(example("tls")).start();
+    proc.lines.wait_for("Listening on", SOON);
+    // The first connection starts the program (it keeps the tool's pid).
+    let first = get(health, "/healthz").expect("the first connection starts the server");
+    assert_eq!(first.pid, proc.pid);
+    let ready = notify.wait_line("READY=1", SOON);
+    assert_eq!(ready.pid, proc.pid);
+    Server { proc, web, health }
+}
+
+/// Whether `openssl` is installed (CI must have it).
+fn have_openssl() -> bool {
+    let found = std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found || std::env::var_os("CI").is_none(),
+        "openssl is not installed, and CI must run this test"
+    );
+    found
+}
+
+/// How an `openssl s_client` connection went: whether it resumed its session, and which pid
+/// answered its request.
+#[derive(Debug, PartialEq, Eq)]
+struct SClient {
+    reused: bool,
+    version: String,
+    pid: u32,
+}
+
+/// One `GET /` with `openssl s_client` (`-tls1_3` or `-tls1_2`), saving the session to
+/// `session` (`-sess_out`), or resuming it from there (`-sess_in`, `resume`).
+fn s_client(addr: SocketAddr, version: &str, session: &Path, resume: bool) -> SClient {
+    use std::io::Write;
+    let mut child = std::process::Command::new("timeout")
+        .arg("20")
+        .arg("openssl")
+        .arg("s_client")
+        .arg("-connect")
+        .arg(addr.to_string())
+        .arg("-servername")
+        .arg("localhost")
+        .arg(version)
+        .arg(if resume { "-sess_in" } else { "-sess_out" })
+        .arg(session)
+        // Read until the server closes (after the response): TLS 1.3 tickets come after the
+        // handshake, and are in the session file only once read.
+        .arg("-ign_eof")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run openssl s_client");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .expect("write the request");
+    let out = child.wait_with_output().expect("openssl s_client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("New, ") || l.starts_with("Reused, "))
+        .unwrap_or_else(|| panic!("no New/Reused line from s_client: {text}"));
+    let pid = text
+        .lines()
+        .find_map(|l| l.strip_prefix("x-pid: "))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no response from s_client: {text}"));
+    SClient {
+        reused: line.starts_with("Reused, "),
+        version: line.split(", ").nth(1).unwrap_or_default().to_string(),
+        pid,
+    }
+}
+
+/// One `GET /` on a new connection with a rustls client whose session cache is `config`'s:
+/// the pid that answered, and whether the handshake resumed a session.
+fn resumed_get(addr: SocketAddr, config: &Arc<ClientConfig>) -> (u32, bool) {
+    runtime().block_on(async {
+        let (stream, _) = connect(addr, config).await.expect("connect");
+        let kind = stream.get_ref().1.handshake_kind();
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .expect("handshake");
+        let conn = tokio::spawn(conn);
+        let resp = sender
+            .send_request(request("/", true))
+            .await
+            .expect("request");
+        let got = answer(resp).await.expect("answer");
+        drop(sender);
+        // Read to the end: TLS 1.3 tickets arrive after the handshake.
+        let _ = tokio::time::timeout(SOON, conn).await;
+        assert_eq!((got.status, got.body.as_ref()), (200, &b"Hello world"[..]));
+        (got.pid, kind == Some(rustls::HandshakeKind::Resumed))
+    })
+}
+
+/// A client that saved its TLS session (a ticket) with one process resumes it with the next,
+/// after a `SIGUSR1` restart under `systemd-socket-activate`: `openssl s_client -sess_in` says
+/// `Reused` for TLS 1.3 and 1.2, and a rustls client's handshake is a resumption, for both
+/// versions, answered by the new process. Two restarts: keys made by the second process work
+/// with the third.
+#[test]
+fn tls_sessions_resume_after_a_restart_openssl_and_rustls_tls13_and_tls12() {
+    let openssl = have_openssl();
+    let notify = NotifySocket::new();
+    let ca = Ca::new();
+    let files = Files::new("tls-sessions");
+    files.install(&ca.server());
+    let Server { mut proc, web, .. } = activated(&notify, &files, &[]);
+    let first = proc.pid;
+    let rustls_clients = [
+        client_config_with(&ca.der(), &[b"http/1.1"], &[&rustls::version::TLS13], None),
+        client_config_with(&ca.der(), &[b"http/1.1"], &[&rustls::version::TLS12], None),
+    ];
+    let versions = ["-tls1_3", "-tls1_2"];
+    let session = |v: &str| files.dir.join(format!("session{v}.pem"));
+
+    let mut pids = vec![first];
+    for round in [1, 2] {
+        let old = *pids.last().expect("a pid");
+        // Sessions made with the old process.
+        if openssl {
+            for v in versions {
+                let got = s_client(web, v, &session(v), false);
+                assert_eq!((got.reused, got.pid), (false, old), "{v}: {got:?}");
+            }
+        }
+        for config in &rustls_clients {
+            let (pid, _) = resumed_get(web, config);
+            assert_eq!(pid, old);
+            // The same process resumes, of course.
+            assert_eq!(resumed_get(web, config), (old, true));
+        }
+        let new = restart(&notify, &mut proc, old, round);
+        pids.push(new);
+        // The new process resumes them.
+        if openssl {
+            for v in versions {
+                let got = s_client(web, v, &session(v), true);
+                let expected = if v == "-tls1_3" { "TLSv1.3" } else { "TLSv1.2" };
+                assert_eq!(
+                    (got.reused, got.version.as_str(), got.pid),
+                    (true, expected, new),
+                    "round {round}, {v}: the session made with pid {old} resumes with pid {new}"
+                );
+            }
+        }
+        for (config, v) in rustls_clients.iter().zip(versions) {
+            assert_eq!(
+                resumed_get(web, config),
+                (new, true),
+                "round {round}, rustls {v}: resumed with the new process"
+            );
+        }
+        assert!(proc.lines.eventually(
+            "took the TLS session ticket keys of the previous process",
+            SOON
+        ));
+    }
+    let last = *pids.last().expect("a pid");
+    stop(last, &pids);
+}
+
+/// A ticket is refused once its key is two rotation periods old (here 2 s each), across a
+/// restart too: `openssl s_client -sess_in` (TLS 1.2, whose client offers a ticket whatever
+/// its age) resumes at once, and gets a full handshake (`New`) after the window; a new session
+/// with the new process resumes again.
+#[test]
+fn a_ticket_older_than_the_rotation_window_is_refused() {
+    if !have_openssl() {
+        eprintln!("SKIPPED: a_ticket_older_than_the_rotation_window_is_refused (no openssl)");
+        return;
+    }
+    let notify = NotifySocket::new();
+    let ca = Ca::new();
+    let files = Files::new("tls-expiry");
+    files.install(&ca.server());
+    let Server { mut proc, web, .. } =
+        activated(&notify, &files, &["HANDOVER_TICKET_ROTATION_MS=2000"]);
+    let old = proc.pid;
+    let session = files.dir.join("session.pem");
+    let before = Instant::now();
+    assert!(!s_client(web, "-tls1_2", &session, false).reused);
+    // The ticket's key was made with it (the first ticket of the service), in between.
+    let made = Instant::now();
+    // Within the window (at least one period): resumes.
+    let again = s_client(web, "-tls1_2", &session, true);
+    assert!(
+        again.reused || before.elapsed() >= Duration::from_secs(2),
+        "resumes within the window: {again:?}"
+    );
+    let new = restart(&notify, &mut proc, old, 1);
+    // The window (two periods from the key's making) is over 4 s after `made` at the latest.
+    let wait = Duration::from_millis(4500).saturating_sub(made.elapsed());
+    std::thread::sleep(wait);
+    let late = s_client(web, "-tls1_2", &session, true);
+    assert_eq!(
+        (late.reused, late.pid),
+        (false, new),
+        "a ticket older than two periods gets a full handshake"
+    );
+    // The full handshake made a new session, with a current key: it resumes.
+    let fresh = files.dir.join("fresh.pem");
+    assert!(!s_client(web, "-tls1_2", &fresh, false).reused);
+    assert!(s_client(web, "-tls1_2", &fresh, true).reused);
+    stop(new, &[old, new]);
+}
