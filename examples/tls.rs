@@ -27,7 +27,9 @@
 //! For the tests: every response carries `x-pid`; `?sleep_ms=N` delays `/` by N ms;
 //! `HANDOVER_DRAIN_TIMEOUT_MS`, `HANDOVER_READY_TIMEOUT_MS` and
 //! `HANDOVER_HEADER_READ_TIMEOUT_MS` override those timeouts, `HANDOVER_TICKET_ROTATION_MS` the
-//! session ticket key's rotation period (default 6 h).
+//! session ticket key's rotation period (default 6 h). `HANDOVER_FD_STORE=1` hands the listeners
+//! it binds and the ticket keys to systemd's fd store (`FileDescriptorStoreMax=3`), so that TLS
+//! sessions survive `systemctl restart` and crashes too.
 //!
 //! TLS sessions survive restarts: a client that resumes with a ticket from before a
 //! `kill -USR1` resumes with the new process (`openssl s_client -sess_out s.pem`, restart,
@@ -122,6 +124,10 @@ fn main() -> ExitCode {
     }
     if let Some(t) = common::env_ms("HANDOVER_TICKET_ROTATION_MS") {
         server = server.session_ticket_rotation(t);
+    }
+    if std::env::var_os("HANDOVER_FD_STORE").is_some_and(|v| v == "1") {
+        // The listeners it binds and the session ticket keys go to systemd's fd store.
+        server = server.fd_store(true);
     }
     common::run(server)
 }

@@ -166,6 +166,8 @@ impl Lifecycle {
             tls,
         } = server;
         let startup = startup::get();
+        #[cfg(feature = "rustls")]
+        let serves_tls = !tls.is_empty();
         let bound = bind_services(listeners.into_vec(), services)?;
         #[cfg(feature = "rustls")]
         let bound = crate::tls::apply(bound, tls)?;
@@ -179,6 +181,12 @@ impl Lifecycle {
         // As PID 1, what to forward to the successor once this process is its keeper.
         crate::keeper::forward_signals(&config.close_signals, restart_signals);
         let notifier = Arc::new(Notifier::from_startup(startup));
+        // The TLS session ticket keys go to the fd store too, and again at each rotation.
+        #[cfg(feature = "rustls")]
+        if config.fd_store && serves_tls {
+            let store_now = !notifier.has_parent_channel();
+            crate::tickets::keep_in_fd_store(Arc::clone(&notifier), store_now);
+        }
         let connections = Connections::new(config.header_read_timeout, config.connection_info);
         // Registered before any loop starts, so an error here leaves nothing running.
         let acceptors = bound

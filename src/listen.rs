@@ -239,6 +239,11 @@ impl Listeners {
         }
         let mut list = Vec::with_capacity(fds.len());
         for (fd, name) in fds {
+            if name == startup::TICKETS_FDNAME {
+                // Not a listener: the TLS session ticket keys, back from the fd store.
+                restore_tickets(fd);
+                continue;
+            }
             let (owned, family) = sys::adopt_inherited(fd).map_err(|problem| {
                 Error::new(Inner::BadFd {
                     fd,
@@ -499,6 +504,23 @@ fn remove_stale_socket(path: &Path) {
             tracing::debug!(path = %path.display(), "the Unix socket is alive (its backlog is full)");
         }
         _ => {}
+    }
+}
+
+/// The TLS session ticket keys a previous process of the service put in the fd store
+/// (`Server::fd_store` with a TLS listener), given back at `fd`: taken (feature `rustls`) or
+/// closed.
+fn restore_tickets(fd: RawFd) {
+    match sys::adopt_inherited_file(fd) {
+        #[cfg(feature = "rustls")]
+        Ok(file) => crate::tickets::restore(file),
+        #[cfg(not(feature = "rustls"))]
+        Ok(file) => drop(file),
+        Err(problem) => tracing::warn!(
+            fd,
+            "the fd store's {} fd {problem}; ignored",
+            startup::TICKETS_FDNAME
+        ),
     }
 }
 

@@ -286,6 +286,15 @@ impl Notifier {
 }
 
 impl Notifier {
+    /// Removes what the service manager's fd store holds under `name` (`FDSTOREREMOVE=1`),
+    /// best effort: before storing a new fd under the same name.
+    #[cfg_attr(not(feature = "rustls"), allow(dead_code))]
+    pub(crate) fn remove_stored(&self, name: &str) {
+        if let Some(target) = &self.upstream {
+            send(target, &format!("FDSTOREREMOVE=1\nFDNAME={name}\n"));
+        }
+    }
+
     /// Hands `fds` to the service manager's fd store (`FDSTORE=1`, one message per fd so each
     /// keeps its own `FDNAME=`). Only the service manager is asked, never a parent.
     pub(crate) fn store_fds(&self, fds: &[(BorrowedFd<'_>, &str)]) {

@@ -159,6 +159,10 @@ fn capture() -> Startup {
     startup
 }
 
+/// The name (`FDNAME=`) of the TLS session ticket keys in the service manager's fd store,
+/// and so in `LISTEN_FDNAMES` when it gives them back (see `tickets`).
+pub(crate) const TICKETS_FDNAME: &str = "handover-tickets";
+
 /// The first line of the TLS session ticket keys message a parent queues on the channel (see
 /// `tickets`).
 const TICKETS_KIND: &[u8] = b"X_HANDOVER_TICKETS\n";

@@ -147,6 +147,30 @@ pub(crate) enum StreamFamily {
     Unix,
 }
 
+/// Takes ownership of an inherited fd that is a regular file (a memfd of the fd store: the TLS
+/// session ticket keys, `tickets`), without further checks; the caller checks its seals.
+///
+/// The caller must own the fd number, as for [`adopt_inherited`].
+pub(crate) fn adopt_inherited_file(fd: RawFd) -> Result<OwnedFd, String> {
+    set_cloexec_raw(fd).map_err(|e| match e.raw_os_error() {
+        Some(libc::EBADF) => "is not open".to_string(),
+        _ => format!("cannot be inspected: {e}"),
+    })?;
+    // SAFETY: open (F_GETFD just succeeded) and ours alone: the inherited range belongs to
+    // this one caller ([`crate::startup::Startup::take_fds`]).
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let stat = rustix::fs::fstat(borrowed).map_err(|e| format!("cannot be inspected: {e}"))?;
+    let file_type = FileType::from_raw_mode(stat.st_mode);
+    if file_type != FileType::RegularFile {
+        return Err(format!(
+            "is a {}; expected a memfd (regular file)",
+            describe_file_type(file_type)
+        ));
+    }
+    // SAFETY: as above; the OwnedFd is its only owner from here on.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Takes ownership of an inherited fd after checking that it is an open, listening stream
 /// socket of family INET, INET6 or UNIX. On error the fd is left as it was (open, and
 /// close-on-exec), and the message says what it is instead.

@@ -106,6 +106,9 @@ pub(crate) struct Ticketer {
     /// rustls's own ticketer does).
     longest: AtomicU64,
     now: fn() -> u64,
+    /// The service manager's fd store, once the server asked for it (`Server::fd_store`):
+    /// every new set of keys is stored there.
+    fd_store: std::sync::Mutex<Option<Arc<crate::notify::Notifier>>>,
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
@@ -134,6 +137,78 @@ pub(crate) fn message_for_successor() -> Option<Zeroizing<Vec<u8>>> {
     TICKETER.get()?.export()
 }
 
+/// The name of the ticket keys in the service manager's fd store (`FDNAME=`), and so in
+/// `LISTEN_FDNAMES` when systemd gives them back.
+pub(crate) const FDNAME: &str = crate::startup::TICKETS_FDNAME;
+
+/// Keeps the keys in the service manager's fd store from now on (`Server::fd_store(true)` with
+/// a TLS listener): stored now, and again at every rotation.
+/// `store_now`: also now (not in a process a restart started: its keys are its parent's,
+/// stored already, and the manager takes `FDSTORE=1` from the main process only).
+pub(crate) fn keep_in_fd_store(notifier: Arc<crate::notify::Notifier>, store_now: bool) {
+    let ticketer = ticketer();
+    *ticketer.fd_store.lock().unwrap_or_else(|p| p.into_inner()) = Some(notifier);
+    if !store_now {
+        return;
+    }
+    let keys = ticketer.keys.read().unwrap_or_else(|p| p.into_inner());
+    match keys.as_ref() {
+        Some(k) => ticketer.store(k),
+        None => {
+            drop(keys);
+            // Makes (and so stores) the first keys now, not at the first handshake.
+            let _ = ticketer.export();
+        }
+    }
+}
+
+/// A memfd holding `contents`, sealed: nobody can change, grow or shrink it any more, nor
+/// remove the seals. What the fd store keeps is then exactly what was written.
+fn sealed_memfd(contents: &[u8]) -> std::io::Result<std::os::fd::OwnedFd> {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    let fd = rustix::fs::memfd_create(FDNAME, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+    let mut written = 0;
+    // Bounded: each turn writes at least a byte, or fails.
+    while written < contents.len() {
+        match rustix::io::write(&fd, &contents[written..])? {
+            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+            n => written += n,
+        }
+    }
+    rustix::fs::fcntl_add_seals(
+        &fd,
+        SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL,
+    )?;
+    Ok(fd)
+}
+
+/// Takes the keys the service manager gave back from its fd store (the memfd [`FDNAME`] in
+/// `LISTEN_FDS`, after a `systemctl restart` or a crash): only from a sealed memfd, which is
+/// what a process of this service stored.
+pub(crate) fn restore(fd: std::os::fd::OwnedFd) {
+    use rustix::fs::SealFlags;
+    let needed = SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL;
+    match rustix::fs::fcntl_get_seals(&fd) {
+        Ok(seals) if seals.contains(needed) => {}
+        _ => {
+            tracing::warn!("the {FDNAME} fd of the fd store is not a sealed memfd; ignored");
+            return;
+        }
+    }
+    let mut buf = Zeroizing::new(vec![0u8; KIND.len() + 2 + 2 * KEY_LEN + 1]);
+    match rustix::io::pread(&fd, &mut buf[..], 0) {
+        Ok(n) => match ticketer().import(&buf[..n]) {
+            Ok(keys) => tracing::info!(keys, "took the TLS session ticket keys from the fd store"),
+            Err(e) => tracing::warn!(
+                "the TLS session ticket keys in the fd store are unusable ({e}); new keys are made"
+            ),
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the TLS session ticket keys of the fd store")
+        }
+    }
+}
+
 /// Takes the keys a previous process sent (the whole message, [`KIND`] included).
 pub(crate) fn adopt(message: &[u8]) {
     match ticketer().import(message) {
@@ -154,6 +229,31 @@ impl Ticketer {
             period_ms: AtomicU64::new(DEFAULT_ROTATION.as_millis() as u64),
             longest: AtomicU64::new(0),
             now,
+            fd_store: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Puts `keys` in the fd store, if asked to: a sealed memfd under [`FDNAME`], replacing the
+    /// one stored before. Best effort, never blocks: a manager that refuses it (no
+    /// `FileDescriptorStoreMax=` room, a process that is not the main one) only costs the
+    /// sessions of the next `systemctl restart`.
+    fn store(&self, keys: &Keys) {
+        let notifier = self
+            .fd_store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(notifier) = notifier else { return };
+        match sealed_memfd(&encode(keys)) {
+            Ok(fd) => {
+                use std::os::fd::AsFd;
+                notifier.remove_stored(FDNAME);
+                notifier.store_fds(&[(fd.as_fd(), FDNAME)]);
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "could not make the memfd for the fd store; TLS sessions will not survive a systemctl restart"
+            ),
         }
     }
 
@@ -197,27 +297,14 @@ impl Ticketer {
             },
         };
         let result = f(&rotated, now);
+        self.store(&rotated);
         *keys = Some(rotated);
         Some(result)
     }
 
     /// The keys, current first, as the message for a new process.
     fn export(&self) -> Option<Zeroizing<Vec<u8>>> {
-        self.with_keys(|keys, _| {
-            let mut msg = Zeroizing::new(Vec::with_capacity(KIND.len() + 2 + 2 * KEY_LEN));
-            msg.extend_from_slice(KIND);
-            msg.push(VERSION);
-            let list: Vec<&Key> = std::iter::once(&keys.current)
-                .chain(keys.previous.as_ref())
-                .collect();
-            msg.push(list.len() as u8);
-            for key in list {
-                msg.extend_from_slice(&key.name);
-                msg.extend_from_slice(&key.secret[..]);
-                msg.extend_from_slice(&key.made.to_be_bytes());
-            }
-            msg
-        })
+        self.with_keys(|keys, _| encode(keys))
     }
 
     /// Replaces the keys with those of `message`; returns how many.
@@ -315,6 +402,23 @@ impl rustls::server::ProducesTickets for Ticketer {
             Some(out)
         })?
     }
+}
+
+/// The keys message (see the module docs).
+fn encode(keys: &Keys) -> Zeroizing<Vec<u8>> {
+    let mut msg = Zeroizing::new(Vec::with_capacity(KIND.len() + 2 + 2 * KEY_LEN));
+    msg.extend_from_slice(KIND);
+    msg.push(VERSION);
+    let list: Vec<&Key> = std::iter::once(&keys.current)
+        .chain(keys.previous.as_ref())
+        .collect();
+    msg.push(list.len() as u8);
+    for key in list {
+        msg.extend_from_slice(&key.name);
+        msg.extend_from_slice(&key.secret[..]);
+        msg.extend_from_slice(&key.made.to_be_bytes());
+    }
+    msg
 }
 
 /// Equal, in time that depends on the length only.

@@ -1415,3 +1415,178 @@ fn a_ticket_older_than_the_rotation_window_is_refused() {
     assert!(s_client(web, "-tls1_2", &fresh, true).reused);
     stop(new, &[old, new]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The fd store, as systemd keeps it across `systemctl restart` and crashes.
+
+/// A service manager's notify socket that keeps what `FDSTORE=1` hands it, as systemd's fd
+/// store does: the last fd stored under each name (`FDSTOREREMOVE=1` drops one).
+struct FdStore {
+    path: PathBuf,
+    socket: std::os::unix::net::UnixDatagram,
+    stored: BTreeMap<String, std::os::fd::OwnedFd>,
+    /// Every message's text, with the pid of its sender.
+    seen: Vec<(u32, String)>,
+}
+
+impl FdStore {
+    fn new(dir: &Path) -> FdStore {
+        let path = dir.join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
+        rustix::net::sockopt::set_socket_passcred(&socket, true).expect("SO_PASSCRED");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        FdStore {
+            path,
+            socket,
+            stored: BTreeMap::new(),
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads messages until one from `pid` contains `line`, within `timeout`.
+    fn wait_for(&mut self, pid: u32, line: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self
+            .seen
+            .iter()
+            .any(|(p, t)| *p == pid && t.lines().any(|l| l == line))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no {line:?} from pid {pid} within {timeout:?}: {:?}",
+                self.seen
+            );
+            self.read_one();
+        }
+    }
+
+    /// One message, if one comes within the socket's read timeout.
+    fn read_one(&mut self) {
+        use std::mem::MaybeUninit;
+        let mut buf = [0u8; 4096];
+        let mut space =
+            [MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1), ScmRights(4))];
+        let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+        let msg = match rustix::net::recvmsg(
+            &self.socket,
+            &mut [std::io::IoSliceMut::new(&mut buf)],
+            &mut control,
+            rustix::net::RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Ok(m) => m,
+            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => return,
+            Err(e) => panic!("recvmsg: {e}"),
+        };
+        let mut fds = Vec::new();
+        let mut pid = 0;
+        for c in control.drain() {
+            match c {
+                rustix::net::RecvAncillaryMessage::ScmRights(r) => fds.extend(r),
+                rustix::net::RecvAncillaryMessage::ScmCredentials(c) => {
+                    pid = c.pid.as_raw_nonzero().get() as u32;
+                }
+                _ => {}
+            }
+        }
+        let text = String::from_utf8_lossy(&buf[..msg.bytes]).into_owned();
+        let name = text
+            .lines()
+            .find_map(|l| l.strip_prefix("FDNAME="))
+            .map(str::to_string);
+        if text.lines().any(|l| l == "FDSTOREREMOVE=1") {
+            if let Some(name) = &name {
+                self.stored.remove(name);
+            }
+        }
+        if text.lines().any(|l| l == "FDSTORE=1") {
+            if let (Some(name), Some(fd)) = (name, fds.pop()) {
+                self.stored.insert(name, fd);
+            }
+        }
+        self.seen.push((pid, text));
+    }
+}
+
+/// `systemctl restart` (or a crash) of a service with `FileDescriptorStoreMax=`: the process
+/// stores the listeners it bound and its session ticket keys (a sealed memfd) in the fd store,
+/// stops, and the next process gets all of them back in `LISTEN_FDS`: a session saved with the
+/// first process resumes with the second (`openssl s_client -sess_in`: `Reused`, TLS 1.3 and
+/// 1.2).
+#[test]
+fn tls_sessions_resume_after_a_restart_through_the_fd_store() {
+    if !have_openssl() {
+        eprintln!("SKIPPED: tls_sessions_resume_after_a_restart_through_the_fd_store (no openssl)");
+        return;
+    }
+    let ca = Ca::new();
+    let files = Files::new("tls-fdstore");
+    files.install(&ca.server());
+    let mut store = FdStore::new(&files.dir);
+    let web = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let health = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let notify_path = store.path.clone();
+    let spawn = |fds: Vec<std::os::fd::OwnedFd>, names: &str| {
+        let mut spawn = Spawn::new(example("tls"))
+            .arg("--cert")
+            .arg(files.cert())
+            .arg("--key")
+            .arg(files.key())
+            .arg("--web")
+            .arg(web.to_string())
+            .arg("--health")
+            .arg(health.to_string())
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("HANDOVER_FD_STORE", "1");
+        if !fds.is_empty() {
+            spawn = spawn
+                .env("LISTEN_FDS", fds.len().to_string())
+                .env("LISTEN_FDNAMES", names)
+                .fds_from_3(fds);
+        }
+        spawn.start()
+    };
+    let mut a = spawn(Vec::new(), "");
+    store.wait_for(a.pid, "READY=1", SOON);
+    assert_eq!(
+        store.stored.keys().collect::<Vec<_>>(),
+        ["handover-tickets", "health", "web"],
+        "{:?}",
+        store.seen
+    );
+    let session = |v: &str| files.dir.join(format!("session{v}.pem"));
+    for v in ["-tls1_3", "-tls1_2"] {
+        let got = s_client(web, v, &session(v), false);
+        assert_eq!((got.reused, got.pid), (false, a.pid), "{v}");
+    }
+    // `systemctl restart`: SIGTERM, and the next process once this one is gone.
+    a.signal(Signal::TERM);
+    assert_eq!(a.wait(SOON), Some(0));
+    let order = ["web", "health", "handover-tickets"];
+    let fds = order
+        .iter()
+        .map(|n| store.stored.remove(*n).expect("stored"))
+        .collect();
+    let b = spawn(fds, &order.join(":"));
+    store.wait_for(b.pid, "READY=1", SOON);
+    assert!(
+        b.lines
+            .eventually("took the TLS session ticket keys from the fd store", SOON)
+    );
+    for v in ["-tls1_3", "-tls1_2"] {
+        let got = s_client(web, v, &session(v), true);
+        assert_eq!(
+            (got.reused, got.pid),
+            (true, b.pid),
+            "{v}: the session of pid {} resumes with pid {} after a restart through the fd store",
+            a.pid,
+            b.pid
+        );
+    }
+    b.signal(Signal::TERM);
+    let (a_pid, b_pid) = (a.pid, b.pid);
+    let mut b = b;
+    assert_eq!(b.wait(SOON), Some(0));
+    assert_none_left([a_pid, b_pid]);
+}
