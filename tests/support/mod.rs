@@ -1319,3 +1319,10 @@ pub fn addr_in(line: &str) -> SocketAddr {
 mod never_dark;
 #[allow(unused_imports)] // not every test file uses them
 pub use never_dark::*;
+
+// ---------------------------------------------------------------------------------------------
+// openssl s_client, saving and resuming TLS sessions (issue 19). In openssl.rs.
+
+mod openssl;
+#[allow(unused_imports)] // not every test file uses them
+pub use openssl::*;
