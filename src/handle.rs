@@ -319,6 +319,52 @@ fn not_serving() -> RestartError {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_failed_restart_carries_the_pid_the_exit_status_and_the_reason() {
+        use crate::error::{ChildExit, RestartFailure};
+        use std::os::unix::process::ExitStatusExt;
+        let failure = RestartFailure::Exited {
+            pid: 42,
+            status: ChildExit::Code(1),
+            reason: Some("TLS certificate file /x.pem: not PEM".to_string()),
+        };
+        let e = RestartError::failed(&failure, 7);
+        assert_eq!(e.kind(), RestartErrorKind::Failed);
+        assert_eq!(e.pid(), Some(42));
+        assert_eq!(e.exit_status().and_then(|s| s.code()), Some(1));
+        assert_eq!(e.reason(), Some("TLS certificate file /x.pem: not PEM"));
+        assert_eq!(
+            e.to_string(),
+            "new process 42 exited with status 1 before it reported READY=1: TLS certificate file /x.pem: not PEM; this process (pid 7) keeps serving"
+        );
+        let killed = RestartFailure::Exited {
+            pid: 43,
+            status: ChildExit::Signal(libc::SIGKILL),
+            reason: None,
+        };
+        let e = RestartError::failed(&killed, 7);
+        assert_eq!(
+            e.exit_status().and_then(|s| s.signal()),
+            Some(libc::SIGKILL)
+        );
+        assert_eq!(e.reason(), None);
+        assert!(
+            e.to_string().starts_with(
+                "new process 43 was killed by signal 9 (SIGKILL) before it reported READY=1;"
+            ),
+            "{e}"
+        );
+        let timeout = RestartFailure::Timeout {
+            pid: 44,
+            after: Duration::from_secs(1),
+        };
+        let e = RestartError::failed(&timeout, 7);
+        assert_eq!(
+            (e.pid(), e.exit_status(), e.reason()),
+            (Some(44), None, None)
+        );
+    }
+
     #[tokio::test]
     async fn a_restart_asked_of_a_server_dropped_unrun_says_not_serving() {
         let server = crate::Server::new(crate::Listeners::default());
