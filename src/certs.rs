@@ -30,7 +30,7 @@ use rustls::pki_types::{
 /// # Example
 /// ```no_run
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// # let listeners = handover::Listeners::bind("127.0.0.1:8443".parse()?)?.into_vec().remove(0).with_name("web");
+/// # let web = handover::Listeners::from_env()?.take_or_bind("web", "127.0.0.1:8443".parse()?)?;
 /// # let app = tower::service_fn(|_req: hyper::Request<hyper::body::Incoming>| async {
 /// #     Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
 /// # });
@@ -41,7 +41,7 @@ use rustls::pki_types::{
 ///     "/etc/myapp/tls/key.pem",
 /// )?
 /// .server_config()?;
-/// let server = handover::serve([listeners], app).tls("web", Arc::new(config));
+/// let server = handover::serve([web], app).tls("web", Arc::new(config));
 /// # Ok(())
 /// # }
 /// ```

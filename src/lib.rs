@@ -42,6 +42,11 @@
 //!   code, and the lifecycle state (serving, restarting, lame duck, draining, handed over).
 //! - [`ConnectionInfo`]: in every request's extensions, the peer, the local address, the
 //!   listener's name (and the TLS session's details with the `rustls` feature).
+//! - `TlsCertificate` (feature `rustls`): a PEM certificate chain and key in one call, with
+//!   errors that name the file; TLS session tickets whose keys survive restarts
+//!   (`Server::tls`).
+//! - [`report_start_failure`]: a new process that fails before it is ready tells the old one
+//!   why ([`RestartError::reason`]).
 //!
 //! A restart passes the listeners to the new process and, after the new process is ready, its
 //! established plaintext HTTP/1 connections too, at a request boundary
