@@ -91,7 +91,7 @@ pub struct Restarted {
 /// ([`RestartError::reason`]): a process started by a handover restart that fails before it
 /// reports `READY=1` sends the old one a short reason (at most 1 KiB) before it exits: the
 /// message of a panic, of an error from [`crate::Listeners::from_env`], from the server
-/// (`serve(..).await`), from [`crate::TlsCertificate::load_pem`], or what the application
+/// (`serve(..).await`), from `TlsCertificate::load_pem` (feature `rustls`), or what the application
 /// passes to [`crate::report_start_failure`]. The `Display` says all of it in one sentence
 /// (it does not start with "restart failed").
 ///

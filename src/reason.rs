@@ -74,7 +74,7 @@ pub(crate) fn arm(fd: RawFd) {
 /// The old process puts `reason` (its `Display`, on one line, cut to 1 KiB) in the restart's
 /// [`crate::RestartError::reason`], its `STATUS=` and its log. handover already does this for
 /// its own errors before `READY=1` (from [`crate::Listeners::from_env`], from the server's
-/// start, from [`crate::TlsCertificate::load_pem`]) and for a panic (a panic hook, installed at
+/// start, from `TlsCertificate::load_pem`) and for a panic (a panic hook, installed at
 /// the first handover call in a restarted process, then calling the previous hook): call it for
 /// the application's own errors, such as a configuration file that does not parse. Never
 /// blocks; the last reason sent before the exit is the one reported. Keep secrets out of it.
