@@ -295,6 +295,22 @@ impl Notifier {
         }
     }
 
+    /// Replaces what the fd store holds under `name` with `fd` (`FDSTOREREMOVE=1`, then
+    /// `FDSTORE=1`), best effort; `what` says what it is, for the log.
+    #[cfg_attr(not(feature = "rustls"), allow(dead_code))]
+    pub(crate) fn replace_stored(&self, fd: BorrowedFd<'_>, name: &str, what: &str) {
+        let Some(target) = &self.upstream else {
+            return;
+        };
+        self.remove_stored(name);
+        tracing::info!(name, "handing {what} to the service manager's fd store");
+        send_with_fds(
+            target,
+            &format!("FDSTORE=1\nFDNAME={name}\n"),
+            std::slice::from_ref(&fd),
+        );
+    }
+
     /// Hands `fds` to the service manager's fd store (`FDSTORE=1`, one message per fd so each
     /// keeps its own `FDNAME=`). Only the service manager is asked, never a parent.
     pub(crate) fn store_fds(&self, fds: &[(BorrowedFd<'_>, &str)]) {

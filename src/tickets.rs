@@ -247,8 +247,7 @@ impl Ticketer {
         match sealed_memfd(&encode(keys)) {
             Ok(fd) => {
                 use std::os::fd::AsFd;
-                notifier.remove_stored(FDNAME);
-                notifier.store_fds(&[(fd.as_fd(), FDNAME)]);
+                notifier.replace_stored(fd.as_fd(), FDNAME, "the TLS session ticket keys");
             }
             Err(e) => tracing::warn!(
                 error = %e,
