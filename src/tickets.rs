@@ -10,7 +10,8 @@
 //!   sends the keys (current and previous, and when each was made) over the private channel to
 //!   the new one, before the new one runs; the new one takes them at start-up, before any
 //!   handshake. Never a file, the environment or the command line.
-//! - **Zeroized** when dropped (`zeroize`): the keys, the messages that carry them.
+//! - **Zeroized** when dropped (`zeroize`): the keys and the messages that carry them (not
+//!   ring's expanded key schedule inside its `LessSafeKey`, which ring does not zeroize).
 //! - **Rotation** is by the wall clock (the time a key was made travels with it): the current
 //!   key is replaced once it is one period old, the previous one dropped; a ticket is accepted
 //!   while its key is current or previous, so for at least one period and at most two, and
