@@ -10,6 +10,11 @@
 //!   sends the keys (current and previous, and when each was made) over the private channel to
 //!   the new one, before the new one runs; the new one takes them at start-up, before any
 //!   handshake. Never a file, the environment or the command line.
+//! - **`systemctl restart`, a crash** (with `Server::fd_store(true)`): the keys are also in the
+//!   service manager's fd store, a sealed memfd named [`FDNAME`], replaced at each rotation
+//!   (`FDSTOREREMOVE=1`, `FDSTORE=1`); the next process gets it back in `LISTEN_FDS`, where
+//!   `Listeners::from_env` takes it ([`restore`]) instead of treating it as a listener. Only
+//!   the service's own processes ever get it.
 //! - **Zeroized** when dropped (`zeroize`): the keys and the messages that carry them (not
 //!   ring's expanded key schedule inside its `LessSafeKey`, which ring does not zeroize).
 //! - **Rotation** is by the wall clock (the time a key was made travels with it): the current
