@@ -2,10 +2,12 @@
 //! an error from the server's start, in a real restart of the `faults` example (its
 //! `PANIC_AT_START_IF` and `BAD_SERVICE_IF` files make the new binary fail, as a broken deploy
 //! would). The reason is in `STATUS=` and in the old process's log; the old process keeps
-//! serving. (The certificate errors of the `tls` example, through the handle, are in
+//! serving; the axum example's `POST /restart` answers with it. (The certificate errors of the `tls` example, through the handle, are in
 //! tests/tls.rs.)
 
 mod support;
+
+use std::net::SocketAddr;
 
 use rustix::process::Signal;
 use support::*;
@@ -78,5 +80,55 @@ fn a_panic_or_a_start_error_before_ready_reaches_status_and_the_log() {
     signal(new, Signal::TERM);
     assert_eq!(wait_exit(new, SOON), Some(0));
     assert_none_left([pid, new]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The axum example's `POST /restart` answers with the new process's own reason: a deploy
+/// whose new binary panics before `READY=1` (here the `faults` example, put in the deployed
+/// binary's place, finding its `PANIC_AT_START_IF` file) gets `500 restart failed: new process
+/// N exited with status 101 before it reported READY=1: panicked at ...`.
+#[test]
+fn the_axum_restart_endpoint_returns_the_reason_of_the_new_process() {
+    let notify = NotifySocket::new();
+    let dir = scratch_dir("restart-reason-axum");
+    let exe = deploy_copy("axum", &dir);
+    let panic_file = dir.join("panic");
+    std::fs::write(&panic_file, "").expect("write");
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let server = Spawn::new(&exe)
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg(admin.to_string())
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env("PANIC_AT_START_IF", &panic_file)
+        .start();
+    listen_line_of(&server.lines, "admin");
+    notify.wait_line("READY=1", SOON);
+    let pid = server.pid;
+
+    // The broken deploy: a binary that panics at start-up.
+    let tmp = exe.with_extension("new");
+    std::fs::copy(example("faults"), &tmp).expect("copy");
+    std::fs::rename(&tmp, &exe).expect("rename");
+    let answer = request(admin, "POST", "/restart").expect("POST /restart");
+    assert_eq!(answer.status, 500, "{answer:?}");
+    assert!(
+        answer.body.starts_with("restart failed: new process ")
+            && answer.body.contains(
+                "exited with status 101 before it reported READY=1: panicked at examples/faults.rs:"
+            )
+            && answer
+                .body
+                .contains("PANIC_AT_START_IF: the file exists, so this process panics")
+            && answer
+                .body
+                .ends_with(&format!("this process (pid {pid}) keeps serving\n")),
+        "{}",
+        answer.body
+    );
+    assert_eq!(answer.pid, pid);
+    signal(pid, Signal::TERM);
+    assert_eq!(wait_exit(pid, SOON), Some(0));
+    assert_none_left([pid]);
+    drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
