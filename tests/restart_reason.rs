@@ -2,8 +2,8 @@
 //! an error from the server's start, in a real restart of the `faults` example (its
 //! `PANIC_AT_START_IF` and `BAD_SERVICE_IF` files make the new binary fail, as a broken deploy
 //! would). The reason is in `STATUS=` and in the old process's log; the old process keeps
-//! serving; the axum example's `POST /restart` answers with it. (The certificate errors of the `tls` example, through the handle, are in
-//! tests/tls.rs.)
+//! serving; the axum example's `POST /restart` answers with it. (The certificate errors of the
+//! `tls` example, through the handle, are in tests/tls.rs.)
 
 mod support;
 
