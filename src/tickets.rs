@@ -446,6 +446,29 @@ mod tests {
     use rustls::server::ProducesTickets;
     use std::sync::atomic::AtomicU64;
 
+    proptest::proptest! {
+        /// Whatever a client sends as a ticket, or a peer as keys: refused or read, never a
+        /// panic; a forged ticket never opens.
+        #[test]
+        fn hostile_tickets_and_key_messages_are_refused_without_panicking(
+            ticket in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            keys in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+        ) {
+            let t = Ticketer::new(wall_clock_ms);
+            let real = t.encrypt(b"x").expect("ticket");
+            proptest::prop_assert_eq!(t.decrypt(&ticket), None);
+            let mut forged = real.clone();
+            forged[..NAME_LEN.min(ticket.len())].copy_from_slice(&ticket[..NAME_LEN.min(ticket.len())]);
+            if forged != real {
+                proptest::prop_assert_eq!(t.decrypt(&forged), None);
+            }
+            let mut message = KIND.to_vec();
+            message.extend_from_slice(&keys);
+            let _ = t.import(&message);
+            let _ = t.import(&keys);
+        }
+    }
+
     static CLOCK: AtomicU64 = AtomicU64::new(1_000_000);
 
     fn clock() -> u64 {
