@@ -202,6 +202,20 @@ fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Whatever the child sends: at most MAX_REASON bytes, one line, never a panic.
+        #[test]
+        fn any_reason_is_bounded_and_on_one_line(text in ".{0,1500}", raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3000)) {
+            let cut = bounded(&text);
+            proptest::prop_assert!(cut.len() <= MAX_REASON);
+            proptest::prop_assert!(!cut.contains('\n'));
+            let mut msg = FAILED.to_vec();
+            msg.extend_from_slice(&raw);
+            let parsed = parse(&msg).expect("a failure message");
+            proptest::prop_assert!(parsed.len() <= MAX_REASON && !parsed.contains('\n'));
+        }
+    }
+
     #[test]
     fn a_reason_is_bounded_on_one_line_and_parsed_back() {
         let long = "é".repeat(MAX_REASON);
