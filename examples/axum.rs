@@ -18,7 +18,8 @@
 //!        GET /livez       liveness: 200 until the process exits
 //! admin: GET /ping        Hello world (for load balancer checks of the admin listener)
 //!        POST /restart    restart through the handle: 200 "restarted: pid N", 409 if one is
-//!                         already running, 500 with the reason if the new process failed
+//!                         already running, 500 "restart failed: ..." with the new process's
+//!                         pid, how it ended and its own reason if it failed before READY=1
 //!        POST /shutdown   graceful shutdown (?now: cut everything)
 //!        GET /state       the lifecycle state
 //!        GET /whoami      the connection as handover describes it (Unix peers: their uid/pid)
@@ -277,7 +278,13 @@ async fn restart(State(app): State<Arc<App>>) -> Response {
                 handover::RestartErrorKind::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             };
-            (status, format!("{e}\n")).into_response()
+            // A failed new process: its pid, how it ended and the reason it gave
+            // (`e.reason()`), in one sentence.
+            let body = match e.kind() {
+                handover::RestartErrorKind::Failed => format!("restart failed: {e}\n"),
+                _ => format!("{e}\n"),
+            };
+            (status, body).into_response()
         }
     }
 }

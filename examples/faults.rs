@@ -22,11 +22,16 @@
 //! exiting 0: to see what a dropped server leaves behind. `AFTER_SERVE_MS=N` sleeps N ms after
 //! serving, as an application's clean-up would.
 //!
+//! `PANIC_AT_START_IF=PATH` panics at start-up (after taking the listeners) if PATH exists, and
+//! `BAD_SERVICE_IF=PATH` then serves a listener name that does not exist: a new binary that
+//! fails before `READY=1`, for the tests of a failed restart's reason.
+//!
 //! `GET /env` runs `env` as a subprocess and answers with its output: what a program the
 //! application starts sees of the environment (no `LISTEN_*`, `NOTIFY_SOCKET`, `WATCHDOG_*`).
 
 mod common;
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -88,6 +93,16 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     let service = tower::service_fn(route);
+    // Broken deploys, for the tests of a failed restart's reason: a new process that finds the
+    // file named by PANIC_AT_START_IF panics before READY=1; one that finds BAD_SERVICE_IF's
+    // serves a listener name that does not exist (the server fails to start).
+    let exists = |var: &str| std::env::var_os(var).is_some_and(|p| Path::new(&p).exists());
+    if exists("PANIC_AT_START_IF") {
+        panic!("PANIC_AT_START_IF: the file exists, so this process panics");
+    }
+    if exists("BAD_SERVICE_IF") {
+        return common::run(handover::Server::new(listeners).service("no-such-listener", service));
+    }
     let mut server = match std::env::var("SERVICES") {
         // SERVICES=a,b,*: a service for the listeners named a and b, and a default one.
         Ok(names) => names.split(',').filter(|name| !name.is_empty()).fold(

@@ -10,7 +10,8 @@
 //! `HANDOVER_TLS_CERT`, `HANDOVER_TLS_KEY`), read once at start-up. With `--client-ca PATH` (or
 //! `HANDOVER_TLS_CLIENT_CA`), clients must present a certificate signed by a CA of that file
 //! (mutual TLS), and `/client-cert` answers with the client's certificate (DER), as
-//! `ConnectionInfo::tls` gives it. To rotate them, replace the
+//! `ConnectionInfo::tls` gives it. `POST /restart` on the health listener (from a loopback
+//! address) restarts through the handle and answers with the outcome. To rotate them, replace the
 //! files and restart (`kill -USR1 <pid>`, `systemctl reload`): the new process serves the new
 //! certificate, the old one finishes its connections with the old one. If the new files are
 //! broken (unreadable, not PEM, a key that does not match the certificate), the new process
@@ -25,7 +26,14 @@
 //!
 //! For the tests: every response carries `x-pid`; `?sleep_ms=N` delays `/` by N ms;
 //! `HANDOVER_DRAIN_TIMEOUT_MS`, `HANDOVER_READY_TIMEOUT_MS` and
-//! `HANDOVER_HEADER_READ_TIMEOUT_MS` override those timeouts.
+//! `HANDOVER_HEADER_READ_TIMEOUT_MS` override those timeouts, `HANDOVER_TICKET_ROTATION_MS` the
+//! session ticket key's rotation period (default 6 h). `HANDOVER_FD_STORE=1` hands the listeners
+//! it binds and the ticket keys to systemd's fd store (`FileDescriptorStoreMax=3`), so that TLS
+//! sessions survive `systemctl restart` and crashes too.
+//!
+//! TLS sessions survive restarts: a client that resumes with a ticket from before a
+//! `kill -USR1` resumes with the new process (`openssl s_client -sess_out s.pem`, restart,
+//! `openssl s_client -sess_in s.pem` says `Reused`).
 
 mod common;
 
@@ -38,7 +46,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use handover::rustls::{
     self,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    pki_types::{CertificateDer, pem::PemObject},
 };
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
@@ -96,11 +104,13 @@ fn main() -> ExitCode {
     println!("listen on: https://{web_addr} (web), pid: {pid}");
     println!("listen on: {} (health), pid: {pid}", health.url());
 
-    let mut server = handover::Server::new([web, health])
+    let server = handover::Server::new([web, health]);
+    let handle = server.handle();
+    let mut server = server
         .service("web", tower::service_fn(web_route))
         .service(
             "health",
-            tower::service_fn(move |req| health_route(req, web_addr.port())),
+            tower::service_fn(move |req| health_route(req, web_addr.port(), handle.clone())),
         )
         .tls("web", Arc::new(config));
     if let Some(t) = common::env_ms("HANDOVER_DRAIN_TIMEOUT_MS") {
@@ -111,6 +121,13 @@ fn main() -> ExitCode {
     }
     if let Some(t) = common::env_ms("HANDOVER_HEADER_READ_TIMEOUT_MS") {
         server = server.header_read_timeout(t);
+    }
+    if let Some(t) = common::env_ms("HANDOVER_TICKET_ROTATION_MS") {
+        server = server.session_ticket_rotation(t);
+    }
+    if std::env::var_os("HANDOVER_FD_STORE").is_some_and(|v| v == "1") {
+        // The listeners it binds and the session ticket keys go to systemd's fd store.
+        server = server.fd_store(true);
     }
     common::run(server)
 }
@@ -153,75 +170,60 @@ fn parse_args() -> Result<Args, String> {
 
 /// The server's TLS configuration from a PEM certificate chain and a PEM private key (and the
 /// CA certificates that sign client certificates, for mutual TLS). Every error names the file
-/// and what is wrong with it.
+/// and what is wrong with it; in a restarted process, handover also tells the old process
+/// (the restart's `RestartError::reason`, `STATUS=`).
 fn load_tls(
     cert: &Path,
     key: &Path,
     client_ca: Option<&Path>,
 ) -> Result<rustls::ServerConfig, String> {
-    let certs = read_certs(cert, "TLS certificate file")?;
-    let private_key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("TLS private key file {}: {}", key.display(), pem_error(&e)))?;
-    // Explicitly ring, the provider handover's `rustls` feature enables: `builder()` would panic
-    // if another crate of the application also enabled aws-lc-rs.
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS protocol versions: {e}"))?;
-    let builder = match client_ca {
-        None => builder.with_no_client_auth(),
-        Some(path) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for ca in read_certs(path, "TLS client CA file")? {
-                roots
-                    .add(ca)
-                    .map_err(|e| format!("TLS client CA file {}: {e}", path.display()))?;
-            }
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
-                    .build()
-                    .map_err(|e| format!("TLS client CA file {}: {e}", path.display()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
+    // Checks that the key is the certificate's.
+    let certificate = handover::TlsCertificate::load_pem(cert, key).map_err(|e| e.to_string())?;
+    let Some(path) = client_ca else {
+        return certificate.server_config().map_err(|e| e.to_string());
     };
-    // `with_single_cert` checks that the key is the certificate's.
-    builder
-        .with_single_cert(certs, private_key)
-        .map_err(|e| match e {
-            rustls::Error::InconsistentKeys(_) => format!(
-                "TLS private key file {} does not match the certificate in {} ({e})",
-                key.display(),
-                cert.display()
-            ),
-            e => format!(
-                "TLS certificate {} with key {}: {e}",
-                cert.display(),
-                key.display()
-            ),
+    let fail = |e: String| {
+        handover::report_start_failure(&e);
+        e
+    };
+    // Mutual TLS: the same, with a client certificate verifier. Explicitly ring, the provider
+    // handover's `rustls` feature enables: `builder()` would panic if another crate of the
+    // application also enabled aws-lc-rs.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in read_certs(path).map_err(fail)? {
+        roots
+            .add(ca)
+            .map_err(|e| fail(format!("TLS client CA file {}: {e}", path.display())))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots.into(),
+        Arc::clone(&provider),
+    )
+    .build()
+    .map_err(|e| fail(format!("TLS client CA file {}: {e}", path.display())))?;
+    let (chain, key) = certificate.into_parts();
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| {
+            b.with_client_cert_verifier(verifier)
+                .with_single_cert(chain, key)
         })
+        .map_err(|e| fail(format!("TLS configuration: {e}")))
 }
 
-/// The certificates of a PEM file; at least one.
-fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+/// The CA certificates of a PEM file; at least one.
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("{what} {}: {}", path.display(), pem_error(&e)))?;
+        .map_err(|e| format!("TLS client CA file {}: {e}", path.display()))?;
     if certs.is_empty() {
         return Err(format!(
-            "{what} {}: no certificate in it (expected PEM \"BEGIN CERTIFICATE\" blocks)",
+            "TLS client CA file {}: no certificate in it (expected PEM \"BEGIN CERTIFICATE\" blocks)",
             path.display()
         ));
     }
     Ok(certs)
-}
-
-fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
-    use rustls::pki_types::pem::Error;
-    match e {
-        Error::Io(e) => format!("cannot read it: {e}"),
-        Error::NoItemsFound => "no PEM item of the expected kind in it".to_string(),
-        e => format!("not valid PEM: {e}"),
-    }
 }
 
 /// The HTTPS listener: `Hello world` (the tests' load), `/tls`: what the handshake agreed, and
@@ -269,7 +271,11 @@ async fn web_route(
 async fn health_route(
     req: Request<hyper::body::Incoming>,
     https_port: u16,
+    handle: handover::Handle,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path() == "/restart" && req.method() == hyper::Method::POST {
+        return Ok(with_pid(restart(&req, &handle).await));
+    }
     if req.uri().path() == "/healthz" {
         let state = req
             .extensions()
@@ -316,6 +322,40 @@ async fn health_route(
         Err(_) => *response.status_mut() = StatusCode::BAD_REQUEST,
     }
     Ok(with_pid(response))
+}
+
+/// `POST /restart` (from a loopback address only): restarts through the handle; 200 with the
+/// new pid, or 500 with why not: the new process's pid, how it ended and what it said (a broken
+/// certificate file: which file and what is wrong with it).
+async fn restart(
+    req: &Request<hyper::body::Incoming>,
+    handle: &handover::Handle,
+) -> Response<Full<Bytes>> {
+    let local = req
+        .extensions()
+        .get::<handover::ConnectionInfo>()
+        .and_then(|c| c.peer_addr())
+        .is_some_and(|a| a.ip().is_loopback());
+    let (status, body) = if !local {
+        (
+            StatusCode::FORBIDDEN,
+            "restart: loopback clients only\n".to_string(),
+        )
+    } else {
+        match handle.restart().await {
+            Ok(r) => (
+                StatusCode::OK,
+                format!("restarted: pid {} serves now\n", r.pid),
+            ),
+            Err(e) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("restart failed: {e}\n"),
+            ),
+        }
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
 }
 
 fn with_pid(mut response: Response<Full<Bytes>>) -> Response<Full<Bytes>> {

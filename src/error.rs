@@ -85,8 +85,13 @@ pub(crate) enum RestartFailure {
     /// The child was ready, but the service manager could not be told (its queue stayed full,
     /// or it is gone); the child was stopped.
     Undelivered { what: String, source: io::Error },
-    /// The child exited before it reported `READY=1`.
-    Exited { pid: u32, status: String },
+    /// The child exited before it reported `READY=1`, saying why if it did
+    /// ([`crate::reason`]).
+    Exited {
+        pid: u32,
+        status: ChildExit,
+        reason: Option<String>,
+    },
     /// The child did not report `READY=1` in time.
     Timeout {
         pid: u32,
@@ -99,6 +104,64 @@ pub(crate) enum RestartFailure {
         context: &'static str,
         source: io::Error,
     },
+}
+
+/// How a restart's new process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ChildExit {
+    /// It exited with this status.
+    Code(i32),
+    /// A signal killed it.
+    Signal(i32),
+    /// It is gone, and how is not known (a sibling its parent reaped first).
+    Unknown,
+}
+
+impl ChildExit {
+    /// As the standard library describes a wait status.
+    pub(crate) fn exit_status(&self) -> Option<std::process::ExitStatus> {
+        use std::os::unix::process::ExitStatusExt;
+        match *self {
+            ChildExit::Code(code) => Some(std::process::ExitStatus::from_raw((code & 0xff) << 8)),
+            ChildExit::Signal(sig) => Some(std::process::ExitStatus::from_raw(sig & 0x7f)),
+            ChildExit::Unknown => None,
+        }
+    }
+}
+
+impl fmt::Display for ChildExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ChildExit::Code(code) => write!(f, "exited with status {code}"),
+            ChildExit::Signal(sig) => {
+                let name = match sig {
+                    libc::SIGABRT => "SIGABRT",
+                    libc::SIGBUS => "SIGBUS",
+                    libc::SIGFPE => "SIGFPE",
+                    libc::SIGILL => "SIGILL",
+                    libc::SIGINT => "SIGINT",
+                    libc::SIGKILL => "SIGKILL",
+                    libc::SIGSEGV => "SIGSEGV",
+                    libc::SIGTERM => "SIGTERM",
+                    _ => return write!(f, "was killed by signal {sig}"),
+                };
+                write!(f, "was killed by signal {sig} ({name})")
+            }
+            ChildExit::Unknown => f.write_str("exited"),
+        }
+    }
+}
+
+impl RestartFailure {
+    /// The new process's pid, if one was started.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        match self {
+            RestartFailure::Exited { pid, .. }
+            | RestartFailure::Timeout { pid, .. }
+            | RestartFailure::Cancelled { pid } => Some(*pid),
+            _ => None,
+        }
+    }
 }
 
 impl Error {
@@ -223,8 +286,22 @@ impl fmt::Display for RestartFailure {
                 f,
                 "could not deliver {what} to the service manager ({source}); the new process was stopped"
             ),
-            RestartFailure::Exited { pid, status } => {
+            RestartFailure::Exited {
+                pid,
+                status,
+                reason: None,
+            } => {
                 write!(f, "new process {pid} {status} before it reported READY=1")
+            }
+            RestartFailure::Exited {
+                pid,
+                status,
+                reason: Some(reason),
+            } => {
+                write!(
+                    f,
+                    "new process {pid} {status} before it reported READY=1: {reason}"
+                )
             }
             RestartFailure::Timeout { pid, after } => write!(
                 f,

@@ -85,10 +85,31 @@ pub struct Restarted {
 
 /// Why [`Handle::restart`] did not hand over. In every case this process keeps doing what it
 /// did: serving (or shutting down, if it was).
+///
+/// For a new process that failed ([`RestartErrorKind::Failed`]): its pid ([`RestartError::pid`]),
+/// how it ended ([`RestartError::exit_status`]), and the reason it gave
+/// ([`RestartError::reason`]): a process started by a handover restart that fails before it
+/// reports `READY=1` sends the old one a short reason (at most 1 KiB) before it exits: the
+/// message of a panic, of an error from [`crate::Listeners::from_env`], from the server
+/// (`serve(..).await`), from `TlsCertificate::load_pem` (feature `rustls`), or what the application
+/// passes to [`crate::report_start_failure`]. The `Display` says all of it in one sentence
+/// (it does not start with "restart failed").
+///
+/// ```
+/// fn describe(e: &handover::RestartError) -> String {
+///     match (e.pid(), e.reason()) {
+///         (Some(pid), Some(why)) => format!("restart failed: pid {pid} said: {why}"),
+///         _ => format!("restart failed: {e}"),
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestartError {
     kind: RestartErrorKind,
     message: String,
+    pid: Option<u32>,
+    exit_status: Option<std::process::ExitStatus>,
+    reason: Option<String>,
 }
 
 /// The class of a [`RestartError`].
@@ -115,12 +136,52 @@ impl RestartError {
         RestartError {
             kind,
             message: message.into(),
+            pid: None,
+            exit_status: None,
+            reason: None,
+        }
+    }
+
+    /// A failed restart, as this process (pid `own_pid`) reports it: the failure, and that this
+    /// process keeps serving.
+    pub(crate) fn failed(failure: &crate::error::RestartFailure, own_pid: u32) -> RestartError {
+        let (exit_status, reason) = match failure {
+            crate::error::RestartFailure::Exited { status, reason, .. } => {
+                (status.exit_status(), reason.clone())
+            }
+            _ => (None, None),
+        };
+        RestartError {
+            kind: RestartErrorKind::Failed,
+            message: format!("{failure}; this process (pid {own_pid}) keeps serving"),
+            pid: failure.pid(),
+            exit_status,
+            reason,
         }
     }
 
     /// The class of the error.
     pub fn kind(&self) -> RestartErrorKind {
         self.kind
+    }
+
+    /// The pid of the new process, if one was started.
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    /// How the new process ended, if it exited (or was killed by a signal) before it was
+    /// ready: [`std::process::ExitStatus::code`], or with
+    /// [`std::os::unix::process::ExitStatusExt::signal`] the signal. `None` when it was
+    /// stopped by this process (a timeout, a close signal), or how it ended is not known.
+    pub fn exit_status(&self) -> Option<std::process::ExitStatus> {
+        self.exit_status
+    }
+
+    /// What the new process said about why it failed, if it said anything before it exited:
+    /// one line, at most 1 KiB.
+    pub fn reason(&self) -> Option<&str> {
+        self.reason.as_deref()
     }
 }
 
@@ -257,6 +318,52 @@ fn not_serving() -> RestartError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_restart_carries_the_pid_the_exit_status_and_the_reason() {
+        use crate::error::{ChildExit, RestartFailure};
+        use std::os::unix::process::ExitStatusExt;
+        let failure = RestartFailure::Exited {
+            pid: 42,
+            status: ChildExit::Code(1),
+            reason: Some("TLS certificate file /x.pem: not PEM".to_string()),
+        };
+        let e = RestartError::failed(&failure, 7);
+        assert_eq!(e.kind(), RestartErrorKind::Failed);
+        assert_eq!(e.pid(), Some(42));
+        assert_eq!(e.exit_status().and_then(|s| s.code()), Some(1));
+        assert_eq!(e.reason(), Some("TLS certificate file /x.pem: not PEM"));
+        assert_eq!(
+            e.to_string(),
+            "new process 42 exited with status 1 before it reported READY=1: TLS certificate file /x.pem: not PEM; this process (pid 7) keeps serving"
+        );
+        let killed = RestartFailure::Exited {
+            pid: 43,
+            status: ChildExit::Signal(libc::SIGKILL),
+            reason: None,
+        };
+        let e = RestartError::failed(&killed, 7);
+        assert_eq!(
+            e.exit_status().and_then(|s| s.signal()),
+            Some(libc::SIGKILL)
+        );
+        assert_eq!(e.reason(), None);
+        assert!(
+            e.to_string().starts_with(
+                "new process 43 was killed by signal 9 (SIGKILL) before it reported READY=1;"
+            ),
+            "{e}"
+        );
+        let timeout = RestartFailure::Timeout {
+            pid: 44,
+            after: Duration::from_secs(1),
+        };
+        let e = RestartError::failed(&timeout, 7);
+        assert_eq!(
+            (e.pid(), e.exit_status(), e.reason()),
+            (Some(44), None, None)
+        );
+    }
 
     #[tokio::test]
     async fn a_restart_asked_of_a_server_dropped_unrun_says_not_serving() {

@@ -42,6 +42,11 @@
 //!   code, and the lifecycle state (serving, restarting, lame duck, draining, handed over).
 //! - [`ConnectionInfo`]: in every request's extensions, the peer, the local address, the
 //!   listener's name (and the TLS session's details with the `rustls` feature).
+//! - `TlsCertificate` (feature `rustls`): a PEM certificate chain and key in one call, with
+//!   errors that name the file; TLS session tickets whose keys survive restarts
+//!   (`Server::tls`).
+//! - [`report_start_failure`]: a new process that fails before it is ready tells the old one
+//!   why ([`RestartError::reason`]).
 //!
 //! A restart passes the listeners to the new process and, after the new process is ready, its
 //! established plaintext HTTP/1 connections too, at a request boundary
@@ -88,6 +93,8 @@ compile_error!(
 );
 
 mod accept;
+#[cfg(feature = "rustls")]
+mod certs;
 mod conn;
 mod conn_info;
 mod drain;
@@ -104,20 +111,27 @@ pub mod metrics;
 #[cfg(not(feature = "metrics"))]
 mod metrics;
 mod notify;
+mod reason;
 mod restart;
 mod server;
 mod signals;
 mod startup;
 mod sys;
 #[cfg(feature = "rustls")]
+mod tickets;
+#[cfg(feature = "rustls")]
 mod tls;
 
 pub use accept::HttpService;
+#[cfg(feature = "rustls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rustls")))]
+pub use certs::{CertificateError, CertificateErrorKind, TlsCertificate};
 pub use conn_info::{ConnectionInfo, Local, Peer, PeerCredentials};
 pub use error::{Error, ErrorKind};
 pub use handle::{Handle, RestartError, RestartErrorKind, Restarted, State};
 pub use hooks::HooksReport;
 pub use listen::{Listener, Listeners, Origin};
+pub use reason::report_start_failure;
 pub use server::{Reason, Server, Shutdown, serve};
 #[cfg(feature = "rustls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "rustls")))]

@@ -47,7 +47,14 @@ use crate::startup::{self, Startup};
 
 /// Runs `server` to the end of its life.
 pub(crate) async fn run(server: Server) -> Result<Shutdown, Error> {
-    let mut life = Lifecycle::start(server).await?;
+    let mut life = match Lifecycle::start(server).await {
+        Ok(life) => life,
+        Err(e) => {
+            // A restarted process that cannot start serving says why to its parent.
+            crate::reason::report(&e);
+            return Err(e);
+        }
+    };
     loop {
         let event = life.next_event().await;
         if let Some(end) = life.step(event).await {
@@ -160,6 +167,8 @@ impl Lifecycle {
             tls,
         } = server;
         let startup = startup::get();
+        #[cfg(feature = "rustls")]
+        let serves_tls = !tls.is_empty();
         let bound = bind_services(listeners.into_vec(), services)?;
         listen::check_untaken()?;
         #[cfg(feature = "rustls")]
@@ -174,6 +183,12 @@ impl Lifecycle {
         // As PID 1, what to forward to the successor once this process is its keeper.
         crate::keeper::forward_signals(&config.close_signals, restart_signals);
         let notifier = Arc::new(Notifier::from_startup(startup));
+        // The TLS session ticket keys go to the fd store too, and again at each rotation.
+        #[cfg(feature = "rustls")]
+        if config.fd_store && serves_tls {
+            let store_now = !notifier.has_parent_channel();
+            crate::tickets::keep_in_fd_store(Arc::clone(&notifier), store_now);
+        }
         let connections = Connections::new(config.header_read_timeout, config.connection_info);
         // Registered before any loop starts, so an error here leaves nothing running.
         let acceptors = bound
@@ -458,10 +473,7 @@ impl Lifecycle {
                     self.config.ready_timeout,
                 );
                 tracing::info!(pid, "still serving after the failed restart");
-                in_flight.reply(Err(RestartError::new(
-                    RestartErrorKind::Failed,
-                    format!("restart failed: {failure}; this process (pid {pid}) keeps serving"),
-                )));
+                in_flight.reply(Err(RestartError::failed(&failure, pid)));
                 self.handle.set_state(State::Serving);
             }
         }
@@ -724,7 +736,9 @@ impl Lifecycle {
                 if let Some(w) = waiter {
                     let _ = w.send(Err(RestartError::new(
                         RestartErrorKind::Failed,
-                        format!("restart failed: could not duplicate the listeners: {e}"),
+                        format!(
+                            "could not duplicate the listeners: {e}; this process keeps serving"
+                        ),
                     )));
                 }
             }

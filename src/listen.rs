@@ -211,6 +211,15 @@ impl Listeners {
     /// A malformed `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES` or `LISTEN_FDS_FIRST_FD`, or an
     /// inherited fd that is not a listening stream socket.
     pub fn from_env() -> Result<Listeners, Error> {
+        let result = Listeners::adopt_env();
+        if let Err(e) = &result {
+            // A restarted process that cannot adopt its listeners says why to its parent.
+            crate::reason::report(e);
+        }
+        result
+    }
+
+    fn adopt_env() -> Result<Listeners, Error> {
         let startup = startup::get();
         if !startup.take_fds() {
             return Ok(Listeners::default());
@@ -231,6 +240,11 @@ impl Listeners {
         }
         let mut list = Vec::with_capacity(fds.len());
         for (fd, name) in fds {
+            if name == startup::TICKETS_FDNAME {
+                // Not a listener: the TLS session ticket keys, back from the fd store.
+                restore_tickets(fd);
+                continue;
+            }
             let (owned, family) = sys::adopt_inherited(fd).map_err(|problem| {
                 Error::new(Inner::BadFd {
                     fd,
@@ -529,6 +543,23 @@ fn remove_stale_socket(path: &Path) {
             tracing::debug!(path = %path.display(), "the Unix socket is alive (its backlog is full)");
         }
         _ => {}
+    }
+}
+
+/// The TLS session ticket keys a previous process of the service put in the fd store
+/// (`Server::fd_store` with a TLS listener), given back at `fd`: taken (feature `rustls`) or
+/// closed.
+fn restore_tickets(fd: RawFd) {
+    match sys::adopt_inherited_file(fd) {
+        #[cfg(feature = "rustls")]
+        Ok(file) => crate::tickets::restore(file),
+        #[cfg(not(feature = "rustls"))]
+        Ok(file) => drop(file),
+        Err(problem) => tracing::warn!(
+            fd,
+            "the fd store's {} fd {problem}; ignored",
+            startup::TICKETS_FDNAME
+        ),
     }
 }
 

@@ -204,6 +204,9 @@ impl Notifier {
     /// the service manager. A report that cannot be delivered is logged as an error: a parent
     /// then gives up on us and kills us; a service manager may consider the start failed.
     pub(crate) async fn ready(&self, status: &str, patience: Duration) {
+        // From now on a failure is not the start's: no reason may follow READY=1 on the
+        // channel (the parent reads acknowledgements there then).
+        crate::reason::disarm();
         let mut msg = format_states(&[NotifyState::Ready, NotifyState::Status(status)]);
         let deadline = deadline_after(patience.max(MIN_PATIENCE));
         let parent = self.parent.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -283,6 +286,31 @@ impl Notifier {
 }
 
 impl Notifier {
+    /// Removes what the service manager's fd store holds under `name` (`FDSTOREREMOVE=1`),
+    /// best effort: before storing a new fd under the same name.
+    #[cfg_attr(not(feature = "rustls"), allow(dead_code))]
+    pub(crate) fn remove_stored(&self, name: &str) {
+        if let Some(target) = &self.upstream {
+            send(target, &format!("FDSTOREREMOVE=1\nFDNAME={name}\n"));
+        }
+    }
+
+    /// Replaces what the fd store holds under `name` with `fd` (`FDSTOREREMOVE=1`, then
+    /// `FDSTORE=1`), best effort; `what` says what it is, for the log.
+    #[cfg_attr(not(feature = "rustls"), allow(dead_code))]
+    pub(crate) fn replace_stored(&self, fd: BorrowedFd<'_>, name: &str, what: &str) {
+        let Some(target) = &self.upstream else {
+            return;
+        };
+        self.remove_stored(name);
+        tracing::info!(name, "handing {what} to the service manager's fd store");
+        send_with_fds(
+            target,
+            &format!("FDSTORE=1\nFDNAME={name}\n"),
+            std::slice::from_ref(&fd),
+        );
+    }
+
     /// Hands `fds` to the service manager's fd store (`FDSTORE=1`, one message per fd so each
     /// keeps its own `FDNAME=`). Only the service manager is asked, never a parent.
     pub(crate) fn store_fds(&self, fds: &[(BorrowedFd<'_>, &str)]) {

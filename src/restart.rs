@@ -53,7 +53,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::RestartFailure;
+use crate::error::{ChildExit, RestartFailure};
 use crate::keeper;
 use crate::notify::{self, Connected, MIN_PATIENCE, Notifier, NotifyState};
 use crate::startup::{self, CHANNEL_VAR, PROTOCOL_VARS, UPSTREAM_NOTIFY_VAR};
@@ -309,6 +309,14 @@ async fn attempt(
     )
     .map_err(io::Error::from)
     .map_err(io_err("could not create the channel to the new process"))?;
+    // The TLS session ticket keys go first, before the child runs: it takes them at start-up,
+    // before its first handshake (`tickets`). The queue is empty, so this never blocks.
+    #[cfg(feature = "rustls")]
+    if let Some(keys) = crate::tickets::message_for_successor() {
+        notify::send_now(channel.as_fd(), &keys).map_err(io_err(
+            "could not send the TLS session ticket keys to the new process",
+        ))?;
+    }
     let channel = Connected::new(channel)
         .map_err(io_err("could not register the channel to the new process"))?;
 
@@ -384,14 +392,22 @@ async fn attempt(
     // is also waiting; a child that is ready is handed over to even if a close signal came at
     // the same moment (it is serving already; killing it would reset its connections).
     let mut accepts_connections = false;
+    // The child's own word on why it fails, if it says it before it exits (`reason`).
+    let said = Mutex::new(None);
+    let exited = |status| RestartFailure::Exited {
+        pid,
+        status,
+        reason: crate::reason::drain(channel.fd())
+            .or_else(|| said.lock().unwrap_or_else(|p| p.into_inner()).take()),
+    };
     let outcome = tokio::select! {
         biased;
         status = child.exited() => Err(match report.errno_now() {
             Some(source) => RestartFailure::Spawn { exe: exe.clone(), source },
-            None => RestartFailure::Exited { pid, status },
+            None => exited(status),
         }),
         source = report.failed() => Err(RestartFailure::Spawn { exe: exe.clone(), source }),
-        ready = wait_ready(&channel, &handshake, pid) => ready.map(|(status, accepts)| {
+        ready = wait_ready(&channel, &handshake, pid, &said) => ready.map(|(status, accepts)| {
             accepts_connections = accepts;
             status
         }),
@@ -401,7 +417,7 @@ async fn attempt(
     // READY=1 and then an immediate exit: look once more before handing over.
     let outcome = match outcome {
         Ok(child_status) => match child.exit_status_now() {
-            Some(status) => Err(RestartFailure::Exited { pid, status }),
+            Some(status) => Err(exited(status)),
             None => Ok(child_status),
         },
         Err(failure) => Err(failure),
@@ -526,7 +542,7 @@ impl HandOff<'_> {
                     Err(_) if self.gate.lock().abandoned => return Err(RestartFailure::Cancelled { pid }),
                     Err(e) => return Err(undelivered(e)),
                 },
-                status = child.exited() => return Err(RestartFailure::Exited { pid, status }),
+                status = child.exited() => return Err(RestartFailure::Exited { pid, status, reason: None }),
                 () = cancel.cancelled() => return Err(RestartFailure::Cancelled { pid }),
                 () = tokio::time::sleep_until(self.deadline) => {
                     return Err(undelivered(notify::queue_full(waiting_since.elapsed())));
@@ -651,6 +667,7 @@ async fn wait_ready(
     channel: &Connected,
     socket: &tokio::net::UnixDatagram,
     pid: u32,
+    said: &Mutex<Option<String>>,
 ) -> Result<(Option<String>, bool), RestartFailure> {
     let mut channel_buf = vec![0u8; 4096];
     let mut socket_buf = vec![0u8; 4096];
@@ -669,6 +686,12 @@ async fn wait_ready(
                     // The child closed its end (a program that does not know the channel, or
                     // one that exits): listen on the socket only.
                     channel_open = false;
+                    continue;
+                }
+                // A message of its own kind, not `KEY=value` lines: kept for the error.
+                if let Some(reason) = crate::reason::parse(&channel_buf[..len]) {
+                    tracing::debug!(pid, reason, "the new process says why it fails");
+                    *said.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
                     continue;
                 }
                 String::from_utf8_lossy(&channel_buf[..len]).into_owned()
@@ -718,7 +741,7 @@ struct Child {
     pidfd: Option<AsyncFd<Arc<OwnedFd>>>,
     exited: AtomicBool,
     /// How it ended, once known (an own child can be reaped only once).
-    status: Mutex<Option<String>>,
+    status: Mutex<Option<ChildExit>>,
 }
 
 impl Child {
@@ -739,19 +762,20 @@ impl Child {
     }
 
     /// Waits until the process has exited (a pidfd becomes readable then) and describes how.
-    async fn exited(&self) -> String {
+    async fn exited(&self) -> ChildExit {
         let Some(pidfd) = &self.pidfd else {
             return std::future::pending().await;
         };
         if let Err(e) = pidfd.readable().await {
-            return format!("could not be watched ({e})");
+            tracing::warn!(pid = self.pid, error = %e, "the new process could not be watched");
+            return ChildExit::Unknown;
         }
         self.exited.store(true, Ordering::Relaxed);
         self.describe()
     }
 
     /// Whether the process has exited by now, without waiting.
-    fn exit_status_now(&self) -> Option<String> {
+    fn exit_status_now(&self) -> Option<ChildExit> {
         let pidfd = self.pidfd.as_ref()?;
         let mut fds = [rustix::event::PollFd::new(
             &**pidfd.get_ref(),
@@ -772,7 +796,7 @@ impl Child {
 
     /// How it ended: our own child is reaped (its real status); a sibling's status is read from
     /// /proc while it is a zombie, best effort (its parent may have reaped it already).
-    fn describe(&self) -> String {
+    fn describe(&self) -> ChildExit {
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = status.as_ref() {
             return s.clone();
@@ -781,9 +805,9 @@ impl Child {
             (Placement::Child, Some(pidfd)) => sys::reap(pidfd.get_ref().as_fd()),
             _ => sys::exit_description(self.pid),
         };
-        let text = found.unwrap_or_else(|| "exited".to_string());
-        *status = Some(text.clone());
-        text
+        let exit = found.unwrap_or(ChildExit::Unknown);
+        *status = Some(exit.clone());
+        exit
     }
 
     /// Stops it: SIGTERM, so a process that already accepts can finish what it accepted;
@@ -795,12 +819,12 @@ impl Child {
         }
         let _ = sys::pidfd_signal(pidfd.get_ref().as_fd(), libc::SIGTERM);
         if let Ok(how) = tokio::time::timeout(Duration::from_secs(1), self.exited()).await {
-            tracing::info!(pid = self.pid, how, "restart: the new process was stopped");
+            tracing::info!(pid = self.pid, %how, "restart: the new process was stopped");
             return;
         }
         let _ = sys::pidfd_signal(pidfd.get_ref().as_fd(), libc::SIGKILL);
         match tokio::time::timeout(Duration::from_secs(5), self.exited()).await {
-            Ok(how) => tracing::info!(pid = self.pid, how, "restart: the new process was killed"),
+            Ok(how) => tracing::info!(pid = self.pid, %how, "restart: the new process was killed"),
             Err(_) => tracing::error!(
                 pid = self.pid,
                 "restart: the new process did not die within 5 s of SIGKILL"

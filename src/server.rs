@@ -262,8 +262,16 @@ impl Server {
     ///   that never finishes its handshake cannot hold a shutdown or a restart.
     /// - **Restarts** hand over the listener, not established TLS sessions (their keys live in
     ///   this process): after a hand-off they are drained like a shutdown's connections
-    ///   (`Connection: close`, GOAWAY), and their clients reconnect to the new process,
-    ///   resuming their sessions where the config allows it.
+    ///   (`Connection: close`, GOAWAY), and their clients reconnect to the new process and
+    ///   resume their sessions (an abbreviated handshake) with a session ticket.
+    /// - **Session tickets**: handover sets `config.ticketer` to its own (unless the config has
+    ///   an enabled ticketer of its own, which is then kept as it is): rustls's scheme
+    ///   (ChaCha20-Poly1305, a new key every period, the previous one still accepted), with keys
+    ///   that a restart passes to the new process over its private channel, so a ticket issued
+    ///   before a restart resumes after it, TLS 1.3 and 1.2 alike
+    ///   ([`Server::session_ticket_rotation`]). Nothing else of the config is changed:
+    ///   `send_tls13_tickets` (rustls: 2 per handshake), `session_storage`, `max_early_data_size`
+    ///   (0-RTT: off unless you turn it on) stay as given.
     ///
     /// The request's [`crate::ConnectionInfo::tls`] tells what was negotiated.
     ///
@@ -303,8 +311,24 @@ impl Server {
         listener: impl Into<String>,
         config: std::sync::Arc<rustls::ServerConfig>,
     ) -> Self {
-        self.tls
-            .push((listener.into(), crate::tls::with_default_alpn(config)));
+        let mut config = std::sync::Arc::unwrap_or_clone(config);
+        crate::tickets::apply(&mut config);
+        self.tls.push((
+            listener.into(),
+            crate::tls::with_default_alpn(std::sync::Arc::new(config)),
+        ));
+        self
+    }
+
+    /// How often the TLS session ticket key changes (feature `rustls`; default 6 hours, as
+    /// rustls's own `Ticketer`; at least a second). A ticket is accepted while its key is the
+    /// current or the previous one: for at least one period and at most two, across restarts
+    /// too (the keys go to the new process, see [`Server::tls`]), and refused after that. The
+    /// period is the process's: every TLS listener shares one set of keys.
+    #[cfg(feature = "rustls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rustls")))]
+    pub fn session_ticket_rotation(self, period: std::time::Duration) -> Self {
+        crate::tickets::ticketer().set_period(period);
         self
     }
 

@@ -117,6 +117,18 @@ fn capture() -> Startup {
         // First of all, so that nothing the application starts from now on inherits it.
         if let Err(e) = sys::set_cloexec_raw(fd) {
             tracing::warn!(fd, error = %e, "{CHANNEL_VAR} names an fd that is not open");
+        } else {
+            // Until READY=1, a failure (an error, a panic) is told to the parent.
+            crate::reason::arm(fd);
+            // The parent's TLS session ticket keys, queued before we started: taken now, before
+            // any handshake, and off the channel whatever this build does with them.
+            let keys = take_message(fd, TICKETS_KIND);
+            #[cfg(feature = "rustls")]
+            if let Some(keys) = keys {
+                crate::tickets::adopt(&keys);
+            }
+            #[cfg(not(feature = "rustls"))]
+            drop(keys);
         }
     }
     let startup = Startup {
@@ -145,6 +157,30 @@ fn capture() -> Startup {
         );
     }
     startup
+}
+
+/// The name (`FDNAME=`) of the TLS session ticket keys in the service manager's fd store,
+/// and so in `LISTEN_FDNAMES` when it gives them back (see `tickets`).
+pub(crate) const TICKETS_FDNAME: &str = "handover-tickets";
+
+/// The first line of the TLS session ticket keys message a parent queues on the channel (see
+/// `tickets`).
+const TICKETS_KIND: &[u8] = b"X_HANDOVER_TICKETS\n";
+
+/// The first message queued on the channel at `fd`, taken off it if it starts with `kind`;
+/// without waiting. Read through a duplicate of our own, since the channel is not owned yet.
+fn take_message(fd: RawFd, kind: &[u8]) -> Option<zeroize::Zeroizing<Vec<u8>>> {
+    use rustix::net::RecvFlags;
+    let dup = sys::dup_raw(fd).ok()?;
+    let mut buf = zeroize::Zeroizing::new(vec![0u8; 512]);
+    let peeked =
+        rustix::net::recv(&dup, &mut buf[..], RecvFlags::DONTWAIT | RecvFlags::PEEK).ok()?;
+    if !buf[..peeked.0.min(buf.len())].starts_with(kind) {
+        return None;
+    }
+    let (len, _) = rustix::net::recv(&dup, &mut buf[..], RecvFlags::DONTWAIT).ok()?;
+    buf.truncate(len);
+    Some(buf)
 }
 
 /// `HANDOVER_CHANNEL_FD`: an fd number above stdio.

@@ -4,6 +4,7 @@
 //! - adopting the fds a service manager (or a restarting parent) handed us by number
 //!   ([`adopt_inherited`], [`adopt_channel`]);
 //! - shutting down connection sockets by number at a forced cut ([`shutdown_registered`]);
+//! - duplicating the channel to a handover parent by number ([`dup_raw`]);
 //! - reading a signal's disposition ([`has_default_disposition`]);
 //! - removing environment variables, sound only while the process has one thread;
 //! - starting the restart child with the listeners at fds 3.. and `LISTEN_PID` set to the
@@ -73,6 +74,23 @@ pub(crate) fn set_cloexec_raw(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// A close-on-exec duplicate of a raw fd number that may or may not be open (above 2), for a
+/// copy of our own that outlives whoever owns the original.
+///
+/// Used at start-up on the private channel to a handover parent (`HANDOVER_CHANNEL_FD`), so
+/// that a failure reason can still be sent after the notifier that owns the original has gone
+/// ([`crate::reason`]).
+pub(crate) fn dup_raw(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on an integer touches no memory of ours; on an fd number that is
+    // not open it fails with EBADF, which we report. The result is a new fd, ours alone.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `new` was just created by F_DUPFD_CLOEXEC and nobody else has its number.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
 /// Registers an owned fd (a pidfd, a socket, a pipe end) with the tokio reactor. On failure
 /// the fd is given back with the error.
 pub(crate) fn register(
@@ -127,6 +145,30 @@ pub(crate) fn has_default_disposition(sig: i32) -> bool {
 pub(crate) enum StreamFamily {
     Inet,
     Unix,
+}
+
+/// Takes ownership of an inherited fd that is a regular file (a memfd of the fd store: the TLS
+/// session ticket keys, `tickets`), without further checks; the caller checks its seals.
+///
+/// The caller must own the fd number, as for [`adopt_inherited`].
+pub(crate) fn adopt_inherited_file(fd: RawFd) -> Result<OwnedFd, String> {
+    set_cloexec_raw(fd).map_err(|e| match e.raw_os_error() {
+        Some(libc::EBADF) => "is not open".to_string(),
+        _ => format!("cannot be inspected: {e}"),
+    })?;
+    // SAFETY: open (F_GETFD just succeeded) and ours alone: the inherited range belongs to
+    // this one caller ([`crate::startup::Startup::take_fds`]).
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let stat = rustix::fs::fstat(borrowed).map_err(|e| format!("cannot be inspected: {e}"))?;
+    let file_type = FileType::from_raw_mode(stat.st_mode);
+    if file_type != FileType::RegularFile {
+        return Err(format!(
+            "is a {}; expected a memfd (regular file)",
+            describe_file_type(file_type)
+        ));
+    }
+    // SAFETY: as above; the OwnedFd is its only owner from here on.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Takes ownership of an inherited fd after checking that it is an open, listening stream
@@ -573,7 +615,8 @@ fn strip_os_error(e: &io::Error) -> String {
 /// How our own child (a [`Placement::Child`]) ended, reaping it; `None` if it has not exited
 /// yet, or was reaped already. `waitid(P_PIDFD)` (Linux 5.4) waits for exactly this process,
 /// never for one of the application's own children.
-pub(crate) fn reap(pidfd: BorrowedFd<'_>) -> Option<String> {
+pub(crate) fn reap(pidfd: BorrowedFd<'_>) -> Option<crate::error::ChildExit> {
+    use crate::error::ChildExit;
     use rustix::process::{WaitId, WaitIdOptions};
     loop {
         match rustix::process::waitid(
@@ -582,9 +625,9 @@ pub(crate) fn reap(pidfd: BorrowedFd<'_>) -> Option<String> {
         ) {
             Ok(Some(status)) => {
                 return Some(match (status.exit_status(), status.terminating_signal()) {
-                    (Some(code), _) => format!("exited with status {code}"),
-                    (None, Some(sig)) => format!("was killed by signal {sig}"),
-                    (None, None) => "exited".to_string(),
+                    (Some(code), _) => ChildExit::Code(code),
+                    (None, Some(sig)) => ChildExit::Signal(sig),
+                    (None, None) => ChildExit::Unknown,
                 });
             }
             Err(rustix::io::Errno::INTR) => continue,
@@ -749,7 +792,8 @@ pub(crate) fn recv_with_credentials(
 /// How a process that is not our child ended, if it is still a zombie: `/proc/PID/stat`
 /// field 52 holds its wait status until its parent reaps it. Best effort: a parent that reaps
 /// at once (systemd does) leaves nothing to read.
-pub(crate) fn exit_description(pid: u32) -> Option<String> {
+pub(crate) fn exit_description(pid: u32) -> Option<crate::error::ChildExit> {
+    use crate::error::ChildExit;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.get(stat.rfind(')')? + 2..)?;
     let fields: Vec<&str> = rest.split(' ').collect();
@@ -759,9 +803,9 @@ pub(crate) fn exit_description(pid: u32) -> Option<String> {
     }
     let status: i32 = fields.get(49)?.trim().parse().ok()?;
     Some(if status & 0x7f == 0 {
-        format!("exited with status {}", (status >> 8) & 0xff)
+        ChildExit::Code((status >> 8) & 0xff)
     } else {
-        format!("was killed by signal {}", status & 0x7f)
+        ChildExit::Signal(status & 0x7f)
     })
 }
 

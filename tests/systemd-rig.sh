@@ -14,6 +14,10 @@
 #                                             (handover-axum.service and its two sockets, web
 #                                             and admin); WORKDIR/bin/handover-axum: BINARY.
 #                                             May be combined with prepare in one WORKDIR
+#   systemd-rig.sh prepare-tls WORKDIR BINARY WEB_PORT HEALTH_PORT CERT KEY
+#                                             handover-tls.service: the tls example binding
+#                                             both ports, its sockets and TLS ticket keys in the
+#                                             fd store; WORKDIR/bin/handover-tls: BINARY
 #   systemd-rig.sh boot WORKDIR               runs the manager in the foreground; it dies with
 #                                             the calling process (for a test that spawns it)
 #   systemd-rig.sh start WORKDIR              boot in the background, then `wait`
@@ -291,6 +295,42 @@ StandardOutput=append:$INSIDE/log/handover-axum.log
 StandardError=inherit
 EOF
     install -m 0755 "$bin" "$w/bin/handover-axum"
+}
+
+# The tls example as a service that binds its own sockets and keeps them and its TLS session
+# ticket keys in the fd store (not a template of systemd/: a rig unit, for tests/systemd.rs).
+cmd_prepare_tls() {
+    [ $# -eq 6 ] || die "usage: prepare-tls WORKDIR BINARY WEB_PORT HEALTH_PORT CERT KEY"
+    local w bin=$2 web=$3 health=$4 cert=$5 key=$6
+    case "$web$health" in
+    *[!0-9]* | "") die "ports must be numbers: $web $health" ;;
+    esac
+    mkdir -p "$1"
+    w=$(abs_dir "$1")
+    [ -x "$bin" ] || die "$bin is not an executable"
+    mkdir -p "$w/units" "$w/bin" "$w/log" "$w/tls"
+    chmod 0755 "$w" "$w/bin"
+    install -m 0644 "$cert" "$w/tls/cert.pem"
+    install -m 0600 "$key" "$w/tls/key.pem"
+    cat >"$w/units/handover-tls.service" <<EOF
+[Unit]
+Description=handover test rig: the tls example, its sockets and TLS ticket keys in the fd store
+
+[Service]
+Type=notify
+NotifyAccess=main
+# web, health, and the TLS session ticket keys (a sealed memfd).
+FileDescriptorStoreMax=3
+ExecStart=/usr/local/bin/handover-tls --cert $INSIDE/tls/cert.pem --key $INSIDE/tls/key.pem --web 127.0.0.1:$web --health 127.0.0.1:$health
+ExecReload=/bin/kill -USR1 \$MAINPID
+KillMode=mixed
+KillSignal=SIGTERM
+TimeoutStopSec=15s
+Environment=RUST_LOG=info NO_COLOR=1 HANDOVER_FD_STORE=1
+StandardOutput=append:$INSIDE/log/handover-tls.log
+StandardError=inherit
+EOF
+    install -m 0755 "$bin" "$w/bin/handover-tls"
 }
 
 # --- boot / start / wait -----------------------------------------------------------------------
@@ -636,6 +676,7 @@ main() {
     check) cmd_check "$@" ;;
     prepare) cmd_prepare "$@" ;;
     prepare-axum) cmd_prepare_axum "$@" ;;
+    prepare-tls) cmd_prepare_tls "$@" ;;
     boot) cmd_boot "$@" ;;
     start) cmd_start "$@" ;;
     wait) cmd_wait "$@" ;;

@@ -1964,3 +1964,108 @@ fn axum_lame_duck_under_systemctl_stop() {
     drop(rig);
     let _ = std::fs::remove_dir_all(&workdir);
 }
+
+/// The tls example as `handover-tls.service` (binds its own sockets; the sockets and its TLS
+/// session ticket keys in the fd store): its web address (HTTPS), and its workdir.
+#[cfg(feature = "rustls")]
+fn prepare_tls(tag: &str) -> (PathBuf, SocketAddr) {
+    let workdir = scratch_dir(tag);
+    let web = free_port();
+    let health = loop {
+        let p = free_port();
+        if p != web {
+            break p;
+        }
+    };
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("certificate");
+    let cert_path = workdir.join("cert.pem");
+    let key_path = workdir.join("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).expect("cert");
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("key");
+    let binary = example("tls");
+    let (web_port, health_port) = (web.to_string(), health.to_string());
+    let out = rig_script(
+        &[
+            "prepare-tls",
+            workdir.to_str().expect("UTF-8 path"),
+            binary.to_str().expect("UTF-8 path"),
+            &web_port,
+            &health_port,
+            cert_path.to_str().expect("UTF-8 path"),
+            key_path.to_str().expect("UTF-8 path"),
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "prepare-tls: {}", text(&out.stderr));
+    (workdir, SocketAddr::from(([127, 0, 0, 1], web)))
+}
+
+/// TLS sessions survive `systemctl reload` (the keys go to the new process over the restart's
+/// channel) and `systemctl restart` (the keys are in the fd store, a sealed memfd, handed back
+/// in `LISTEN_FDS`): a session saved with the first process (`openssl s_client -sess_out`)
+/// resumes (`Reused`, TLS 1.3 and 1.2) with the process after the reload, and with the one
+/// after the restart.
+#[cfg(feature = "rustls")]
+#[test]
+fn tls_sessions_survive_reload_and_restart_under_systemd() {
+    if !rig_available() || !have_openssl() {
+        return;
+    }
+    const UNIT: &str = "handover-tls.service";
+    const LOG: &str = "handover-tls.log";
+    let (workdir, web) = prepare_tls("systemd-tls");
+    let mut rig = Rig::boot(&workdir);
+    rig.systemctl(&["start", UNIT]);
+    let a = rig.main_pid_of(UNIT);
+    // web, health and the ticket keys.
+    assert_eq!(
+        rig.show_unit(UNIT, "NFileDescriptorStore"),
+        "3",
+        "{}",
+        rig.logs()
+    );
+    let versions = [("-tls1_3", "TLSv1.3"), ("-tls1_2", "TLSv1.2")];
+    let session = |v: &str| workdir.join(format!("session{v}.pem"));
+    for (v, _) in versions {
+        let got = s_client(web, v, &session(v), false);
+        assert_eq!((got.reused, got.pid), (false, a), "{v}");
+    }
+
+    // `systemctl reload`: a hand-off; the keys go over the restart channel.
+    rig.systemctl(&["reload", UNIT]);
+    let b = rig.wait_show_unit(UNIT, "MainPID", WAIT, |p| p != a.to_string() && p != "0");
+    let b: u32 = b.parse().expect("pid");
+    for (v, version) in versions {
+        let got = s_client(web, v, &session(v), true);
+        assert_eq!(
+            (got.reused, got.version.as_str(), got.pid),
+            (true, version, b),
+            "{v}: resumed after systemctl reload\n{}",
+            rig.log(LOG)
+        );
+    }
+
+    // `systemctl restart`: the old process is stopped, a new one started with the fd store.
+    rig.systemctl(&["restart", UNIT]);
+    let c = rig.main_pid_of(UNIT);
+    assert!(c != a && c != b);
+    assert!(
+        rig.log(LOG)
+            .contains("took the TLS session ticket keys from the fd store"),
+        "{}",
+        rig.log(LOG)
+    );
+    for (v, version) in versions {
+        let got = s_client(web, v, &session(v), true);
+        assert_eq!(
+            (got.reused, got.version.as_str(), got.pid),
+            (true, version, c),
+            "{v}: resumed after systemctl restart\n{}",
+            rig.log(LOG)
+        );
+    }
+    rig.systemctl(&["stop", UNIT]);
+    rig.stop().expect("the rig stops cleanly");
+}

@@ -215,6 +215,14 @@ fn client_config_with(
     Arc::new(config)
 }
 
+/// `config` with no session resumption: every handshake is a full one, and shows the
+/// certificate the server has now.
+fn without_resumption(config: Arc<ClientConfig>) -> Arc<ClientConfig> {
+    let mut config = Arc::unwrap_or_clone(config);
+    config.resumption = rustls::client::Resumption::disabled();
+    Arc::new(config)
+}
+
 type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
 /// Connects to `addr` as `localhost` (the SNI name); returns the stream and the certificate the
@@ -373,18 +381,26 @@ type Seen = Arc<(Mutex<BTreeMap<u32, u64>>, Condvar)>;
 const MAX_PER_CONN: u64 = 100_000;
 
 impl TlsLoad {
-    /// `h1` HTTP/1.1 and `h2` HTTP/2 connections to `addr`, for at most `max_time`.
+    /// `h1` HTTP/1.1 and `h2` HTTP/2 connections to `addr`, for at most `max_time`; with
+    /// `resume`, a reconnecting client resumes its TLS session.
     fn start(
         addr: SocketAddr,
         ca: &CertificateDer<'static>,
         h1: usize,
         h2: usize,
         max_time: Duration,
+        resume: bool,
     ) -> TlsLoad {
         let stop = Arc::new(AtomicBool::new(false));
         let seen: Seen = Default::default();
-        let h1_config = client_config(ca, &[b"http/1.1"]);
-        let h2_config = client_config(ca, &[b"h2"]);
+        let (mut h1_config, mut h2_config) = (
+            client_config(ca, &[b"http/1.1"]),
+            client_config(ca, &[b"h2"]),
+        );
+        if !resume {
+            h1_config = without_resumption(h1_config);
+            h2_config = without_resumption(h2_config);
+        }
         let (s, seen2) = (stop.clone(), seen.clone());
         let handle = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -787,7 +803,7 @@ fn keep_alive_tls_load_across_restarts_loses_no_request() {
     let files = Files::new("tls-load");
     files.install(&ca.server());
     let Server { mut proc, web, .. } = start(&notify, &files, &[], &[]);
-    let load = TlsLoad::start(web, &ca.der(), 6, 2, Duration::from_secs(120));
+    let load = TlsLoad::start(web, &ca.der(), 6, 2, Duration::from_secs(120), true);
     load.wait_answers(proc.pid, 200, SOON);
     let mut pids = vec![proc.pid];
     for i in 1..=RESTARTS {
@@ -825,11 +841,13 @@ fn a_restart_after_replacing_the_files_serves_the_new_certificate() {
     files.install(&a);
     let Server { mut proc, web, .. } = start(&notify, &files, &[], &[]);
     let old = proc.pid;
-    let config = client_config(&ca.der(), &[b"h2"]);
+    let config = without_resumption(client_config(&ca.der(), &[b"h2"]));
     let (_, seen) = get_tls(web, &config, "/", false).expect("before");
     assert_eq!(seen, a.der, "certificate A before the restart");
 
-    let load = TlsLoad::start(web, &ca.der(), 4, 1, Duration::from_secs(60));
+    // Full handshakes only: a resumed session shows the certificate of the handshake that made
+    // it (a session from the old process resumes with the new one, see the test below).
+    let load = TlsLoad::start(web, &ca.der(), 4, 1, Duration::from_secs(60), false);
     load.wait_pid(old, SOON);
     files.install(&b);
     let new = restart(&notify, &mut proc, old, 1);
@@ -855,9 +873,11 @@ fn a_restart_after_replacing_the_files_serves_the_new_certificate() {
 }
 
 /// A broken new certificate (a key that does not match, a missing file, a file that is not
-/// PEM) makes the new process exit 1 before `READY=1`, naming the file and the problem: the
-/// restart rolls back, `STATUS=` says so, and certificate A is still served, by the old
-/// process, without a failed request.
+/// PEM, a key file without a key) makes the new process exit 1 before `READY=1`, naming the
+/// file and the problem: the restart rolls back; the new process's reason (the file and the
+/// problem) reaches the old one, which says it in `STATUS=` and in the handle's error (the
+/// example's `POST /restart`); certificate A is still served, by the old process, without a
+/// failed request.
 #[test]
 fn a_broken_certificate_rolls_back_and_the_old_one_is_still_served() {
     let notify = NotifySocket::new();
@@ -865,10 +885,14 @@ fn a_broken_certificate_rolls_back_and_the_old_one_is_still_served() {
     let (a, other) = (ca.server(), ca.server());
     let files = Files::new("tls-broken");
     files.install(&a);
-    let Server { mut proc, web, .. } = start(&notify, &files, &[], &[]);
+    let Server {
+        mut proc,
+        web,
+        health,
+    } = start(&notify, &files, &[], &[]);
     let pid = proc.pid;
     let config = client_config(&ca.der(), &[b"http/1.1"]);
-    let load = TlsLoad::start(web, &ca.der(), 4, 1, Duration::from_secs(60));
+    let load = TlsLoad::start(web, &ca.der(), 4, 1, Duration::from_secs(60), true);
     load.wait_pid(pid, SOON);
 
     let (cert, key) = (
@@ -880,7 +904,7 @@ fn a_broken_certificate_rolls_back_and_the_old_one_is_still_served() {
         (
             "a key that does not match the certificate",
             Box::new(|f: &Files| replace_file(&f.key(), &other.key_pem)),
-            format!("TLS private key file {key} does not match the certificate in {cert}"),
+            format!("TLS private key file {key}: does not match the certificate in {cert}"),
         ),
         (
             "a missing certificate file",
@@ -890,25 +914,47 @@ fn a_broken_certificate_rolls_back_and_the_old_one_is_still_served() {
         (
             "a certificate file that is not PEM",
             Box::new(|f: &Files| replace_file(&f.cert(), "not a certificate\n")),
-            format!("TLS certificate file {cert}: no certificate in it"),
+            format!("TLS certificate file {cert}: not PEM: no \"-----BEGIN ...-----\" block in it"),
         ),
         (
             "a key file with no key",
             Box::new(|f: &Files| replace_file(&f.key(), &a.cert_pem)),
-            format!("TLS private key file {key}: no PEM item of the expected kind in it"),
+            format!("TLS private key file {key}: no private key in it (it holds CERTIFICATE;"),
         ),
     ];
     for (i, (name, breaks, why)) in cases.iter().enumerate() {
         files.install(&a);
         breaks(&files);
-        proc.signal(Signal::USR1);
+        // Through the handle (the example's `POST /restart`) and through the signal, in turn.
+        let answer = if i % 2 == 0 {
+            let answer = support::request(health, "POST", "/restart").expect("POST /restart");
+            assert_eq!(answer.status, 500, "{name}: {answer:?}");
+            Some(answer.body)
+        } else {
+            proc.signal(Signal::USR1);
+            None
+        };
         let failed = notify.wait_nth(i + 1, SOON, |n| n.text.contains("STATUS=Restart failed"));
         assert_eq!(failed.pid, pid, "{name}");
         assert!(failed.has("READY=1"), "{name}: the reload ends: {failed:?}");
         assert!(
-            failed.text.contains("exited with status 1"),
+            failed
+                .text
+                .contains("exited with status 1 before it reported READY=1: "),
             "{name}: {failed:?}"
         );
+        // The new process's own words: the file and the problem, in STATUS= and the answer.
+        assert!(failed.text.contains(why.as_str()), "{name}: {failed:?}");
+        if let Some(body) = answer {
+            assert!(
+                body.starts_with("restart failed: new process ")
+                    && body.contains("exited with status 1 before it reported READY=1: ")
+                    && body.contains(why.as_str())
+                    && body.ends_with(&format!("this process (pid {pid}) keeps serving\n")),
+                "{name}: {body}"
+            );
+            assert!(!body.contains("restart failed: restart failed"), "{body}");
+        }
         assert!(
             failed.text.contains(&format!("still serving as pid {pid}")),
             "{name}: {failed:?}"
@@ -1145,4 +1191,351 @@ fn a_stalled_handshake_is_closed_by_the_header_read_timeout() {
     let closed = server.proc.lines.wait_for("lifecycle: server closed", SOON);
     assert!(closed.contains("timed_out=3"), "{closed}");
     assert_none_left([server.proc.pid]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS sessions across restarts.
+
+/// The `tls` example under `systemd-socket-activate` (the listeners `web` and `health` are the
+/// tool's, by name), with the certificate in `files` and `env` (`VAR=value`); started by a
+/// first connection, once it is ready.
+fn activated(notify: &NotifySocket, files: &Files, env: &[&str]) -> Server {
+    let web = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let health = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut spawn = Spawn::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(web.to_string())
+        .arg("-l")
+        .arg(health.to_string())
+        .arg("--fdname=web:health")
+        .arg("-E")
+        .arg(format!("NOTIFY_SOCKET={}", notify.path.display()))
+        .arg("-E")
+        .arg("RUST_LOG=info")
+        .arg("-E")
+        .arg(format!("HANDOVER_TLS_CERT={}", files.cert().display()))
+        .arg("-E")
+        .arg(format!("HANDOVER_TLS_KEY={}", files.key().display()));
+    for var in env {
+        spawn = spawn.arg("-E").arg(var);
+    }
+    let proc = spawn.arg(example("tls")).start();
+    proc.lines.wait_for("Listening on", SOON);
+    // The first connection starts the program (it keeps the tool's pid).
+    let first = get(health, "/healthz").expect("the first connection starts the server");
+    assert_eq!(first.pid, proc.pid);
+    let ready = notify.wait_line("READY=1", SOON);
+    assert_eq!(ready.pid, proc.pid);
+    Server { proc, web, health }
+}
+
+/// One `GET /` on a new connection with a rustls client whose session cache is `config`'s:
+/// the pid that answered, and whether the handshake resumed a session.
+fn resumed_get(addr: SocketAddr, config: &Arc<ClientConfig>) -> (u32, bool) {
+    runtime().block_on(async {
+        let (stream, _) = connect(addr, config).await.expect("connect");
+        let kind = stream.get_ref().1.handshake_kind();
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .expect("handshake");
+        let conn = tokio::spawn(conn);
+        let resp = sender
+            .send_request(request("/", true))
+            .await
+            .expect("request");
+        let got = answer(resp).await.expect("answer");
+        drop(sender);
+        // Read to the end: TLS 1.3 tickets arrive after the handshake.
+        let _ = tokio::time::timeout(SOON, conn).await;
+        assert_eq!((got.status, got.body.as_ref()), (200, &b"Hello world"[..]));
+        (got.pid, kind == Some(rustls::HandshakeKind::Resumed))
+    })
+}
+
+/// A client that saved its TLS session (a ticket) with one process resumes it with the next,
+/// after a `SIGUSR1` restart under `systemd-socket-activate`: `openssl s_client -sess_in` says
+/// `Reused` for TLS 1.3 and 1.2, and a rustls client's handshake is a resumption, for both
+/// versions, answered by the new process. Two restarts: keys made by the second process work
+/// with the third.
+#[test]
+fn tls_sessions_resume_after_a_restart_openssl_and_rustls_tls13_and_tls12() {
+    let openssl = have_openssl();
+    let notify = NotifySocket::new();
+    let ca = Ca::new();
+    let files = Files::new("tls-sessions");
+    files.install(&ca.server());
+    let Server { mut proc, web, .. } = activated(&notify, &files, &[]);
+    let first = proc.pid;
+    let rustls_clients = [
+        client_config_with(&ca.der(), &[b"http/1.1"], &[&rustls::version::TLS13], None),
+        client_config_with(&ca.der(), &[b"http/1.1"], &[&rustls::version::TLS12], None),
+    ];
+    let versions = ["-tls1_3", "-tls1_2"];
+    let session = |v: &str| files.dir.join(format!("session{v}.pem"));
+
+    let mut pids = vec![first];
+    for round in [1, 2] {
+        let old = *pids.last().expect("a pid");
+        // Sessions made with the old process.
+        if openssl {
+            for v in versions {
+                let got = s_client(web, v, &session(v), false);
+                assert_eq!((got.reused, got.pid), (false, old), "{v}: {got:?}");
+            }
+        }
+        for config in &rustls_clients {
+            let (pid, _) = resumed_get(web, config);
+            assert_eq!(pid, old);
+            // The same process resumes, of course.
+            assert_eq!(resumed_get(web, config), (old, true));
+        }
+        let new = restart(&notify, &mut proc, old, round);
+        pids.push(new);
+        // The new process resumes them.
+        if openssl {
+            for v in versions {
+                let got = s_client(web, v, &session(v), true);
+                let expected = if v == "-tls1_3" { "TLSv1.3" } else { "TLSv1.2" };
+                assert_eq!(
+                    (got.reused, got.version.as_str(), got.pid),
+                    (true, expected, new),
+                    "round {round}, {v}: the session made with pid {old} resumes with pid {new}"
+                );
+            }
+        }
+        for (config, v) in rustls_clients.iter().zip(versions) {
+            assert_eq!(
+                resumed_get(web, config),
+                (new, true),
+                "round {round}, rustls {v}: resumed with the new process"
+            );
+        }
+        assert!(proc.lines.eventually(
+            "took the TLS session ticket keys of the previous process",
+            SOON
+        ));
+    }
+    let last = *pids.last().expect("a pid");
+    stop(last, &pids);
+}
+
+/// A ticket is refused once its key is two rotation periods old (here 2 s each), across a
+/// restart too: `openssl s_client -sess_in` (TLS 1.2, whose client offers a ticket whatever
+/// its age) resumes at once, and gets a full handshake (`New`) after the window; a new session
+/// with the new process resumes again.
+#[test]
+fn a_ticket_older_than_the_rotation_window_is_refused() {
+    if !have_openssl() {
+        eprintln!("SKIPPED: a_ticket_older_than_the_rotation_window_is_refused (no openssl)");
+        return;
+    }
+    let notify = NotifySocket::new();
+    let ca = Ca::new();
+    let files = Files::new("tls-expiry");
+    files.install(&ca.server());
+    let Server { mut proc, web, .. } =
+        activated(&notify, &files, &["HANDOVER_TICKET_ROTATION_MS=2000"]);
+    let old = proc.pid;
+    let session = files.dir.join("session.pem");
+    let before = Instant::now();
+    assert!(!s_client(web, "-tls1_2", &session, false).reused);
+    // The ticket's key was made with it (the first ticket of the service), in between.
+    let made = Instant::now();
+    // Within the window (at least one period): resumes.
+    let again = s_client(web, "-tls1_2", &session, true);
+    assert!(
+        again.reused || before.elapsed() >= Duration::from_secs(2),
+        "resumes within the window: {again:?}"
+    );
+    let new = restart(&notify, &mut proc, old, 1);
+    // The window (two periods from the key's making) is over 4 s after `made` at the latest.
+    let wait = Duration::from_millis(4500).saturating_sub(made.elapsed());
+    std::thread::sleep(wait);
+    let late = s_client(web, "-tls1_2", &session, true);
+    assert_eq!(
+        (late.reused, late.pid),
+        (false, new),
+        "a ticket older than two periods gets a full handshake"
+    );
+    // The full handshake made a new session, with a current key: it resumes.
+    let fresh = files.dir.join("fresh.pem");
+    assert!(!s_client(web, "-tls1_2", &fresh, false).reused);
+    assert!(s_client(web, "-tls1_2", &fresh, true).reused);
+    stop(new, &[old, new]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fd store, as systemd keeps it across `systemctl restart` and crashes.
+
+/// A service manager's notify socket that keeps what `FDSTORE=1` hands it, as systemd's fd
+/// store does: the last fd stored under each name (`FDSTOREREMOVE=1` drops one).
+struct FdStore {
+    path: PathBuf,
+    socket: std::os::unix::net::UnixDatagram,
+    stored: BTreeMap<String, std::os::fd::OwnedFd>,
+    /// Every message's text, with the pid of its sender.
+    seen: Vec<(u32, String)>,
+}
+
+impl FdStore {
+    fn new(dir: &Path) -> FdStore {
+        let path = dir.join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
+        rustix::net::sockopt::set_socket_passcred(&socket, true).expect("SO_PASSCRED");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        FdStore {
+            path,
+            socket,
+            stored: BTreeMap::new(),
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads messages until one from `pid` contains `line`, within `timeout`.
+    fn wait_for(&mut self, pid: u32, line: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self
+            .seen
+            .iter()
+            .any(|(p, t)| *p == pid && t.lines().any(|l| l == line))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no {line:?} from pid {pid} within {timeout:?}: {:?}",
+                self.seen
+            );
+            self.read_one();
+        }
+    }
+
+    /// One message, if one comes within the socket's read timeout.
+    fn read_one(&mut self) {
+        use std::mem::MaybeUninit;
+        let mut buf = [0u8; 4096];
+        let mut space =
+            [MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1), ScmRights(4))];
+        let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+        let msg = match rustix::net::recvmsg(
+            &self.socket,
+            &mut [std::io::IoSliceMut::new(&mut buf)],
+            &mut control,
+            rustix::net::RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Ok(m) => m,
+            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => return,
+            Err(e) => panic!("recvmsg: {e}"),
+        };
+        let mut fds = Vec::new();
+        let mut pid = 0;
+        for c in control.drain() {
+            match c {
+                rustix::net::RecvAncillaryMessage::ScmRights(r) => fds.extend(r),
+                rustix::net::RecvAncillaryMessage::ScmCredentials(c) => {
+                    pid = c.pid.as_raw_nonzero().get() as u32;
+                }
+                _ => {}
+            }
+        }
+        let text = String::from_utf8_lossy(&buf[..msg.bytes]).into_owned();
+        let name = text
+            .lines()
+            .find_map(|l| l.strip_prefix("FDNAME="))
+            .map(str::to_string);
+        if text.lines().any(|l| l == "FDSTOREREMOVE=1") {
+            if let Some(name) = &name {
+                self.stored.remove(name);
+            }
+        }
+        if text.lines().any(|l| l == "FDSTORE=1") {
+            if let (Some(name), Some(fd)) = (name, fds.pop()) {
+                self.stored.insert(name, fd);
+            }
+        }
+        self.seen.push((pid, text));
+    }
+}
+
+/// `systemctl restart` (or a crash) of a service with `FileDescriptorStoreMax=`: the process
+/// stores the listeners it bound and its session ticket keys (a sealed memfd) in the fd store,
+/// stops, and the next process gets all of them back in `LISTEN_FDS`: a session saved with the
+/// first process resumes with the second (`openssl s_client -sess_in`: `Reused`, TLS 1.3 and
+/// 1.2).
+#[test]
+fn tls_sessions_resume_after_a_restart_through_the_fd_store() {
+    if !have_openssl() {
+        eprintln!("SKIPPED: tls_sessions_resume_after_a_restart_through_the_fd_store (no openssl)");
+        return;
+    }
+    let ca = Ca::new();
+    let files = Files::new("tls-fdstore");
+    files.install(&ca.server());
+    let mut store = FdStore::new(&files.dir);
+    let web = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let health = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let notify_path = store.path.clone();
+    let spawn = |fds: Vec<std::os::fd::OwnedFd>, names: &str| {
+        let mut spawn = Spawn::new(example("tls"))
+            .arg("--cert")
+            .arg(files.cert())
+            .arg("--key")
+            .arg(files.key())
+            .arg("--web")
+            .arg(web.to_string())
+            .arg("--health")
+            .arg(health.to_string())
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("HANDOVER_FD_STORE", "1");
+        if !fds.is_empty() {
+            spawn = spawn
+                .env("LISTEN_FDS", fds.len().to_string())
+                .env("LISTEN_FDNAMES", names)
+                .fds_from_3(fds);
+        }
+        spawn.start()
+    };
+    let mut a = spawn(Vec::new(), "");
+    store.wait_for(a.pid, "READY=1", SOON);
+    assert_eq!(
+        store.stored.keys().collect::<Vec<_>>(),
+        ["handover-tickets", "health", "web"],
+        "{:?}",
+        store.seen
+    );
+    let session = |v: &str| files.dir.join(format!("session{v}.pem"));
+    for v in ["-tls1_3", "-tls1_2"] {
+        let got = s_client(web, v, &session(v), false);
+        assert_eq!((got.reused, got.pid), (false, a.pid), "{v}");
+    }
+    // `systemctl restart`: SIGTERM, and the next process once this one is gone.
+    a.signal(Signal::TERM);
+    assert_eq!(a.wait(SOON), Some(0));
+    let order = ["web", "health", "handover-tickets"];
+    let fds = order
+        .iter()
+        .map(|n| store.stored.remove(*n).expect("stored"))
+        .collect();
+    let b = spawn(fds, &order.join(":"));
+    store.wait_for(b.pid, "READY=1", SOON);
+    assert!(
+        b.lines
+            .eventually("took the TLS session ticket keys from the fd store", SOON)
+    );
+    for v in ["-tls1_3", "-tls1_2"] {
+        let got = s_client(web, v, &session(v), true);
+        assert_eq!(
+            (got.reused, got.pid),
+            (true, b.pid),
+            "{v}: the session of pid {} resumes with pid {} after a restart through the fd store",
+            a.pid,
+            b.pid
+        );
+    }
+    b.signal(Signal::TERM);
+    let (a_pid, b_pid) = (a.pid, b.pid);
+    let mut b = b;
+    assert_eq!(b.wait(SOON), Some(0));
+    assert_none_left([a_pid, b_pid]);
 }

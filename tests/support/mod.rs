@@ -263,6 +263,35 @@ impl Spawn {
         self
     }
 
+    /// Places `fds` at 3, 4, ... in the child, as a service manager passes `LISTEN_FDS`.
+    pub fn fds_from_3(mut self, fds: Vec<OwnedFd>) -> Spawn {
+        let raws: Vec<i32> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+        // SAFETY: fcntl and dup2 are async-signal-safe; `fds` is moved into the closure and
+        // stays open until the Command is dropped, after the fork. Every source is first moved
+        // above the targets, so that placing one never overwrites another.
+        unsafe {
+            self.cmd.pre_exec(move || {
+                let _keep = &fds;
+                let mut high = [0i32; 16];
+                assert!(raws.len() <= high.len(), "at most 16 fds");
+                for (i, raw) in raws.iter().enumerate() {
+                    high[i] = libc::fcntl(*raw, libc::F_DUPFD, 100);
+                    if high[i] < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (i, h) in high[..raws.len()].iter().enumerate() {
+                    if libc::dup2(*h, 3 + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(*h);
+                }
+                Ok(())
+            });
+        }
+        self
+    }
+
     /// Sets the child's `RLIMIT_NOFILE` (to provoke `EMFILE`).
     pub fn nofile(mut self, limit: u64) -> Spawn {
         // SAFETY: setrlimit is a plain syscall, async-signal-safe.
@@ -1291,3 +1320,10 @@ pub fn addr_in(line: &str) -> SocketAddr {
 mod never_dark;
 #[allow(unused_imports)] // not every test file uses them
 pub use never_dark::*;
+
+// ---------------------------------------------------------------------------------------------
+// openssl s_client, saving and resuming TLS sessions (issue 19). In openssl.rs.
+
+mod openssl;
+#[allow(unused_imports)] // not every test file uses them
+pub use openssl::*;
