@@ -219,6 +219,17 @@ impl Connections {
         n
     }
 
+    /// Serving again after a drain was given up (the successor died): connections accepted
+    /// from now on start with no directive, and are waited for by the next drain. Those open
+    /// keep the directives they got.
+    pub(crate) fn resume(&self) {
+        let mut registry = self.shared.lock();
+        registry.ctl_passable = 0;
+        registry.ctl_other = 0;
+        drop(registry);
+        self.shared.tracker.reopen();
+    }
+
     /// Connections open now.
     pub(crate) fn open(&self) -> usize {
         self.shared.tracker.len()
