@@ -171,7 +171,11 @@ pub(crate) struct Sent {
 /// `pidfd`. Returns where to put them and the counters; the task ends once the outbox is
 /// dropped and everything sent was acknowledged (then it sends `DONE`), or the successor
 /// refused or died (then what it had not acknowledged is given back).
-pub(crate) fn send(channel: Connected, to_pid: u32, pidfd: Arc<OwnedFd>) -> (Arc<Outbox>, Arc<Sent>) {
+pub(crate) fn send(
+    channel: Connected,
+    to_pid: u32,
+    pidfd: Arc<OwnedFd>,
+) -> (Arc<Outbox>, Arc<Sent>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let sent = Arc::new(Sent::default());
     let outbox = Arc::new(Outbox {
@@ -209,8 +213,13 @@ async fn sender(
         passing: true,
     };
     // Without a watchable pidfd, the channel's end is the only proof of death (it is one: the
-    // successor's end closes when it exits, and it is close-on-exec there).
-    let pidfd = sys::register_shared(pidfd, Interest::READABLE).ok();
+    // successor's end closes when it exits, and it is close-on-exec there). A copy of its own:
+    // the lifecycle watches the same process, and one fd registers with the runtime once.
+    let pidfd = pidfd
+        .try_clone()
+        .and_then(|fd| sys::register(fd, Interest::READABLE).map_err(|(_, e)| e))
+        .map_err(|e| tracing::warn!(error = %e, to_pid, "cannot watch the new process's pidfd; its channel tells its death"))
+        .ok();
     let channel = channel.async_fd();
     let end = loop {
         if f.unacked.is_empty() && f.next.is_none() && (!f.open || !f.passing) {
@@ -349,7 +358,7 @@ impl std::fmt::Display for Failure {
 }
 
 /// Completes once the process behind `pidfd` has exited; never without one.
-async fn exited(pidfd: Option<&AsyncFd<Arc<OwnedFd>>>) {
+async fn exited(pidfd: Option<&AsyncFd<OwnedFd>>) {
     match pidfd {
         Some(fd) => {
             if fd.readable().await.is_err() {

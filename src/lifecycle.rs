@@ -114,10 +114,7 @@ enum Stage {
         until: Instant,
     },
     /// A successor serves; this process drains, keeping its listeners and watching it.
-    HandedOver {
-        drain: Drain,
-        successor: Successor,
-    },
+    HandedOver { drain: Drain, successor: Successor },
     /// No longer accepting, for good; hooks, then connections.
     Draining(Drain),
 }
@@ -315,7 +312,11 @@ impl Lifecycle {
 
     /// The previous process passes its connections now, if it has any and we said we take
     /// them.
-    fn receive_connections(&mut self, by_name: Vec<(Arc<str>, Box<dyn ServeConn>)>, listening: String) {
+    fn receive_connections(
+        &mut self,
+        by_name: Vec<(Arc<str>, Box<dyn ServeConn>)>,
+        listening: String,
+    ) {
         let Some(channel) = self.notifier.take_parent_channel() else {
             return;
         };
@@ -324,18 +325,19 @@ impl Lifecycle {
         }
         let notifier = Arc::clone(&self.notifier);
         let cx = self.cx.clone();
-        self._tasks.push(AbortOnDropHandle::new(tokio::spawn(async move {
-            let taken = handoff::receive(channel, by_name, cx).await;
-            if taken > 0 {
-                // What `systemctl status` shows: this process serves the previous one's
-                // clients too.
-                let status = format!(
-                    "{listening}; took over {} from the previous process",
-                    plural_connections(taken)
-                );
-                notifier.notify(&[NotifyState::Status(&status)]);
-            }
-        })));
+        self._tasks
+            .push(AbortOnDropHandle::new(tokio::spawn(async move {
+                let taken = handoff::receive(channel, by_name, cx).await;
+                if taken > 0 {
+                    // What `systemctl status` shows: this process serves the previous one's
+                    // clients too.
+                    let status = format!(
+                        "{listening}; took over {} from the previous process",
+                        plural_connections(taken)
+                    );
+                    notifier.notify(&[NotifyState::Status(&status)]);
+                }
+            })));
     }
 
     fn start_watchdog(&mut self) {
@@ -594,10 +596,18 @@ impl Lifecycle {
         }
         .unwrap_or_else(|| "exited".to_string());
         if successor.stopping {
-            tracing::info!(pid, how, "the new process ended while this one drains, after the service was asked to stop: not serving again");
+            tracing::info!(
+                pid,
+                how,
+                "the new process ended while this one drains, after the service was asked to stop: not serving again"
+            );
             return;
         }
-        tracing::warn!(pid, how, "the new process died while this one drains: serving again");
+        tracing::warn!(
+            pid,
+            how,
+            "the new process died while this one drains: serving again"
+        );
         self.serve_again(pid, &how);
     }
 
@@ -659,8 +669,7 @@ impl Lifecycle {
         self.watchdog = None;
         let sent = match handed.accepts_connections && self.config.connection_handoff {
             true => {
-                let (outbox, sent) =
-                    handoff::send(handed.channel, pid, Arc::clone(&handed.pidfd));
+                let (outbox, sent) = handoff::send(handed.channel, pid, Arc::clone(&handed.pidfd));
                 self.switch.set(Some(outbox));
                 tracing::info!(
                     pid,
@@ -719,7 +728,10 @@ impl Lifecycle {
         let Some(listeners) = &self.listeners else {
             return;
         };
-        let acceptors = match listeners.iter().map(Acceptor::new).collect::<Result<Vec<_>, _>>()
+        let acceptors = match listeners
+            .iter()
+            .map(Acceptor::new)
+            .collect::<Result<Vec<_>, _>>()
         {
             Ok(acceptors) => acceptors,
             Err(e) => {
@@ -732,7 +744,12 @@ impl Lifecycle {
         self.stage = Stage::Serving { restart: None };
         self.switch.set(None);
         self.cx.connections.resume();
-        self.accepting = Some(Accepting::start(listeners, &self.services, acceptors, &self.cx));
+        self.accepting = Some(Accepting::start(
+            listeners,
+            &self.services,
+            acceptors,
+            &self.cx,
+        ));
         if ours {
             crate::keeper::stand_down();
         }

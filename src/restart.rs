@@ -377,13 +377,18 @@ async fn attempt(
     }
     let mut fds: Vec<OwnedFd> = listeners.into_iter().map(|(fd, _)| fd).collect();
     fds.push(child_end);
-    let plan =
-        ExecPlan::new(&exe, &startup.args, env, fds, startup.cwd.as_deref()).map_err(|source| {
-            RestartFailure::Spawn {
-                exe: exe.clone(),
-                source,
-            }
-        })?;
+    let plan = ExecPlan::new(
+        &exe,
+        &startup.args,
+        env,
+        fds,
+        startup.cwd.as_deref(),
+        startup.signals,
+    )
+    .map_err(|source| RestartFailure::Spawn {
+        exe: exe.clone(),
+        source,
+    })?;
     // Returns at once; the plan (our copies of the child's fds) is closed inside.
     let spawned = sys::spawn(plan, placement).map_err(|source| RestartFailure::Start { source })?;
     let pid = spawned.pid;
@@ -838,7 +843,8 @@ impl Child {
             return;
         }
         let _ = sys::pidfd_signal(pidfd.get_ref().as_fd(), libc::SIGTERM);
-        let until = crate::instant_after(Instant::now(), grace.saturating_add(Duration::from_secs(1)));
+        let until =
+            crate::instant_after(Instant::now(), grace.saturating_add(Duration::from_secs(1)));
         if let Ok(how) = tokio::time::timeout_at(until, self.exited()).await {
             tracing::info!(pid = self.pid, how, "restart: the new process was stopped");
             return;
