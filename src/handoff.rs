@@ -731,3 +731,20 @@ impl std::fmt::Debug for Parcel {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_told_apart_by_their_first_word() {
+        assert_eq!(parse_word(b"ACK 7\n"), Word::Ack(7));
+        // Kinds this version does not know are passed over, not taken for an error: the
+        // framing is open to new ones.
+        assert_eq!(
+            parse_word(b"REASON exit 3\nmore\n"),
+            Word::Other("REASON exit 3".into())
+        );
+        assert_eq!(parse_word(b"ACK x\n"), Word::Other("ACK x".into()));
+    }
+}

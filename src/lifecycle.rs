@@ -119,6 +119,19 @@ enum Stage {
     Draining(Drain),
 }
 
+impl Stage {
+    /// What the handle shows for this stage.
+    fn state(&self) -> State {
+        match self {
+            Stage::Serving { restart: None } => State::Serving,
+            Stage::Serving { restart: Some(_) } => State::Restarting,
+            Stage::LameDuck { .. } => State::LameDuck,
+            Stage::HandedOver { successor, .. } => State::HandedOver { pid: successor.pid },
+            Stage::Draining(_) => State::Draining,
+        }
+    }
+}
+
 struct InFlight {
     restarting: Restarting,
     /// [`Handle::restart`] calls waiting for the outcome.
@@ -398,13 +411,7 @@ impl Lifecycle {
 
     /// The public state, derived from the stage.
     fn state(&self) -> State {
-        match &self.stage {
-            Stage::Serving { restart: None } => State::Serving,
-            Stage::Serving { restart: Some(_) } => State::Restarting,
-            Stage::LameDuck { .. } => State::LameDuck,
-            Stage::HandedOver { successor, .. } => State::HandedOver { pid: successor.pid },
-            Stage::Draining(_) => State::Draining,
-        }
+        self.stage.state()
     }
 
     /// Publishes the state on the handle's watch (only a change wakes the watchers).
@@ -590,11 +597,9 @@ impl Lifecycle {
         };
         successor.watch = None;
         let pid = successor.pid;
-        let how = match successor.ours {
-            true => crate::sys::reap(successor.pidfd.as_fd()),
-            false => crate::sys::exit_description(pid),
-        }
-        .unwrap_or_else(|| "exited".to_string());
+        // Read while it is a zombie: our own child is reaped by the keeper, with its status,
+        // unless this process serves again.
+        let how = crate::sys::exit_description(pid).unwrap_or_else(|| "exited".to_string());
         if successor.stopping {
             tracing::info!(
                 pid,
@@ -739,9 +744,17 @@ impl Lifecycle {
                 return;
             }
         };
-        let ours = matches!(&self.stage, Stage::HandedOver { successor, .. } if successor.ours);
         // The drain's remaining work stops here (its hooks have run); its connections stay.
-        self.stage = Stage::Serving { restart: None };
+        let given_up = std::mem::replace(&mut self.stage, Stage::Serving { restart: None });
+        let Stage::HandedOver { successor, .. } = given_up else {
+            unreachable!("BUG: serving again from a stage other than handed over");
+        };
+        let ours = successor.ours;
+        if ours {
+            // Our own child: no keeper any more, so it is ours to reap.
+            crate::keeper::stand_down();
+            let _ = crate::sys::reap(successor.pidfd.as_fd());
+        }
         self.switch.set(None);
         self.cx.connections.resume();
         self.accepting = Some(Accepting::start(
@@ -750,9 +763,6 @@ impl Lifecycle {
             acceptors,
             &self.cx,
         ));
-        if ours {
-            crate::keeper::stand_down();
-        }
         self.stopping_sent = false;
         self.start_watchdog();
         let me = self.startup.pid;
@@ -1239,5 +1249,124 @@ impl RestartClaim {
 impl Drop for RestartClaim {
     fn drop(&mut self) {
         RESTART_CLAIMED.store(false, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain_of(work: impl Future<Output = (HooksReport, Drained)> + Send + 'static) -> Drain {
+        Drain {
+            reason: Reason::Requested,
+            began: Instant::now(),
+            lame_duck: Duration::ZERO,
+            lame_duck_requests: 0,
+            close_seen: false,
+            forced: false,
+            sent: None,
+            failure: None,
+            work: Box::pin(work),
+            done: None,
+        }
+    }
+
+    fn done() -> (HooksReport, Drained) {
+        (
+            HooksReport::default(),
+            Drained {
+                open_at_start: 3,
+                cut: 1,
+            },
+        )
+    }
+
+    /// A successor that is this test process's own child, watched through its pidfd.
+    fn successor_of(child: &std::process::Child) -> Successor {
+        let pid = rustix::process::Pid::from_child(child);
+        let pidfd = Arc::new(
+            rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+                .expect("pidfd_open"),
+        );
+        let watch = crate::sys::register_shared(Arc::clone(&pidfd), Interest::READABLE)
+            .map_err(|(_, e)| e)
+            .expect("register the pidfd");
+        Successor {
+            pid: child.id(),
+            pidfd,
+            watch: Some(watch),
+            ours: false,
+            stopping: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_state_is_derived_from_the_stage() {
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let pid = child.id();
+        let now = Instant::now();
+        let stages = [
+            (Stage::Serving { restart: None }, State::Serving),
+            (
+                Stage::LameDuck {
+                    reason: Reason::Requested,
+                    began: now,
+                    until: now,
+                },
+                State::LameDuck,
+            ),
+            (
+                Stage::HandedOver {
+                    drain: drain_of(async { done() }),
+                    successor: successor_of(&child),
+                },
+                State::HandedOver { pid },
+            ),
+            (Stage::Draining(drain_of(async { done() })), State::Draining),
+        ];
+        for (stage, state) in &stages {
+            assert_eq!(stage.state(), *state);
+        }
+        let _ = child.wait();
+    }
+
+    #[tokio::test]
+    async fn a_drain_keeps_its_outcome_across_given_up_waits_and_waits_for_rolled_back_children() {
+        let (tx, rx) = oneshot::channel::<()>();
+        let mut drain = drain_of(async move {
+            let _ = rx.await;
+            done()
+        });
+        let short = Duration::from_millis(20);
+        // Not done: a wait given up (another event came first) loses nothing.
+        assert!(
+            tokio::time::timeout(short, drain.finished(false))
+                .await
+                .is_err()
+        );
+        tx.send(()).expect("the drain waits");
+        // Done, but a rolled-back child is still stopping: not finished yet.
+        assert!(
+            tokio::time::timeout(short, drain.finished(true))
+                .await
+                .is_err()
+        );
+        assert_eq!(drain.done.map(|(_, d)| d), Some(done().1));
+        tokio::time::timeout(Duration::from_secs(5), drain.finished(false))
+            .await
+            .expect("finished once no child is left");
+    }
+
+    #[tokio::test]
+    async fn the_death_of_a_successor_is_an_event() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.05")
+            .spawn()
+            .expect("spawn");
+        let successor = successor_of(&child);
+        tokio::time::timeout(Duration::from_secs(10), successor.exited())
+            .await
+            .expect("its pidfd became readable");
+        assert!(child.try_wait().expect("wait").is_some());
     }
 }
