@@ -6,7 +6,8 @@
 //!
 //! `HOOKS` is a comma-separated list of: `ok`, `panic`, `hang` (sync hooks), `async-ok`,
 //! `async-panic`, `async-hang`, or `sleep:MS` (a sync hook that takes MS milliseconds).
-//! `HANDOVER_DRAIN_TIMEOUT_MS` sets the deadline (default 5000).
+//! `HANDOVER_DRAIN_TIMEOUT_MS` sets the deadline (default 5000), `HANDOVER_READY_TIMEOUT_MS`
+//! the restart's.
 //!
 //! `GET /upgrade` with `Connection: upgrade`, `Upgrade: echo` switches the connection to a
 //! byte echo, like a WebSocket would: a connection hyper no longer drives, which a drain must
@@ -129,6 +130,9 @@ fn main() -> ExitCode {
     }
     if let Some(t) = common::env_ms("HANDOVER_DRAIN_TIMEOUT_MS") {
         server = server.drain_timeout(t);
+    }
+    if let Some(t) = common::env_ms("HANDOVER_READY_TIMEOUT_MS") {
+        server = server.ready_timeout(t);
     }
     let hooks = std::env::var("HOOKS").unwrap_or_default();
     for (i, kind) in hooks.split(',').filter(|k| !k.is_empty()).enumerate() {

@@ -255,8 +255,8 @@ fn a_successor_killed_with_connections_unread_gives_them_back() {
 
 /// The hand-off cannot be delivered (the service manager's queue is full and it does not
 /// read), so the restart is rolled back after the child has been accepting for a while. The
-/// child gets its drain deadline, not a SIGKILL a second after SIGTERM: every three-second
-/// request, whichever process accepted it, is answered. Meanwhile the old process serves.
+/// child gets its drain deadline, not a SIGKILL a second after SIGTERM: every request it
+/// accepted (4.5 s long, each) is answered. Meanwhile the old process serves.
 #[test]
 fn a_rolled_back_successor_finishes_its_requests() {
     let notify = NotifySocket::new();
@@ -264,7 +264,8 @@ fn a_rolled_back_successor_finishes_its_requests() {
     let mut server = Spawn::new(example("faults"))
         .arg(format!("127.0.0.1:{port}"))
         .env("NOTIFY_SOCKET", &notify.path)
-        .env("HANDOVER_READY_TIMEOUT_MS", "2000")
+        .env("HANDOVER_READY_TIMEOUT_MS", "1500")
+        .env("HANDOVER_DRAIN_TIMEOUT_MS", "8000")
         .start();
     let addr = addr_in(&server.listen_line());
     notify.wait_line("READY=1", SOON);
@@ -286,7 +287,7 @@ fn a_rolled_back_successor_finishes_its_requests() {
     // The old process stopped for a moment, so that the child accepts every request.
     signal(old, Signal::STOP);
     let requests: Vec<_> = (0..12)
-        .map(|_| get_in_background(addr, "/?sleep_ms=3000", false))
+        .map(|_| get_in_background(addr, "/?sleep_ms=4500", false))
         .collect();
     server.lines.wait_count(
         &format!("[{child}]  INFO faults::common: slow request: sleeping"),
