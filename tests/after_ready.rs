@@ -364,6 +364,70 @@ fn the_old_process_serves_again_when_its_successor_dies_after_ready() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The same as PID 1 of a namespace (a container without an init): the successor is PID 1's
+/// own child. When it dies during PID 1's drain, PID 1 reaps it, serves again (no `MAINPID=`:
+/// it was the main process all along), and a later restart hands over again, to a keeper of
+/// its own; a stop then reaches the new serving process.
+#[test]
+fn as_pid1_the_old_process_serves_again_when_its_successor_dies() {
+    let dir = scratch_dir("pid1-dies-after-ready");
+    let exe = deploy_copy("faults", &dir);
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut unshare = Spawn::new("unshare")
+        .arg("-p")
+        .arg("-f")
+        .arg("--mount-proc")
+        .arg(&exe)
+        .arg(addr.to_string())
+        .start();
+    assert_eq!(pid_in(&unshare.listen_line()), 1);
+    unshare.lines.wait_for("ready pid=1", SOON);
+    let pid1 = descendants(unshare.pid)
+        .into_iter()
+        .find(|p| ns_pid(*p) == Some(1))
+        .expect("PID 1");
+    let slow = get_in_background(addr, "/?sleep_ms=3000", false);
+    unshare.lines.wait_for("slow request: sleeping", SOON);
+    successor_with(&exe, "DIE_AFTER_READY_MS=300");
+    signal(pid1, Signal::USR1);
+    unshare.lines.wait_for(
+        "the new process died while this one drains: serving again",
+        SOON,
+    );
+    let state = get(addr, "/state").expect("a new connection");
+    assert_eq!((state.pid, state.body.as_str()), (1, "serving"));
+    let reply = slow.join().expect("client").expect("the slow request");
+    assert_eq!((reply.status, reply.pid), (200, 1));
+    // The dead child was reaped: PID 1 is alone in the namespace.
+    assert_eq!(descendants(unshare.pid), vec![pid1]);
+
+    successor_with(&exe, "");
+    signal(pid1, Signal::USR1);
+    unshare
+        .lines
+        .wait_for("keeper: serving is over; staying on as init", SOON);
+    let deadline = Instant::now() + SOON;
+    let serving = loop {
+        let pid = get(addr, "/").expect("served").pid;
+        if pid != 1 {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "PID 1 still answers");
+    };
+    let inside = descendants(unshare.pid);
+    signal(pid1, Signal::TERM);
+    assert_eq!(unshare.wait(SOON), Some(0));
+    unshare.lines.wait_for(
+        &format!(
+            "keeper: the serving process exited; exiting with its status pid={serving} code=0"
+        ),
+        SOON,
+    );
+    assert_none_left(inside.into_iter().chain([unshare.pid]));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Points 5 and 6: PID 1.
 
