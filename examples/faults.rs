@@ -31,7 +31,8 @@
 //! with a wrapper script: a restart gives the new process the old one's environment), each N
 //! ms after the server first serves (it reports `READY=1` right then):
 //! `STOP_AFTER_READY_MS=N` stops the whole process (`SIGSTOP`; a test sends `SIGCONT`), as a
-//! process descheduled or blocked would be; `DIE_AFTER_READY_MS=N` exits with status 7.
+//! process descheduled or blocked would be; `DIE_AFTER_READY_MS=N` exits with status 7 (or
+//! `DIE_WITH`).
 
 mod common;
 
@@ -245,9 +246,13 @@ fn misbehave_after_ready(handle: handover::Handle) {
             }
         }
         if let Some(after) = die {
+            let code = std::env::var("DIE_WITH")
+                .ok()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(7);
             tokio::time::sleep(after).await;
-            tracing::warn!("DIE_AFTER_READY_MS: exiting with status 7");
-            std::process::exit(7);
+            tracing::warn!("DIE_AFTER_READY_MS: exiting with status {code}");
+            std::process::exit(code);
         }
     });
 }

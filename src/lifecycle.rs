@@ -588,9 +588,9 @@ impl Lifecycle {
         }
     }
 
-    /// The successor exited while this process drains: unless the service was asked to stop,
-    /// this process serves again, so that the service never goes dark while one of its
-    /// processes lives.
+    /// The successor exited while this process drains: unless the service was asked to stop
+    /// (here, or as far as its exit status 0 tells, there), this process serves again, so that
+    /// the service never goes dark while one of its processes lives.
     fn on_successor_exited(&mut self) {
         let Stage::HandedOver { successor, .. } = &mut self.stage else {
             return;
@@ -605,6 +605,16 @@ impl Lifecycle {
                 pid,
                 how,
                 "the new process ended while this one drains, after the service was asked to stop: not serving again"
+            );
+            return;
+        }
+        if how == "exited with status 0" {
+            // An orderly end: it was asked to stop (a stop that reached only the main process,
+            // `KillMode=mixed`), or its application decided to. Not a death to make up for.
+            tracing::info!(
+                pid,
+                how,
+                "the new process stopped in order while this one drains: not serving again"
             );
             return;
         }

@@ -286,6 +286,7 @@ fn a_rolled_back_successor_finishes_its_requests() {
     );
     // The old process stopped for a moment, so that the child accepts every request.
     signal(old, Signal::STOP);
+    wait_stopped(old);
     let requests: Vec<_> = (0..12)
         .map(|_| get_in_background(addr, "/?sleep_ms=4500", false))
         .collect();
@@ -361,6 +362,41 @@ fn the_old_process_serves_again_when_its_successor_dies_after_ready() {
     signal(third, Signal::TERM);
     assert_eq!(wait_exit(third, SOON), Some(0));
     assert_none_left([old, new, third]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A successor that exits 0 has stopped in order (asked to, by a stop that reached only the main
+/// process with `KillMode=mixed`, or by its application): the old process finishes its drain
+/// and exits, it does not serve again.
+#[test]
+fn a_successor_that_stops_in_order_is_not_replaced() {
+    let dir = scratch_dir("stops-in-order");
+    let notify = NotifySocket::new();
+    let (mut server, addr, exe) = deployed_faults(&dir, &notify, &[]);
+    let old = server.pid;
+    let slow = get_in_background(addr, "/?sleep_ms=2000", false);
+    server.lines.wait_for("slow request: sleeping", SOON);
+    successor_with(&exe, "DIE_AFTER_READY_MS=300 DIE_WITH=0");
+    let new = restart_once(&notify, old, 1);
+    // Not reaped before the old process has read its status.
+    server.lines.wait_for(
+        "the new process stopped in order while this one drains: not serving again",
+        SOON,
+    );
+    assert_eq!(wait_exit(new, SOON), Some(0));
+    let reply = slow.join().expect("client").expect("the slow request");
+    assert_eq!((reply.status, reply.pid), (200, old));
+    assert_eq!(server.wait(SOON), Some(0), "old process {old} exit code");
+    notify.sync();
+    assert!(
+        !notify
+            .all()
+            .iter()
+            .any(|n| n.has(&format!("MAINPID={old}"))),
+        "{:#?}",
+        notify.all()
+    );
+    assert_none_left([old, new]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
