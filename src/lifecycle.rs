@@ -26,7 +26,8 @@
 //!   successor this process's copies of the listeners are closed when accepting stops.
 //! - Handed over: as long as one process of the service lives, the service answers. The old
 //!   process keeps its copies of the listeners and the successor's pidfd until it exits; if
-//!   the successor dies first (and nobody asked the service to stop), it serves again: accepts,
+//!   the successor dies first (nobody asked the service to stop, it did not exit 0, and no
+//!   later process holds the listeners), it serves again: accepts,
 //!   tells the service manager `MAINPID=` itself, `READY=1` and a `STATUS=` that says what
 //!   happened, and its state is [`State::Serving`] again.
 
@@ -589,8 +590,10 @@ impl Lifecycle {
     }
 
     /// The successor exited while this process drains: unless the service was asked to stop
-    /// (here, or as far as its exit status 0 tells, there), this process serves again, so that
-    /// the service never goes dark while one of its processes lives.
+    /// (here, or as far as its exit status 0 tells, there) or a later process serves (the
+    /// successor had handed over in its turn: another process holds the listeners), this
+    /// process serves again, so that the service never goes dark while one of its processes
+    /// lives.
     fn on_successor_exited(&mut self) {
         let Stage::HandedOver { successor, .. } = &mut self.stage else {
             return;
@@ -617,6 +620,19 @@ impl Lifecycle {
                 "the new process stopped in order while this one drains: not serving again"
             );
             return;
+        }
+        if let Some(listeners) = &self.listeners {
+            let fds: Vec<_> = listeners.iter().map(|l| l.as_fd()).collect();
+            if let Some(holder) = crate::sys::held_elsewhere(&fds) {
+                // It had handed over in its turn: a later process serves.
+                tracing::info!(
+                    pid,
+                    how,
+                    holder,
+                    "the new process ended while this one drains, but another process holds the listeners (it had handed over in its turn): not serving again"
+                );
+                return;
+            }
         }
         tracing::warn!(
             pid,
@@ -775,6 +791,8 @@ impl Lifecycle {
         ));
         self.stopping_sent = false;
         self.start_watchdog();
+        // What a request sees before the service manager hears of it.
+        self.publish();
         let me = self.startup.pid;
         let status = format!(
             "Serving again as pid {me}: the new process (pid {pid}) {how} right after the hand-off"

@@ -769,6 +769,44 @@ pub(crate) fn exit_description(pid: u32) -> Option<String> {
     })
 }
 
+/// A process other than this one and PID 1 (a service manager holding a socket unit's socket)
+/// that has one of `sockets` open, if any: another process of the service can still accept on it.
+/// Read from `/proc/PID/fd`, best effort: processes whose fds cannot be read (another user's)
+/// are not ours.
+pub(crate) fn held_elsewhere(sockets: &[BorrowedFd<'_>]) -> Option<u32> {
+    let Ok(inodes) = sockets
+        .iter()
+        .map(|fd| rustix::fs::fstat(fd).map(|st| format!("socket:[{}]", st.st_ino)))
+        .collect::<Result<Vec<_>, _>>()
+    else {
+        return None;
+    };
+    let me = std::process::id();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return None;
+    };
+    // Bounded by the processes and their fds, read once.
+    for entry in procs.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me || pid == 1 {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                if inodes.iter().any(|i| target.as_os_str() == i.as_str()) {
+                    return Some(pid);
+                }
+            }
+        }
+    }
+    None
+}
+
 /// Moves `fd` to a number >= `floor` (close-on-exec). The original is closed: a pipe end left
 /// open twice would keep its reader from ever seeing EOF.
 fn move_above(fd: OwnedFd, floor: c_int) -> io::Result<OwnedFd> {

@@ -400,6 +400,56 @@ fn a_successor_that_stops_in_order_is_not_replaced() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The successor hands over in its turn, to a third process, and is killed while it drains and
+/// the first one still drains: a later process serves (it holds the listener), so the first one
+/// does not serve again; it finishes its drain and exits.
+#[test]
+fn a_successor_that_handed_over_in_its_turn_is_not_replaced() {
+    let dir = scratch_dir("handed-on");
+    let notify = NotifySocket::new();
+    let (mut server, addr, _) = deployed_faults(&dir, &notify, &[]);
+    let old = server.pid;
+    let slow = get_in_background(addr, "/?sleep_ms=4000", false);
+    server.lines.wait_for("slow request: sleeping", SOON);
+    let second = restart_once(&notify, old, 1);
+    // A request that keeps the second one draining (it is killed before answering it), sent
+    // once the first one no longer accepts.
+    server.lines.wait_for(
+        &format!("[{old}]  INFO handover::lifecycle: stopped accepting"),
+        SOON,
+    );
+    let cut = get_in_background(addr, "/?sleep_ms=5000", false);
+    server.lines.wait_for(
+        &format!("[{second}]  INFO faults::common: slow request: sleeping"),
+        SOON,
+    );
+    let third = restart_once(&notify, second, 2);
+    signal(second, Signal::KILL);
+    server.lines.wait_for(
+        "another process holds the listeners (it had handed over in its turn): not serving again",
+        SOON,
+    );
+    assert_eq!(wait_exit(second, SOON), None, "killed");
+    let _ = cut.join();
+    let reply = slow.join().expect("client").expect("the slow request");
+    assert_eq!((reply.status, reply.pid), (200, old));
+    assert_eq!(server.wait(SOON), Some(0), "old process {old} exit code");
+    assert_eq!(get(addr, "/").expect("served").pid, third);
+    notify.sync();
+    assert!(
+        !notify
+            .all()
+            .iter()
+            .any(|n| n.has(&format!("MAINPID={old}"))),
+        "{:#?}",
+        notify.all()
+    );
+    signal(third, Signal::TERM);
+    assert_eq!(wait_exit(third, SOON), Some(0));
+    assert_none_left([old, second, third]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The same as PID 1 of a namespace (a container without an init): the successor is PID 1's
 /// own child. When it dies during PID 1's drain, PID 1 reaps it, serves again (no `MAINPID=`:
 /// it was the main process all along), and a later restart hands over again, to a keeper of
