@@ -831,8 +831,13 @@ impl Lifecycle {
                 s.kept.load(Ordering::Relaxed),
             )
         });
+        // Losing every listener is not a reason anybody asked for: named as what it is.
+        let reason = match &d.failure {
+            Some(_) => "every listener lost".to_string(),
+            None => format!("{:?}", d.reason),
+        };
         tracing::info!(
-            reason = ?d.reason,
+            %reason,
             drained = drained.open_at_start,
             passed,
             kept,
