@@ -316,6 +316,76 @@ fn a_rolled_back_successor_finishes_its_requests() {
     assert_none_left([old, child]);
 }
 
+/// A close signal cancels a restart whose child already serves a request: the child is stopped
+/// in the background, with its drain deadline, and the old process goes on handling events at
+/// once (a second close signal cuts its own connections right away, while the child still
+/// finishes its request); the old process exits only once the child is gone. (Before, the
+/// close signal's handler awaited the child's stop, up to 6 s, and killed it after 1 s.)
+#[test]
+fn a_close_signal_during_a_restart_leaves_the_child_its_drain_and_the_old_process_responsive() {
+    let notify = NotifySocket::new();
+    let port = free_port();
+    let mut server = Spawn::new(example("faults"))
+        .arg(format!("127.0.0.1:{port}"))
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env("HANDOVER_READY_TIMEOUT_MS", "20000")
+        .start();
+    let addr = addr_in(&server.listen_line());
+    notify.wait_line("READY=1", SOON);
+    let old = server.pid;
+    notify.pause();
+    notify.fill();
+    signal(old, Signal::USR1);
+    let child: u32 = server
+        .lines
+        .wait_for("waiting for its READY=1 pid=", SOON)
+        .rsplit("pid=")
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .expect("child pid");
+    server.lines.wait_for(
+        "restart: new process is ready; telling the service manager",
+        SOON,
+    );
+    // The child accepts a 3 s request (the old process is stopped meanwhile).
+    signal(old, Signal::STOP);
+    wait_stopped(old);
+    let request = get_in_background(addr, "/?sleep_ms=3000", false);
+    server.lines.wait_for(
+        &format!("[{child}]  INFO faults::common: slow request: sleeping"),
+        SOON,
+    );
+    signal(old, Signal::CONT);
+    signal(old, Signal::TERM);
+    server
+        .lines
+        .wait_for("close signal received; shutting down", SOON);
+    signal(old, Signal::TERM);
+    let cut = server
+        .lines
+        .wait_for("second close signal: cutting all connections now", SOON);
+    let reply = request
+        .join()
+        .expect("client")
+        .expect("the child's request");
+    assert_eq!((reply.status, reply.pid), (200, child));
+    server
+        .lines
+        .wait_for("restart: the new process was stopped", SOON);
+    let cut_at = server.lines.all().iter().position(|l| *l == cut);
+    let stopped_at = server
+        .lines
+        .position("restart: the new process was stopped");
+    assert!(
+        cut_at.is_some() && cut_at < stopped_at,
+        "the second signal was handled while the child still finished its request"
+    );
+    // The old process exits only once the child is gone.
+    assert_eq!(server.wait(SOON), Some(0), "old process {old} exit code");
+    notify.resume();
+    assert_none_left([old, child]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Point 4: never dark.
 
