@@ -6,7 +6,8 @@
 //!
 //! `HOOKS` is a comma-separated list of: `ok`, `panic`, `hang` (sync hooks), `async-ok`,
 //! `async-panic`, `async-hang`, or `sleep:MS` (a sync hook that takes MS milliseconds).
-//! `HANDOVER_DRAIN_TIMEOUT_MS` sets the deadline (default 5000).
+//! `HANDOVER_DRAIN_TIMEOUT_MS` sets the deadline (default 5000), `HANDOVER_READY_TIMEOUT_MS`
+//! the restart's.
 //!
 //! `GET /upgrade` with `Connection: upgrade`, `Upgrade: echo` switches the connection to a
 //! byte echo, like a WebSocket would: a connection hyper no longer drives, which a drain must
@@ -28,12 +29,24 @@
 //!
 //! `GET /env` runs `env` as a subprocess and answers with its output: what a program the
 //! application starts sees of the environment (no `LISTEN_*`, `NOTIFY_SOCKET`, `WATCHDOG_*`).
+//! `GET /state` answers with the server's state (`serving`, `handed over`, ...).
+//!
+//! Cues for a successor that misbehaves after its `READY=1` (set them for the new binary only,
+//! with a wrapper script: a restart gives the new process the old one's environment), each N
+//! ms after the server first serves (it reports `READY=1` right then):
+//! `STOP_AFTER_READY_MS=N` stops the whole process (`SIGSTOP`; a test sends `SIGCONT`), as a
+//! process descheduled or blocked would be; `DIE_AFTER_READY_MS=N` exits with status 7 (or
+//! `DIE_WITH`).
 
 mod common;
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::OnceLock;
 use std::time::Duration;
+
+/// The server's handle, for `GET /state`.
+static HANDLE: OnceLock<handover::Handle> = OnceLock::new();
 
 async fn route(
     req: hyper::Request<hyper::body::Incoming>,
@@ -45,6 +58,15 @@ async fn route(
             Err(e) => format!("could not run env: {e}").into_bytes(),
         };
         return Ok(hyper::Response::new(http_body_util::Full::new(body.into())));
+    }
+    if req.uri().path() == "/state" {
+        let state = HANDLE.get().map_or("unknown", |h| h.state().as_str());
+        let mut response =
+            hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(state)));
+        response
+            .headers_mut()
+            .insert("x-pid", std::process::id().into());
+        return Ok(response);
     }
     if req.uri().path() != "/upgrade" {
         return common::hello(req).await;
@@ -125,6 +147,9 @@ fn main() -> ExitCode {
     if let Some(t) = common::env_ms("HANDOVER_DRAIN_TIMEOUT_MS") {
         server = server.drain_timeout(t);
     }
+    if let Some(t) = common::env_ms("HANDOVER_READY_TIMEOUT_MS") {
+        server = server.ready_timeout(t);
+    }
     let hooks = std::env::var("HOOKS").unwrap_or_default();
     for (i, kind) in hooks.split(',').filter(|k| !k.is_empty()).enumerate() {
         let n = i + 1;
@@ -164,8 +189,13 @@ fn main() -> ExitCode {
         let linger = common::env_ms("HANDOVER_LINGER_MS").unwrap_or(Duration::from_secs(3));
         return after_serve(serve_for(server, limit, linger));
     }
+    let _ = HANDLE.set(server.handle());
     if std::env::var_os("SECOND_SERVER").is_none() {
-        return after_serve(common::run(server));
+        let handle = server.handle();
+        return after_serve(common::run(async move {
+            misbehave_after_ready(handle);
+            server.await
+        }));
     }
     // A second restart-capable server in the same process, once the first serves: refused.
     let mut state = server.handle().watch();
@@ -210,4 +240,34 @@ where
         }
     });
     ExitCode::SUCCESS
+}
+
+/// `STOP_AFTER_READY_MS`, `DIE_AFTER_READY_MS`: see the module docs.
+fn misbehave_after_ready(handle: handover::Handle) {
+    let stop = common::env_ms("STOP_AFTER_READY_MS");
+    let die = common::env_ms("DIE_AFTER_READY_MS");
+    if stop.is_none() && die.is_none() {
+        return;
+    }
+    let mut state = handle.watch();
+    tokio::spawn(async move {
+        let _ = state.wait_for(|s| *s == handover::State::Serving).await;
+        if let Some(after) = stop {
+            tokio::time::sleep(after).await;
+            tracing::warn!("STOP_AFTER_READY_MS: stopping this process (SIGSTOP)");
+            let me = rustix::process::getpid();
+            if let Err(e) = rustix::process::kill_process(me, rustix::process::Signal::STOP) {
+                tracing::error!("SIGSTOP: {e}");
+            }
+        }
+        if let Some(after) = die {
+            let code = std::env::var("DIE_WITH")
+                .ok()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(7);
+            tokio::time::sleep(after).await;
+            tracing::warn!("DIE_AFTER_READY_MS: exiting with status {code}");
+            std::process::exit(code);
+        }
+    });
 }

@@ -221,6 +221,25 @@ impl Connections {
         n
     }
 
+    /// Serving again after a drain was given up (the successor died): connections accepted
+    /// from now on start with no directive, and are waited for by the next drain. Those open
+    /// keep the directives they got, and are told to move on.
+    pub(crate) fn resume(&self) {
+        let mut registry = self.shared.lock();
+        // The clients of the drain given up move on (as in a lame duck): their next response
+        // says `Connection: close`, HTTP/2 gets GOAWAY.
+        for (_, conn) in registry.conns.iter() {
+            let bits = CLOSE_RESPONSES | DRAIN;
+            if conn.ctl.fetch_or(bits, Ordering::Release) & bits != bits {
+                conn.waker.wake();
+            }
+        }
+        registry.ctl_passable = 0;
+        registry.ctl_other = 0;
+        drop(registry);
+        self.shared.tracker.reopen();
+    }
+
     /// Connections open now.
     pub(crate) fn open(&self) -> usize {
         self.shared.tracker.len()

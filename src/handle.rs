@@ -28,7 +28,8 @@ pub enum State {
     LameDuck,
     /// No longer accepting; finishing the requests already accepted.
     Draining,
-    /// The successor with this pid serves now; this process finishes what it accepted.
+    /// The successor with this pid serves now; this process finishes what it accepted. If the
+    /// successor dies before that is done, this process serves again ([`State::Serving`]).
     HandedOver {
         /// The pid of the process that serves now.
         pid: u32,

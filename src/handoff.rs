@@ -21,21 +21,32 @@
 //! New → old: `ACK <seq>\n`, sent as soon as a batch is received, **before** any of its
 //! connections is read from.
 //!
-//! # Invariants
-//! - A connection is served by exactly one process at any time. The old process stops
-//!   serving it before passing it (hyper has let go of it: it was taken apart between two
-//!   requests), and the new one starts only after acknowledging it. The old process keeps its
-//!   copy of the socket until the acknowledgement: if the new process dies before that, it never
-//!   read from the connection, so the old one can still serve it (fallback).
-//! - The old process closes its copy only after the acknowledgement, and never shuts a passed
-//!   socket down (a shutdown acts on the socket, not on one process's fd): the forced cut skips
-//!   connections in flight.
+//! The framing is open: every message is one datagram whose first line starts with a word
+//! naming its kind (`CONNS`, `DONE`, `ACK`); a side ignores a kind it does not know (its
+//! attached fds, if any, are closed), so later versions can add kinds on the same channel.
+//!
+//! # Ownership: exactly one owner at every moment
+//! - A connection is the old process's until the successor acknowledges its batch, and the
+//!   successor's from the moment it sends that acknowledgement. The old process stops serving
+//!   a connection before passing it (hyper has let go of it: it was taken apart between two
+//!   requests), and the successor starts only after acknowledging it.
+//! - The old process takes a sent batch back only on the successor's explicit refusal (it
+//!   closes the channel without acknowledging: a listener it has no plaintext service for, a
+//!   truncated message) or its proven death (its end of the channel closed, `ECONNRESET`
+//!   included, or its pidfd readable). Acknowledgements still queued when it went are read
+//!   first: those connections were its. Never on a timeout: a slow successor (stopped, its
+//!   runtime blocked) is slow, not dead.
+//! - A successor slower than [`ACK_TIMEOUT`] only stops further passing: every connection not
+//!   sent yet stays with the old process, which serves it to the end (`Connection: close`)
+//!   within its own drain deadline. What was sent stays in flight: if the old process reaches
+//!   its deadline first, it exits closing only its copies (a passed socket is never shut
+//!   down: a shutdown acts on the socket, not on one process's fd), and the connection waits
+//!   in the successor's queue.
+//! - So the successor serves every batch it received, whether its acknowledgement arrived or
+//!   not: the old process cannot have taken it back while the successor lives.
 //! - Batches of at most [`MAX_BATCH`] sockets and [`MAX_BATCH_BYTES`] bytes, at most
 //!   [`WINDOW`] batches unacknowledged: a flood of connections moves without blocking the old
 //!   process, and without more sockets in flight than the kernel allows a sender.
-//! - What goes wrong (a send fails, the new process dies or stops reading) falls back to
-//!   what happens without a successor that takes connections: `Connection: close` on the next
-//!   response, and the keep-alive grace, for every connection not acknowledged yet.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -58,6 +69,7 @@ use tokio_util::sync::CancellationToken;
 use crate::accept::{ConnContext, ServeConn};
 use crate::conn::{CLOSE_RESPONSES, HandOff, PassOutcome, TrackedIo};
 use crate::notify::Connected;
+use crate::sys;
 
 /// The line a new process adds to its `READY=1` when it takes connections.
 pub(crate) const ACCEPTS_CONNECTIONS: &str = "X_HANDOVER_CONNECTIONS=1";
@@ -105,6 +117,39 @@ impl HandOff for Outbox {
     }
 }
 
+/// The server's one hand-off slot: connection tasks pass through it to the outbox of the
+/// current successor, if any. Set at a hand-off; cleared when the server serves again after
+/// its successor died (a later restart sets a new one).
+#[derive(Debug, Default)]
+pub(crate) struct Switch {
+    current: std::sync::Mutex<Option<Arc<Outbox>>>,
+}
+
+impl Switch {
+    pub(crate) fn set(&self, outbox: Option<Arc<Outbox>>) {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = outbox;
+    }
+}
+
+impl HandOff for Switch {
+    fn pass(&self, io: TrackedIo, read: Bytes) -> oneshot::Receiver<PassOutcome> {
+        let current = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match current {
+            Some(outbox) => outbox.pass(io, read),
+            None => {
+                // No successor takes connections (any more): served here.
+                let (done, outcome) = oneshot::channel();
+                let _ = done.send(PassOutcome::Kept(io, read));
+                outcome
+            }
+        }
+    }
+}
+
 /// What a connection takes of a batch message: its listener's name, its byte count, the bytes.
 fn entry_size(io: &TrackedIo, read: &Bytes) -> usize {
     io.conn().info.listener().len() + 24 + read.len()
@@ -118,25 +163,39 @@ pub(crate) struct Sent {
     /// Connections given back (the channel failed, or too much read-ahead to pass): served
     /// here, with `Connection: close`.
     pub(crate) kept: AtomicUsize,
-    /// Connections sent and never acknowledged by a successor that stopped answering: they
-    /// are in its queue, its if it ever reads them (never served twice, so not ours again).
-    pub(crate) unconfirmed: AtomicUsize,
     /// Cancelled when the channel failed; every later connection is kept.
     pub(crate) failed: CancellationToken,
 }
 
-/// Starts passing connections to the successor over `channel`. Returns where to put them and
-/// the counters; the task ends once the outbox is dropped and everything sent was
-/// acknowledged (then it sends `DONE`), or the channel fails.
-pub(crate) fn send(channel: Connected, to_pid: u32) -> (Arc<Outbox>, Arc<Sent>) {
+/// Starts passing connections to the successor `to_pid` over `channel`, watching it through
+/// `pidfd`. Returns where to put them and the counters; the task ends once the outbox is
+/// dropped and everything sent was acknowledged (then it sends `DONE`), or the successor
+/// refused or died (then what it had not acknowledged is given back).
+pub(crate) fn send(
+    channel: Connected,
+    to_pid: u32,
+    pidfd: Arc<OwnedFd>,
+) -> (Arc<Outbox>, Arc<Sent>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let sent = Arc::new(Sent::default());
     let outbox = Arc::new(Outbox {
         tx,
         sent: Arc::clone(&sent),
     });
-    tokio::spawn(sender(channel, rx, Arc::clone(&sent), to_pid));
+    tokio::spawn(sender(channel, rx, Arc::clone(&sent), to_pid, pidfd));
     (outbox, sent)
+}
+
+/// The sender's state: what is in flight, and whether it still passes.
+struct Flight {
+    unacked: VecDeque<(u64, Instant, Vec<Parcel>)>,
+    /// A parcel that did not fit in the last batch: the first of the next one.
+    next: Option<Parcel>,
+    seq: u64,
+    /// The outbox is still open (the server may pass more).
+    open: bool,
+    /// Still passing: false once the successor was slow to acknowledge, or spoke nonsense.
+    passing: bool,
 }
 
 async fn sender(
@@ -144,72 +203,140 @@ async fn sender(
     mut rx: mpsc::UnboundedReceiver<Parcel>,
     sent: Arc<Sent>,
     to_pid: u32,
+    pidfd: Arc<OwnedFd>,
 ) {
-    let mut unacked: VecDeque<(u64, Instant, Vec<Parcel>)> = VecDeque::new();
-    // A parcel that did not fit in the last batch: the first of the next one.
-    let mut next: Option<Parcel> = None;
-    let mut seq = 0u64;
-    let mut open = true;
+    let mut f = Flight {
+        unacked: VecDeque::new(),
+        next: None,
+        seq: 0,
+        open: true,
+        passing: true,
+    };
+    // Without a watchable pidfd, the channel's end is the only proof of death (it is one: the
+    // successor's end closes when it exits, and it is close-on-exec there). A copy of its own:
+    // the lifecycle watches the same process, and one fd registers with the runtime once.
+    let pidfd = pidfd
+        .try_clone()
+        .and_then(|fd| sys::register(fd, Interest::READABLE).map_err(|(_, e)| e))
+        .map_err(|e| tracing::warn!(error = %e, to_pid, "cannot watch the new process's pidfd; its channel tells its death"))
+        .ok();
     let channel = channel.async_fd();
-    let failure = loop {
-        if !open && next.is_none() && unacked.is_empty() {
-            // Everything passed: tell the successor, which then stops listening.
+    let end = loop {
+        if f.unacked.is_empty() && f.next.is_none() && (!f.open || !f.passing) {
+            // Everything sent is the successor's: tell it nothing more comes.
             let _ = channel
                 .async_io(Interest::WRITABLE, |fd| send_msg(fd, b"DONE\n", &[]))
                 .await;
-            break None;
+            break End::Done;
         }
-        let room = unacked.len() < WINDOW;
-        let oldest = unacked.front().map(|(_, at, _)| *at + ACK_TIMEOUT);
+        let room = f.unacked.len() < WINDOW;
+        let silent_since = f
+            .unacked
+            .front()
+            .map(|(_, at, _)| *at + ACK_TIMEOUT)
+            .filter(|_| f.passing);
         tokio::select! {
             biased;
-            ack = channel.async_io(Interest::READABLE, recv_ack), if !unacked.is_empty() => match ack {
-                Ok(Some(acked)) => {
-                    if let Err(e) = acknowledged(&mut unacked, acked, &sent) {
-                        break Some(Failure::Protocol(e));
+            got = channel.async_io(Interest::READABLE, recv_word), if !f.unacked.is_empty() => match got {
+                Ok(Word::Ack(acked)) => {
+                    if let Err(e) = acknowledged(&mut f.unacked, acked, &sent) {
+                        f.stop_passing(&Failure::Protocol(e), &mut rx, &sent, to_pid);
                     }
                 }
-                Ok(None) => break Some(Failure::Closed),
-                Err(e) => break Some(Failure::Protocol(e)),
+                Ok(Word::Other(text)) => {
+                    tracing::debug!(message = text, to_pid, "ignoring a message on the connection channel");
+                }
+                Ok(Word::End) => break End::Gone(Failure::Closed),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break End::Gone(Failure::Closed),
+                Err(e) => f.stop_passing(&Failure::Protocol(e), &mut rx, &sent, to_pid),
             },
-            () = sleep_until_some(oldest) => break Some(Failure::Silent),
-            parcel = next_parcel(&mut next, &mut rx), if room && (open || next.is_some()) => {
+            () = exited(pidfd.as_ref()) => break End::Gone(Failure::Died),
+            () = sleep_until_some(silent_since) => f.stop_passing(&Failure::Silent, &mut rx, &sent, to_pid),
+            parcel = next_parcel(&mut f.next, &mut rx), if f.passing && room && (f.open || f.next.is_some()) => {
                 let Some(first) = parcel else {
-                    open = false;
+                    f.open = false;
                     continue;
                 };
-                let batch = fill_batch(first, &mut rx, &mut next);
-                if let Err(e) = send_batch(channel, seq, &batch).await {
+                let batch = fill_batch(first, &mut rx, &mut f.next);
+                if let Err(e) = send_batch(channel, f.seq, &batch).await {
                     // The kernel refused the message: this batch never left.
                     give_back(batch, &sent);
-                    break Some(Failure::Protocol(e));
+                    f.stop_passing(&Failure::Protocol(e), &mut rx, &sent, to_pid);
+                    continue;
                 }
-                tracing::debug!(seq, connections = batch.len(), to_pid, "passing connections to the new process");
-                unacked.push_back((seq, Instant::now(), batch));
-                seq += 1;
+                tracing::debug!(seq = f.seq, connections = batch.len(), to_pid, "passing connections to the new process");
+                f.unacked.push_back((f.seq, Instant::now(), batch));
+                f.seq += 1;
             }
         }
     };
-    if let Some(failure) = failure {
-        fail(channel, failure, unacked, next, rx, &sent, to_pid).await;
+    if let End::Gone(failure) = end {
+        // Acknowledgements it sent before it went are still queued: they count (those
+        // connections were its, and went with it). Then the rest is provably not taken.
+        let mut acks = 0;
+        // Bounded: the queue holds what the successor sent, at most one message per batch.
+        while let Ok(Word::Ack(acked)) = recv_word(channel.get_ref()) {
+            if acknowledged(&mut f.unacked, acked, &sent).is_err() {
+                break;
+            }
+            acks += 1;
+        }
+        let back: usize = f.unacked.iter().map(|(_, _, b)| b.len()).sum();
+        tracing::warn!(%failure, to_pid, acks, given_back = back, "the new process is gone; the connections it had not acknowledged are served here (Connection: close)");
+        f.stop_passing(&failure, &mut rx, &sent, to_pid);
+        for (_, _, batch) in f.unacked.drain(..) {
+            give_back(batch, &sent);
+        }
     }
     let passed = sent.passed.load(Ordering::Relaxed);
     let kept = sent.kept.load(Ordering::Relaxed);
-    let unconfirmed = sent.unconfirmed.load(Ordering::Relaxed);
-    tracing::info!(
-        passed,
-        kept,
-        unconfirmed,
-        to_pid,
-        "connection hand-off finished"
-    );
+    tracing::info!(passed, kept, to_pid, "connection hand-off finished");
+}
+
+/// How the sender ended.
+enum End {
+    /// Everything sent was acknowledged.
+    Done,
+    /// The successor refused or died: what it did not acknowledge is ours again.
+    Gone(Failure),
+}
+
+impl Flight {
+    /// Nothing more is passed: later connections, and those not sent yet, are kept and served
+    /// here. What was sent stays in flight: it is the successor's as soon as it acknowledges,
+    /// and ours again only once it is provably gone (its channel closed, its pidfd readable).
+    /// A slow successor is slow, not dead.
+    fn stop_passing(
+        &mut self,
+        failure: &Failure,
+        rx: &mut mpsc::UnboundedReceiver<Parcel>,
+        sent: &Sent,
+        to_pid: u32,
+    ) {
+        if !self.passing {
+            return;
+        }
+        self.passing = false;
+        if !matches!(failure, Failure::Closed | Failure::Died) {
+            let in_flight: usize = self.unacked.iter().map(|(_, _, b)| b.len()).sum();
+            tracing::warn!(%failure, to_pid, in_flight, "passing connections to the new process failed; the rest are served here until they close (Connection: close); those in flight stay its until it acknowledges them or is gone");
+        }
+        sent.failed.cancel();
+        give_back(self.next.take(), sent);
+        rx.close();
+        while let Ok(p) = rx.try_recv() {
+            give_back(std::iter::once(p), sent);
+        }
+    }
 }
 
 /// Why passing stopped.
 enum Failure {
-    /// The successor closed its end: it never acknowledged what is left, so it never read
-    /// from those connections.
+    /// The successor closed its end (it refused a batch, or exited): it never acknowledged
+    /// what is left, so it never read from those connections.
     Closed,
+    /// The successor's pidfd says it exited.
+    Died,
     /// A send failed, or the successor said something unexpected.
     Protocol(std::io::Error),
     /// The successor did not acknowledge a batch within [`ACK_TIMEOUT`].
@@ -220,6 +347,7 @@ impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Failure::Closed => f.write_str("the new process closed the connection channel"),
+            Failure::Died => f.write_str("the new process exited"),
             Failure::Protocol(e) => write!(f, "{e}"),
             Failure::Silent => write!(
                 f,
@@ -229,62 +357,15 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// Passing failed: nothing more is passed (later connections are kept and served here), and
-/// what was sent but not acknowledged is given back only once the successor has provably not
-/// taken it (its end closed); a successor that stays silent keeps it (it may still read it:
-/// serving it here too could serve it twice).
-async fn fail(
-    channel: &AsyncFd<OwnedFd>,
-    failure: Failure,
-    mut unacked: VecDeque<(u64, Instant, Vec<Parcel>)>,
-    next: Option<Parcel>,
-    mut rx: mpsc::UnboundedReceiver<Parcel>,
-    sent: &Sent,
-    to_pid: u32,
-) {
-    tracing::warn!(%failure, to_pid, "passing connections to the new process failed; the rest are served here until they close (Connection: close)");
-    sent.failed.cancel();
-    give_back(next, sent);
-    rx.close();
-    while let Ok(p) = rx.try_recv() {
-        give_back(std::iter::once(p), sent);
-    }
-    let mut closed = matches!(failure, Failure::Closed);
-    if !closed && !unacked.is_empty() {
-        // Tell the successor that nothing more comes; it acknowledges what it has read and
-        // closes. Read its acknowledgements until then, within a bound.
-        let _ = rustix::net::shutdown(channel.get_ref(), rustix::net::Shutdown::Write);
-        let until = Instant::now() + ACK_TIMEOUT;
-        while !unacked.is_empty() {
-            let ack =
-                tokio::time::timeout_at(until, channel.async_io(Interest::READABLE, recv_ack))
-                    .await;
-            match ack {
-                Ok(Ok(Some(acked))) if acknowledged(&mut unacked, acked, sent).is_ok() => {}
-                Ok(Ok(None)) => {
-                    closed = true;
-                    break;
-                }
-                // Silent, or talking nonsense: its acknowledgements cannot be trusted to come.
-                _ => break,
+/// Completes once the process behind `pidfd` has exited; never without one.
+async fn exited(pidfd: Option<&AsyncFd<OwnedFd>>) {
+    match pidfd {
+        Some(fd) => {
+            if fd.readable().await.is_err() {
+                std::future::pending::<()>().await;
             }
         }
-    }
-    for (_, _, batch) in unacked {
-        if closed {
-            give_back(batch, sent);
-        } else {
-            sent.unconfirmed.fetch_add(batch.len(), Ordering::Relaxed);
-            tracing::warn!(
-                connections = batch.len(),
-                to_pid,
-                "connections sent to a new process that does not answer: left to it"
-            );
-            for parcel in batch {
-                // Our copy closes (never a shutdown); the successor's is in its queue.
-                let _ = parcel.done.send(PassOutcome::Passed);
-            }
-        }
+        None => std::future::pending().await,
     }
 }
 
@@ -407,9 +488,21 @@ fn send_msg(fd: &OwnedFd, msg: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result
     Ok(())
 }
 
-/// `Ok(Some(seq))`: the batches up to `seq` are acknowledged. `Ok(None)`: end of the channel.
-fn recv_ack(fd: &OwnedFd) -> std::io::Result<Option<u64>> {
-    let mut buf = [0u8; 64];
+/// A message from the successor on the channel, by its first word.
+#[derive(Debug, PartialEq, Eq)]
+enum Word {
+    /// `ACK <seq>`: the batch `seq` is the successor's.
+    Ack(u64),
+    /// A message of a kind this version does not know (ignored: the framing is open to new
+    /// kinds, each a datagram whose first line starts with its own word).
+    Other(String),
+    /// The end of the channel.
+    End,
+}
+
+/// Reads one message from the successor, without waiting.
+fn recv_word(fd: &OwnedFd) -> std::io::Result<Word> {
+    let mut buf = [0u8; 4096];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let msg = rustix::net::recvmsg(
@@ -419,18 +512,18 @@ fn recv_ack(fd: &OwnedFd) -> std::io::Result<Option<u64>> {
         RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
     )?;
     if msg.bytes == 0 {
-        return Ok(None);
+        return Ok(Word::End);
     }
-    let text = std::str::from_utf8(&buf[..msg.bytes]).unwrap_or("");
-    text.strip_prefix("ACK ")
-        .and_then(|s| s.trim().parse().ok())
-        .map(Some)
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("unexpected message on the connection channel: {text:?}"),
-            )
-        })
+    Ok(parse_word(&buf[..msg.bytes]))
+}
+
+fn parse_word(msg: &[u8]) -> Word {
+    let text = String::from_utf8_lossy(msg);
+    let first = text.lines().next().unwrap_or("");
+    match first.strip_prefix("ACK ").map(|s| s.trim().parse()) {
+        Some(Ok(seq)) => Word::Ack(seq),
+        _ => Word::Other(first.chars().take(80).collect()),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -446,6 +539,7 @@ pub(crate) async fn receive(
     let channel = channel.async_fd();
     let mut taken = 0;
     let mut buf = vec![0u8; MAX_BATCH_BYTES + 4096];
+    let mut hold_open = false;
     loop {
         let received = channel
             .async_io(Interest::READABLE, |fd| recv_batch(fd, &mut buf))
@@ -467,6 +561,12 @@ pub(crate) async fn receive(
         };
         if buf[..len] == *b"DONE\n" {
             break;
+        }
+        if !buf[..len].starts_with(b"CONNS ") {
+            // A kind of message this version does not know (see the module docs): not ours to
+            // answer.
+            tracing::debug!(len, "ignoring a message on the connection channel");
+            continue;
         }
         let Some(batch) = parse_batch(&buf[..len], fds) else {
             tracing::warn!(
@@ -503,24 +603,53 @@ pub(crate) async fn receive(
             );
             break;
         }
+        // Ours from here on, whether the acknowledgement arrives or not: the old process gives
+        // a batch back only once we are provably gone (our end closed), never on silence.
         let ack = format!("ACK {}\n", batch.seq);
-        if let Err(e) = channel
+        let acked = channel
             .async_io(Interest::WRITABLE, |fd| send_msg(fd, ack.as_bytes(), &[]))
-            .await
-        {
-            tracing::warn!(error = %e, "could not acknowledge passed connections; the old process keeps them");
-            break;
-        }
+            .await;
         for (index, io, read) in adopted {
             taken += 1;
             tokio::spawn(services[index].1.serve(io, read, &cx));
+        }
+        match acked {
+            Ok(()) => {}
+            Err(e) if peer_gone(&e) => {
+                // The old process exited with the batch in flight: it closed its copies without
+                // serving them, so they are ours alone. What else it sent is queued: read on.
+                tracing::info!(
+                    seq = batch.seq,
+                    "the previous process is gone; serving the connections it passed"
+                );
+            }
+            Err(e) => {
+                // The old process may still be there, waiting for a word it will never get: it
+                // must not see our end close (it would take the batch back, and serve it too).
+                tracing::error!(error = %e, "could not acknowledge passed connections; serving them, and holding the channel open so that the old process never takes them back");
+                hold_open = true;
+                break;
+            }
         }
     }
     tracing::info!(
         connections = taken,
         "took over connections from the previous process"
     );
+    if hold_open {
+        // Bounded by our own life: the channel closes when this process exits.
+        let _keep = channel;
+        std::future::pending::<()>().await;
+    }
     taken
+}
+
+/// Whether a send failed because the other process is gone.
+fn peer_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+    )
 }
 
 /// What a read of the channel gave.
@@ -600,5 +729,22 @@ impl std::fmt::Debug for Parcel {
         f.debug_struct("Parcel")
             .field("read", &self.read.len())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_told_apart_by_their_first_word() {
+        assert_eq!(parse_word(b"ACK 7\n"), Word::Ack(7));
+        // Kinds this version does not know are passed over, not taken for an error: the
+        // framing is open to new ones.
+        assert_eq!(
+            parse_word(b"REASON exit 3\nmore\n"),
+            Word::Other("REASON exit 3".into())
+        );
+        assert_eq!(parse_word(b"ACK x\n"), Word::Other("ACK x".into()));
     }
 }

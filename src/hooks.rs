@@ -145,24 +145,16 @@ fn start(hook: Hook, position: usize) -> Pin<Box<dyn Future<Output = Outcome> + 
         }
         Hook::Async(f) => {
             // `f` is called inside the task, so a panic while creating the future is caught too.
-            let handle = AbortOnDrop(tokio::spawn(async move { f().await }));
+            let handle =
+                tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move { f().await }));
             Box::pin(async move {
-                let mut handle = handle;
-                match (&mut handle.0).await {
+                match handle.await {
                     Ok(()) => Outcome::Done,
                     Err(e) if e.is_panic() => outcome(Err(e.into_panic())),
                     Err(e) => Outcome::Panicked(e.to_string()),
                 }
             })
         }
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

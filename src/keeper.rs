@@ -114,10 +114,51 @@ pub(crate) fn notify_socket_name() -> io::Result<OsString> {
     Ok(name)
 }
 
+/// The keeper's signal handlers, registered *before* the hand-off is committed: a close
+/// signal that arrives between the commit and the keeper task's first run is then queued for
+/// the keeper (which forwards it), instead of reaching nobody (the lifecycle leaves forwarding
+/// to the keeper once it has handed over to its own child). Dropped unused if the hand-off does
+/// not happen.
+pub(crate) struct Prepared {
+    signals: Option<Signals>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("signals", &self.signals.is_some())
+            .finish()
+    }
+}
+
+/// Registers the keeper's signal handlers: the forwarded signals and `SIGCHLD`.
+pub(crate) fn prepare() -> Prepared {
+    let mut all: Vec<i32> = SIGNALS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    all.push(libc::SIGCHLD);
+    all.sort_unstable();
+    all.dedup();
+    let signals = match Signals::new(&all) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, "keeper: cannot handle signals; reaping every second, forwarding nothing");
+            None
+        }
+    };
+    Prepared { signals }
+}
+
+/// This process serves again (its successor, our child, died while we drained): the keeper
+/// task for it ends, and the next hand-off sets up a new one.
+pub(crate) fn stand_down() {
+    // Dropping `become_keeper` ends the task; the next restart binds a new notify socket.
+    *keeper() = None;
+}
+
 /// The hand-off to our own child `pid` is done (called once, by the restart that committed
-/// it): from now on `pid` is the serving process. Starts the task that reads the successors'
-/// notify socket; it becomes the keeper at [`after_shutdown`].
-pub(crate) fn adopt(pid: u32, notifier: Arc<Notifier>) {
+/// it, with the handlers it [prepared](prepare) before the commit): from now on `pid` is the
+/// serving process. Starts the task that reads the successors' notify socket; it becomes the
+/// keeper at [`after_shutdown`].
+pub(crate) fn adopt(pid: u32, notifier: Arc<Notifier>, prepared: Prepared) {
     let mut keeper = keeper();
     let Some(k) = keeper.as_mut() else {
         tracing::error!(
@@ -130,8 +171,7 @@ pub(crate) fn adopt(pid: u32, notifier: Arc<Notifier>) {
     };
     let (tx, rx) = oneshot::channel();
     k.become_keeper = Some(tx);
-    let signals = SIGNALS.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    tokio::spawn(keep(pid, socket, notifier, signals, rx));
+    tokio::spawn(keep(pid, socket, notifier, prepared.signals, rx));
 }
 
 /// The end of `serve` after a hand-off. As PID 1 with a successor, this never returns: the
@@ -161,7 +201,7 @@ async fn keep(
     main: u32,
     socket: UnixDatagram,
     notifier: Arc<Notifier>,
-    mut forwarded: Vec<i32>,
+    mut signals: Option<Signals>,
     become_keeper: oneshot::Receiver<()>,
 ) {
     let socket = match tokio::net::UnixDatagram::from_std(socket) {
@@ -179,21 +219,9 @@ async fn keep(
     };
     tracing::info!(pid = main, "keeper: the serving process is now pid {main}");
     let mut become_keeper = Some(become_keeper);
-    // Registered now, at the hand-off: a `docker stop` during our own drain must reach the
-    // serving process. SIGCHLD is only acted on once we keep (before, children are the
-    // application's business), then by a full reaping pass.
-    forwarded.retain(|&s| s != libc::SIGCHLD);
-    let mut all = forwarded.clone();
-    all.push(libc::SIGCHLD);
-    all.sort_unstable();
-    all.dedup();
-    let mut signals = match Signals::new(&all) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::error!(error = %e, "keeper: cannot handle signals; reaping every second, forwarding nothing");
-            None
-        }
-    };
+    // Registered before the hand-off (`prepare`): a `docker stop` during our own drain must
+    // reach the serving process. SIGCHLD is only acted on once we keep (before, children are
+    // the application's business), then by a full reaping pass.
     // Only while the signals could not be registered: reap on a timer instead.
     let mut fallback = tokio::time::interval(Duration::from_secs(1));
     let mut keeping = false;

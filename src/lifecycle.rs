@@ -1,46 +1,60 @@
 //! The lifecycle of a server: explicit stages, and the events that move between them.
 //!
 //! ```text
-//!             restart (signal | handle)          successor READY=1 + MAINPID= delivered
-//!  Serving ────────────────────────▶ Serving ─────────────────────────────▶ Draining ─┐
-//!    │  ▲                          + restart      (reason: HandedOver)                │
-//!    │  └────────────────────────────┘ failed / timed out: rolled back                │
-//!    │ close (signal | handle | with_graceful_shutdown)                              ▼
+//!             restart (signal | handle)        successor READY=1 + MAINPID= delivered
+//!  Serving ────────────────────────▶ Serving ─────────────────────────────▶ HandedOver ──▶ Done
+//!    │  ▲                          + restart                                 │  (draining,
+//!    │  ├────────────────────────────┘ failed / timed out: rolled back       │  listeners kept,
+//!    │  └───────────────────────────────────────────────────────────────────┘  successor watched)
+//!    │        the successor died before this process's drain ended: serving again
+//!    │ close (signal | handle | with_graceful_shutdown)
 //!    ├──▶ LameDuck (shutdown_delay; still accepting) ──(delay over | close)──▶ Draining ──▶ Done
 //!    └──(no delay)──────────────────────────────────────────────────────────▶ Draining
 //!       every listener lost ─────────────────────────────────────────────────▶ Draining (error)
 //! ```
-//! - Signals, the [`Handle`], the accept loops, a restart in progress, the lame duck's timer and
-//!   the drain only produce [`Event`]s ([`Lifecycle::next_event`]); each event is handled by one
-//!   short method, which may change the [`Stage`] ([`Lifecycle::step`]).
-//! - The stage is published on the handle's watch as a [`State`] for handlers (`/healthz`).
+//! - Signals, the [`Handle`], the accept loops, a restart in progress, the lame duck's timer,
+//!   the successor's pidfd and the drain only produce [`Event`]s ([`Lifecycle::next_event`]);
+//!   each event is handled by one short method, which may change the [`Stage`]
+//!   ([`Lifecycle::step`]). What belongs to one stage lives in that stage's data.
+//! - The handle's [`State`] is derived from the stage ([`Lifecycle::state`]) and published
+//!   after every step, for handlers (`/healthz`).
 //! - A close signal moves the shutdown one step on: serving → lame duck → draining → cut.
 //!   After a hand-off or a requested shutdown, the first close signal only confirms the drain
 //!   under way (systemd's stop reaching a draining old process, Ctrl-C to a process group).
-//! - Draining: stop accepting (the listeners' copies in this process are closed), run the
-//!   hooks in order, then drain the connections; one deadline, [`Server::drain_timeout`] after
-//!   accepting stopped, bounds both.
+//! - Draining: stop accepting, run the hooks in order, then drain the connections; one
+//!   deadline, [`Server::drain_timeout`] after accepting stopped, bounds both. Without a
+//!   successor this process's copies of the listeners are closed when accepting stops.
+//! - Handed over: as long as one process of the service lives, the service answers. The old
+//!   process keeps its copies of the listeners and the successor's pidfd until it exits; if
+//!   the successor dies first (nobody asked the service to stop, it did not exit 0, and no
+//!   later process holds the listeners), it serves again: accepts,
+//!   tells the service manager `MAINPID=` itself, `READY=1` and a `STATUS=` that says what
+//!   happened, and its state is [`State::Serving`] again.
 
 use std::future::Future;
+use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::Poll;
 use std::time::Duration;
 
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::accept::{self, Acceptor, ConnContext, ServeConn};
-use crate::drain::{Connections, CutOnDrop, Drained};
+use crate::drain::{CutOnDrop, Drained};
 use crate::error::Error;
 use crate::handle::{Command, Handle, RestartError, RestartErrorKind, Restarted, State};
+use crate::handoff::{self, Sent};
 use crate::hooks::{self, Hook, HooksReport};
 use crate::listen::{self, Listener};
 use crate::notify::{Notifier, NotifyState};
-use crate::restart::{HandedOver, Restarting};
+use crate::restart::{Failed, HandedOver, Restarting, Rollback};
 use crate::server::{Config, Reason, Server, Shutdown};
 use crate::signals::{self, SignalEvents};
 use crate::startup::{self, Startup};
@@ -55,13 +69,22 @@ pub(crate) async fn run(server: Server) -> Result<Shutdown, Error> {
             return Err(e);
         }
     };
-    loop {
+    let end = loop {
         let event = life.next_event().await;
         if let Some(end) = life.step(event).await {
             crate::metrics::ended(&end);
-            return end;
+            break end;
         }
+        life.publish();
+    };
+    // As PID 1 after a hand-off, this process stays on as its successors' init: with nothing of
+    // the server left (its channel to the successor, its tasks, its listeners).
+    let keeper = life.stays_on_as_keeper();
+    drop(life);
+    if keeper {
+        crate::keeper::after_shutdown().await;
     }
+    end
 }
 
 /// What can happen to a server.
@@ -73,21 +96,23 @@ pub(crate) enum Event {
     RestartSignal(i32),
     /// The signal stream ended (it should not).
     SignalsEnded,
-    /// A [`Handle`] asked for something.
+    /// A [`Handle`] asked for something (`with_graceful_shutdown`'s futures ask through it).
     Command(Command),
     /// The restart in progress ended.
-    RestartDone(Result<HandedOver, crate::error::RestartFailure>),
+    RestartDone(Result<HandedOver, Failed>),
     /// A listener can no longer accept.
     ListenerLost(std::io::Error),
-    /// A future given to `with_graceful_shutdown` completed.
-    Requested,
     /// The lame duck's delay is over.
     DelayOver,
-    /// Hooks and drain are done.
-    Drained(HooksReport, Drained),
+    /// The successor this process handed over to has exited.
+    SuccessorExited,
+    /// Hooks and drain are done (and every rolled-back child has stopped).
+    Drained,
+    /// A rolled-back child has stopped.
+    RollbackStopped,
 }
 
-/// Where the server is; what it does now.
+/// Where the server is; what it does now, with what belongs to that stage only.
 enum Stage {
     /// Accepting and serving; possibly with a successor starting.
     Serving { restart: Option<InFlight> },
@@ -97,8 +122,23 @@ enum Stage {
         began: Instant,
         until: Instant,
     },
-    /// No longer accepting; hooks, then connections.
-    Draining(Draining),
+    /// A successor serves; this process drains, keeping its listeners and watching it.
+    HandedOver { drain: Drain, successor: Successor },
+    /// No longer accepting, for good; hooks, then connections.
+    Draining(Drain),
+}
+
+impl Stage {
+    /// What the handle shows for this stage.
+    fn state(&self) -> State {
+        match self {
+            Stage::Serving { restart: None } => State::Serving,
+            Stage::Serving { restart: Some(_) } => State::Restarting,
+            Stage::LameDuck { .. } => State::LameDuck,
+            Stage::HandedOver { successor, .. } => State::HandedOver { pid: successor.pid },
+            Stage::Draining(_) => State::Draining,
+        }
+    }
 }
 
 struct InFlight {
@@ -107,7 +147,8 @@ struct InFlight {
     waiters: Vec<oneshot::Sender<Result<Restarted, RestartError>>>,
 }
 
-struct Draining {
+/// A drain under way: its hooks and connections, and what is reported at its end.
+struct Drain {
     reason: Reason,
     /// When the shutdown began (the lame duck included).
     began: Instant,
@@ -117,35 +158,56 @@ struct Draining {
     close_seen: bool,
     forced: bool,
     /// Connections passed to the successor, if it takes them.
-    sent: Option<Arc<crate::handoff::Sent>>,
+    sent: Option<Arc<Sent>>,
+    /// Why serving failed, if every listener was lost.
+    failure: Option<std::io::Error>,
     work: Pin<Box<dyn Future<Output = (HooksReport, Drained)> + Send>>,
+    /// The work's outcome, once done.
+    done: Option<(HooksReport, Drained)>,
+}
+
+/// The process a hand-off went to, watched while this one drains.
+struct Successor {
+    pid: u32,
+    pidfd: Arc<OwnedFd>,
+    /// Readable once it exited; `None` once that was handled (or if it cannot be watched).
+    watch: Option<AsyncFd<Arc<OwnedFd>>>,
+    /// Our own child (as PID 1): reaped here if it dies; the keeper forwards signals to it.
+    ours: bool,
+    /// The service was asked to stop (a close signal or shutdown reached this process, or was
+    /// forwarded to the successor): its end is no reason to serve again.
+    stopping: bool,
 }
 
 struct Lifecycle {
     config: Config,
     startup: &'static Startup,
     handle: Handle,
-    commands: Option<mpsc::UnboundedReceiver<Command>>,
+    commands: mpsc::UnboundedReceiver<Command>,
     signals: SignalEvents,
     signals_open: bool,
     notifier: Arc<Notifier>,
-    connections: Connections,
-    /// The originals of the listeners, for restarts; `None` once accepting stopped.
-    listeners: Option<Vec<Listener>>,
-    accepting: Accepting,
-    hooks: Vec<Hook>,
-    requested: Vec<Pin<Box<dyn Future<Output = ()> + Send>>>,
-    watchdog_usec: Option<u64>,
-    watchdog: Option<AbortOnDrop>,
-    stopping_sent: bool,
-    /// Why serving failed, if every listener was lost.
-    failure: Option<std::io::Error>,
-    stage: Stage,
-    /// What every connection of this server shares (the hand-off slot among it).
+    /// What every connection of this server shares (its registry among it).
     cx: ConnContext,
+    /// This process's copies of the listeners, for restarts and for serving again after a
+    /// successor died; `None` once serving is over for good.
+    listeners: Option<Vec<Listener>>,
+    /// The service of each listener, in the same order.
+    services: Vec<Box<dyn ServeConn>>,
+    /// The accept loops, while accepting.
+    accepting: Option<Accepting>,
+    /// Where connection tasks pass connections, once a successor takes them.
+    switch: Arc<handoff::Switch>,
+    hooks: Vec<Hook>,
+    watchdog_usec: Option<u64>,
+    watchdog: Option<AbortOnDropHandle<()>>,
+    /// `STOPPING=1` was sent (once per shutdown).
+    stopping_sent: bool,
+    /// Children of failed restarts, finishing their requests before they stop.
+    rollbacks: JoinSet<()>,
+    stage: Stage,
     // Dropped last, in this order: tasks first, then what they use.
-    _receiver: Option<AbortOnDrop>,
-    _sweeper: AbortOnDrop,
+    _tasks: Vec<AbortOnDropHandle<()>>,
     _cut_on_drop: CutOnDrop,
     _claim: Option<RestartClaim>,
 }
@@ -189,101 +251,134 @@ impl Lifecycle {
             let store_now = !notifier.has_parent_channel();
             crate::tickets::keep_in_fd_store(Arc::clone(&notifier), store_now);
         }
-        let connections = Connections::new(config.header_read_timeout, config.connection_info);
+        let connections =
+            crate::drain::Connections::new(config.header_read_timeout, config.connection_info);
+        let (listeners, services): (Vec<Listener>, Vec<Box<dyn ServeConn>>) =
+            bound.into_iter().unzip();
         // Registered before any loop starts, so an error here leaves nothing running.
-        let acceptors = bound
+        let acceptors = listeners
             .iter()
-            .map(|(l, _)| Acceptor::new(l))
+            .map(Acceptor::new)
             .collect::<Result<Vec<_>, _>>()?;
 
+        let switch = Arc::new(handoff::Switch::default());
+        let slot = Arc::new(OnceLock::new());
+        let _ = slot.set(Arc::clone(&switch) as Arc<dyn crate::conn::HandOff>);
         let cx = ConnContext {
             http: Arc::new(http),
             connections: connections.clone(),
             handle: handle.clone(),
-            hand_off: Arc::new(OnceLock::new()),
+            hand_off: slot,
         };
-        let sweeper = AbortOnDrop(tokio::spawn(connections.sweeper()));
-        let accepting = Accepting::start(&bound, acceptors, &cx);
-        let by_name: Vec<(Arc<str>, Box<dyn ServeConn>)> = bound
+        let mut tasks = vec![AbortOnDropHandle::new(tokio::spawn(connections.sweeper()))];
+        // `with_graceful_shutdown`: each future, once complete, asks as the handle would.
+        for signal in shutdown_signals {
+            let handle = handle.clone();
+            tasks.push(AbortOnDropHandle::new(tokio::spawn(async move {
+                signal.await;
+                tracing::info!("shutdown requested");
+                handle.shutdown();
+            })));
+        }
+        let accepting = Accepting::start(&listeners, &services, acceptors, &cx);
+        let urls: Vec<String> = listeners
             .iter()
-            .map(|(l, s)| (Arc::from(l.name()), s.clone_box()))
+            .zip(&services)
+            .map(|(l, s)| s.url(l))
             .collect();
-        let cx_for_receiver = cx.clone();
-        let urls: Vec<String> = bound.iter().map(|(l, s)| s.url(l)).collect();
-        for ((l, _), url) in bound.iter().zip(&urls) {
+        for (l, url) in listeners.iter().zip(&urls) {
             tracing::info!(url = %url, listener = l.name(), pid = startup.pid, "accepting");
         }
-        let listeners: Vec<Listener> = bound.into_iter().map(|(l, _)| l).collect();
         if config.fd_store {
             let stored: Vec<_> = listeners
                 .iter()
                 .filter(|l| l.origin() == crate::Origin::Bound)
-                .map(|l| (std::os::fd::AsFd::as_fd(l), l.name()))
+                .map(|l| (l.as_fd(), l.name()))
                 .collect();
             notifier.store_fds(&stored);
         }
         if config.connection_handoff && notifier.has_parent_channel() {
             notifier.offer_connections();
         }
-        // Accepting already: what a request sees from now on.
-        handle.set_state(State::Serving);
-        notifier
-            .ready(
-                &format!("Listening on {}", urls.join(", ")),
-                config.ready_timeout,
-            )
-            .await;
-        tracing::info!(pid = startup.pid, "ready");
-        crate::metrics::ready();
-        // The previous process passes its connections now, if it has any and we said we take
-        // them.
-        let receiver = match notifier.take_parent_channel() {
-            Some(channel) if config.connection_handoff => {
-                let notifier = Arc::clone(&notifier);
-                let listening = format!("Listening on {}", urls.join(", "));
-                Some(AbortOnDrop(tokio::spawn(async move {
-                    let taken = crate::handoff::receive(channel, by_name, cx_for_receiver).await;
-                    if taken > 0 {
-                        // What `systemctl status` shows: this process serves the previous
-                        // one's clients too.
-                        let status = format!(
-                            "{listening}; took over {} from the previous process",
-                            plural_connections(taken)
-                        );
-                        notifier.notify(&[NotifyState::Status(&status)]);
-                    }
-                })))
-            }
-            _ => None,
-        };
-        handle.set_state(State::Serving);
+        let by_name: Vec<(Arc<str>, Box<dyn ServeConn>)> = listeners
+            .iter()
+            .zip(&services)
+            .map(|(l, s)| (Arc::from(l.name()), s.clone_box()))
+            .collect();
         let watchdog_usec = crate::notify::watchdog_usec(startup);
-        let watchdog = watchdog_usec
-            .map(|usec| AbortOnDrop(crate::notify::spawn_watchdog(Arc::clone(&notifier), usec)));
-        Ok(Lifecycle {
+        let mut life = Lifecycle {
             config,
             startup,
             handle,
-            commands: Some(commands),
+            commands,
             signals,
             signals_open: true,
             notifier,
-            connections: connections.clone(),
-            listeners: Some(listeners),
-            accepting,
-            hooks,
-            requested: shutdown_signals,
-            watchdog_usec,
-            watchdog,
-            stopping_sent: false,
-            failure: None,
-            stage: Stage::Serving { restart: None },
             cx,
-            _receiver: receiver,
-            _sweeper: sweeper,
+            listeners: Some(listeners),
+            services,
+            accepting: Some(accepting),
+            switch,
+            hooks,
+            watchdog_usec,
+            watchdog: None,
+            stopping_sent: false,
+            rollbacks: JoinSet::new(),
+            stage: Stage::Serving { restart: None },
+            _tasks: tasks,
             _cut_on_drop: CutOnDrop(connections),
             _claim: claim,
-        })
+        };
+        // Accepting already: what a request sees from now on.
+        life.publish();
+        let listening = format!("Listening on {}", urls.join(", "));
+        life.notifier
+            .ready(&listening, life.config.ready_timeout)
+            .await;
+        tracing::info!(pid = startup.pid, "ready");
+        crate::metrics::ready();
+        life.receive_connections(by_name, listening);
+        life.start_watchdog();
+        Ok(life)
+    }
+
+    /// The previous process passes its connections now, if it has any and we said we take
+    /// them.
+    fn receive_connections(
+        &mut self,
+        by_name: Vec<(Arc<str>, Box<dyn ServeConn>)>,
+        listening: String,
+    ) {
+        let Some(channel) = self.notifier.take_parent_channel() else {
+            return;
+        };
+        if !self.config.connection_handoff {
+            return;
+        }
+        let notifier = Arc::clone(&self.notifier);
+        let cx = self.cx.clone();
+        self._tasks
+            .push(AbortOnDropHandle::new(tokio::spawn(async move {
+                let taken = handoff::receive(channel, by_name, cx).await;
+                if taken > 0 {
+                    // What `systemctl status` shows: this process serves the previous one's
+                    // clients too.
+                    let status = format!(
+                        "{listening}; took over {} from the previous process",
+                        plural_connections(taken)
+                    );
+                    notifier.notify(&[NotifyState::Status(&status)]);
+                }
+            })));
+    }
+
+    fn start_watchdog(&mut self) {
+        self.watchdog = self.watchdog_usec.map(|usec| {
+            AbortOnDropHandle::new(crate::notify::spawn_watchdog(
+                Arc::clone(&self.notifier),
+                usec,
+            ))
+        });
     }
 
     /// The next thing that happened. Every source is cancel safe: dropping this future loses
@@ -294,20 +389,21 @@ impl Lifecycle {
             signals_open,
             commands,
             accepting,
-            requested,
+            rollbacks,
             stage,
             ..
         } = self;
+        let rollbacks_left = !rollbacks.is_empty();
         tokio::select! {
             event = signals.next(), if *signals_open => match event {
                 Some(signals::Event::Close(sig)) => Event::Close(sig),
                 Some(signals::Event::Restart(sig)) => Event::RestartSignal(sig),
                 None => Event::SignalsEnded,
             },
-            Some(command) = recv(commands) => Event::Command(command),
-            Some(e) = accepting.dead.recv() => Event::ListenerLost(e),
-            () = any_of(requested) => Event::Requested,
-            event = stage_event(stage) => event,
+            Some(command) = commands.recv() => Event::Command(command),
+            Some(e) = listener_lost(accepting) => Event::ListenerLost(e),
+            Some(_) = rollbacks.join_next(), if rollbacks_left => Event::RollbackStopped,
+            event = stage_event(stage, rollbacks_left) => event,
         }
     }
 
@@ -324,21 +420,33 @@ impl Lifecycle {
             Event::Command(Command::Shutdown { force }) => self.on_shutdown_command(force).await,
             Event::RestartDone(outcome) => self.on_restart_done(outcome).await,
             Event::ListenerLost(e) => self.on_listener_lost(e).await,
-            Event::Requested => {
-                tracing::info!("shutdown requested");
-                self.requested.clear();
-                self.on_shutdown_command(false).await;
-            }
-            Event::DelayOver => self.end_lame_duck(false).await,
-            Event::Drained(hooks, drained) => {
-                if matches!(self.handle.state(), State::HandedOver { .. }) {
-                    // As PID 1, this process stays on as its successors' init: never returns.
-                    crate::keeper::after_shutdown().await;
-                }
-                return Some(self.finish(hooks, drained));
-            }
+            Event::DelayOver => self.end_lame_duck(false, None).await,
+            Event::SuccessorExited => self.on_successor_exited(),
+            Event::RollbackStopped => {}
+            Event::Drained => return Some(self.finish()),
         }
         None
+    }
+
+    /// The public state, derived from the stage.
+    fn state(&self) -> State {
+        self.stage.state()
+    }
+
+    /// Publishes the state on the handle's watch (only a change wakes the watchers).
+    fn publish(&self) {
+        self.handle.set_state(self.state());
+    }
+
+    /// As PID 1 with a successor: this process stays on as its init once serving is over.
+    fn stays_on_as_keeper(&self) -> bool {
+        matches!(
+            &self.stage,
+            Stage::HandedOver {
+                successor: Successor { ours: true, .. },
+                ..
+            }
+        )
     }
 
     // -----------------------------------------------------------------------------------------
@@ -353,23 +461,21 @@ impl Lifecycle {
                     // The successor became ready just as the signal came: it is the service
                     // now, and the signal was meant for the service.
                     handed.forward_signal(sig);
-                    return self.drain_handed_over(handed).await;
+                    return self.hand_over(handed, true).await;
                 }
                 self.begin_shutdown(Reason::Signal(sig)).await;
             }
             Stage::LameDuck { .. } => {
                 tracing::info!(signal = %name, "close signal during the lame duck: draining now (another one cuts)");
-                self.end_lame_duck(true).await;
+                self.end_lame_duck(true, None).await;
             }
-            Stage::Draining(d) if !d.close_seen => {
-                tracing::info!(signal = %name, "close signal received while already shutting down; the drain goes on (another one cuts)");
-                d.close_seen = true;
+            Stage::HandedOver { drain, successor } => {
+                // A stop of the service (systemd's reaching this process too): the successor's
+                // end is no reason to serve again.
+                successor.stopping = true;
+                drain.close_signal(&name, &self.cx);
             }
-            Stage::Draining(d) => {
-                tracing::warn!(signal = %name, "second close signal: cutting all connections now");
-                d.forced = true;
-                self.connections.cut();
-            }
+            Stage::Draining(drain) => drain.close_signal(&name, &self.cx),
         }
     }
 
@@ -385,6 +491,9 @@ impl Lifecycle {
             }
             Stage::Serving { restart: Some(_) } => {
                 tracing::info!(signal = %name, "restart signal received while a restart is in progress; coalesced");
+            }
+            Stage::HandedOver { successor, .. } => {
+                tracing::info!(signal = %name, pid = successor.pid, "restart signal ignored: this process has handed over");
             }
             _ => tracing::info!(signal = %name, "restart signal ignored: shutting down"),
         }
@@ -404,16 +513,14 @@ impl Lifecycle {
                 RestartErrorKind::AlreadyRestarting,
                 "already restarting: a restart is in progress",
             ),
-            Stage::Draining(Draining {
-                reason: Reason::HandedOver { pid },
-                ..
-            }) => RestartError::new(
+            Stage::HandedOver { successor, .. } => RestartError::new(
                 RestartErrorKind::HandedOver,
                 format!(
-                    "this process has handed over to pid {pid}: the service runs there; restart it there"
+                    "this process has handed over to pid {}: the service runs there; restart it there",
+                    successor.pid
                 ),
             ),
-            _ => RestartError::new(
+            Stage::LameDuck { .. } | Stage::Draining(_) => RestartError::new(
                 RestartErrorKind::ShuttingDown,
                 "the server is shutting down; it does not restart any more",
             ),
@@ -428,27 +535,28 @@ impl Lifecycle {
                     if let Some(&sig) = self.config.close_signals.first() {
                         handed.forward_signal(sig);
                     }
-                    self.drain_handed_over(handed).await;
+                    self.hand_over(handed, true).await;
                 } else if force {
-                    self.begin_drain(Reason::Requested, None).await;
+                    self.begin_drain(Reason::Requested, None, None).await;
                 } else {
                     self.begin_shutdown(Reason::Requested).await;
                 }
             }
-            Stage::LameDuck { .. } if force => self.end_lame_duck(true).await,
+            Stage::LameDuck { .. } if force => self.end_lame_duck(true, None).await,
+            Stage::HandedOver { successor, .. } => successor.stopping = true,
             Stage::LameDuck { .. } | Stage::Draining(_) => {}
         }
         if force {
-            if let Stage::Draining(d) = &mut self.stage {
+            if let Some(drain) = self.drain_mut() {
                 tracing::warn!("forced shutdown: cutting all connections now");
-                d.forced = true;
-                d.close_seen = true;
-                self.connections.cut();
+                drain.forced = true;
+                drain.close_seen = true;
+                self.cx.connections.cut();
             }
         }
     }
 
-    async fn on_restart_done(&mut self, outcome: Result<HandedOver, crate::error::RestartFailure>) {
+    async fn on_restart_done(&mut self, outcome: Result<HandedOver, Failed>) {
         let Stage::Serving { restart } = &mut self.stage else {
             return;
         };
@@ -460,9 +568,10 @@ impl Lifecycle {
                 tracing::info!(pid = handed.pid, ready_after = ?handed.ready_after, "handed over");
                 crate::metrics::handed_over(handed.ready_after);
                 in_flight.reply(Ok(handed.restarted()));
-                self.drain_handed_over(handed).await;
+                self.hand_over(handed, false).await;
             }
-            Err(failure) => {
+            Err(Failed { failure, rollback }) => {
+                self.roll_back(rollback);
                 // Reported only now that a new restart would be accepted, so whoever waits for
                 // this message may restart again at once.
                 let pid = self.startup.pid;
@@ -474,33 +583,88 @@ impl Lifecycle {
                 );
                 tracing::info!(pid, "still serving after the failed restart");
                 in_flight.reply(Err(RestartError::failed(&failure, pid)));
-                self.handle.set_state(State::Serving);
             }
         }
     }
 
     async fn on_listener_lost(&mut self, e: std::io::Error) {
-        self.accepting.lost += 1;
-        if self.accepting.lost < self.accepting.total || self.failure.is_some() {
+        let Some(accepting) = &mut self.accepting else {
+            return;
+        };
+        accepting.lost += 1;
+        if accepting.lost < accepting.total {
             return;
         }
         tracing::error!("no listener can accept any more; shutting down after the drain");
-        self.failure = Some(e);
         match &self.stage {
             Stage::Serving { .. } => match self.cancel_restart().await {
-                Some(handed) => self.drain_handed_over(handed).await,
-                None => self.begin_drain(Reason::Requested, None).await,
+                Some(handed) => self.hand_over(handed, false).await,
+                None => self.begin_drain(Reason::Requested, None, Some(e)).await,
             },
-            Stage::LameDuck { .. } => self.end_lame_duck(false).await,
-            Stage::Draining(_) => {}
+            Stage::LameDuck { .. } => self.end_lame_duck(false, Some(e)).await,
+            Stage::HandedOver { .. } | Stage::Draining(_) => {}
         }
+    }
+
+    /// The successor exited while this process drains: unless the service was asked to stop
+    /// (here, or as far as its exit status 0 tells, there) or a later process serves (the
+    /// successor had handed over in its turn: another process holds the listeners), this
+    /// process serves again, so that the service never goes dark while one of its processes
+    /// lives.
+    fn on_successor_exited(&mut self) {
+        let Stage::HandedOver { successor, .. } = &mut self.stage else {
+            return;
+        };
+        successor.watch = None;
+        let pid = successor.pid;
+        // Read while it is a zombie: our own child is reaped by the keeper, with its status,
+        // unless this process serves again.
+        let exit = crate::sys::exit_description(pid).unwrap_or(crate::error::ChildExit::Unknown);
+        let how = exit.to_string();
+        if successor.stopping {
+            tracing::info!(
+                pid,
+                %how,
+                "the new process ended while this one drains, after the service was asked to stop: not serving again"
+            );
+            return;
+        }
+        if exit == crate::error::ChildExit::Code(0) {
+            // An orderly end: it was asked to stop (a stop that reached only the main process,
+            // `KillMode=mixed`), or its application decided to. Not a death to make up for.
+            tracing::info!(
+                pid,
+                %how,
+                "the new process stopped in order while this one drains: not serving again"
+            );
+            return;
+        }
+        if let Some(listeners) = &self.listeners {
+            let fds: Vec<_> = listeners.iter().map(|l| l.as_fd()).collect();
+            if let Some(holder) = crate::sys::held_elsewhere(&fds) {
+                // It had handed over in its turn: a later process serves.
+                tracing::info!(
+                    pid,
+                    %how,
+                    holder,
+                    "the new process ended while this one drains, but another process holds the listeners (it had handed over in its turn): not serving again"
+                );
+                return;
+            }
+        }
+        tracing::warn!(
+            pid,
+            %how,
+            "the new process died while this one drains: serving again"
+        );
+        self.serve_again(pid, &how);
     }
 
     /// Shutting down: a lame duck first if there is a delay, else straight to the drain.
     async fn begin_shutdown(&mut self, reason: Reason) {
         let delay = self.config.shutdown_delay;
         if delay.is_zero() {
-            return self.begin_drain(reason, None).await;
+            return self.begin_drain(reason, None, None).await;
         }
         self.send_stopping(&format!(
             "Stopping: lame duck for {delay:?}, still accepting; then draining (at most {:?})",
@@ -508,8 +672,7 @@ impl Lifecycle {
         ));
         let began = Instant::now();
         self.extend_timeout(delay.saturating_add(self.config.drain_timeout));
-        self.connections.lame_duck();
-        self.handle.set_state(State::LameDuck);
+        self.cx.connections.lame_duck();
         tracing::info!(
             ?delay,
             "lame duck: still accepting and serving, with Connection: close and GOAWAY, until the delay is over"
@@ -521,15 +684,16 @@ impl Lifecycle {
         };
     }
 
-    /// The lame duck is over (its delay, or a further close signal): drain now.
-    async fn end_lame_duck(&mut self, close_seen: bool) {
+    /// The lame duck is over (its delay, a further close signal, or every listener lost):
+    /// drain now.
+    async fn end_lame_duck(&mut self, close_seen: bool, failure: Option<std::io::Error>) {
         let Stage::LameDuck { reason, began, .. } = self.stage else {
             return;
         };
         let lame_duck = began.elapsed();
         tracing::info!(
             ?lame_duck,
-            requests = self.connections.requests_while_stopping(),
+            requests = self.cx.connections.requests_while_stopping(),
             "lame duck over: no longer accepting"
         );
         let over = LameDuckOver {
@@ -537,16 +701,25 @@ impl Lifecycle {
             lame_duck,
             close_seen,
         };
-        self.begin_drain(reason, Some(over)).await;
+        self.begin_drain(reason, Some(over), failure).await;
     }
 
-    /// Drains after a hand-off: passing connections to the new process if it takes them.
-    async fn drain_handed_over(&mut self, handed: HandedOver) {
+    /// The successor is the service now: stop accepting (keeping the listeners), pass the
+    /// connections if it takes them, drain the rest, and watch it. `stopping`: the service was
+    /// asked to stop at this very moment (the request was forwarded to the successor).
+    async fn hand_over(&mut self, handed: HandedOver, stopping: bool) {
         let pid = handed.pid;
+        self.stop_accepting().await;
+        tracing::info!(
+            pid,
+            "stopped accepting; the new process accepts now (this process keeps its copies of the listeners while it drains, in case the new one dies first)"
+        );
+        // The new process is the service now, and pings the watchdog itself.
+        self.watchdog = None;
         let sent = match handed.accepts_connections && self.config.connection_handoff {
             true => {
-                let (outbox, sent) = crate::handoff::send(handed.channel, pid);
-                let _ = self.cx.hand_off.set(outbox);
+                let (outbox, sent) = handoff::send(handed.channel, pid, Arc::clone(&handed.pidfd));
+                self.switch.set(Some(outbox));
                 tracing::info!(
                     pid,
                     "the new process takes connections: plaintext HTTP/1 connections move to it at their next request boundary"
@@ -555,118 +728,134 @@ impl Lifecycle {
             }
             false => None,
         };
-        self.begin_drain_with(Reason::HandedOver { pid }, None, sent)
-            .await;
+        let watch = match crate::sys::register_shared(Arc::clone(&handed.pidfd), Interest::READABLE)
+        {
+            Ok(watch) => Some(watch),
+            Err((_, e)) => {
+                tracing::warn!(pid, error = %e, "cannot watch the new process: this process will not serve again if it dies");
+                None
+            }
+        };
+        let drain = self.drain(Reason::HandedOver { pid }, None, sent, None);
+        self.stage = Stage::HandedOver {
+            drain,
+            successor: Successor {
+                pid,
+                pidfd: handed.pidfd,
+                watch,
+                ours: handed.keeper_forwards,
+                stopping,
+            },
+        };
     }
 
-    /// Enters the drain: stop accepting, then the hooks, then the connections, under one
-    /// deadline.
-    async fn begin_drain(&mut self, reason: Reason, after: Option<LameDuckOver>) {
-        self.begin_drain_with(reason, after, None).await;
-    }
-
-    async fn begin_drain_with(
+    /// Enters the drain for good: stop accepting, close this process's copies of the
+    /// listeners (a bound address refuses new clients from then on; a socket unit queues
+    /// them), then the hooks, then the connections, under one deadline.
+    async fn begin_drain(
         &mut self,
         reason: Reason,
         after: Option<LameDuckOver>,
-        sent: Option<Arc<crate::handoff::Sent>>,
+        failure: Option<std::io::Error>,
     ) {
-        self.stop_accepting(matches!(reason, Reason::HandedOver { .. }))
-            .await;
-        let handed_over = matches!(reason, Reason::HandedOver { .. });
-        let (began, lame_duck, close_seen) = match after {
-            Some(l) => (l.began, l.lame_duck, l.close_seen),
-            None => (
-                Instant::now(),
-                Duration::ZERO,
-                matches!(reason, Reason::Signal(_)),
-            ),
-        };
-        let lame_duck_requests = self.connections.requests_while_stopping();
-        match reason {
-            Reason::HandedOver { pid } => {
-                // The new process is the service now, and pings the watchdog itself.
-                self.watchdog = None;
-                self.handle.set_state(State::HandedOver { pid });
-            }
-            _ => {
-                let status = format!(
-                    "Stopping: draining {}",
-                    plural_connections(self.connections.open())
-                );
-                self.send_stopping(&status);
-                self.handle.set_state(State::Draining);
-            }
-        }
-        let deadline = crate::instant_after(Instant::now(), self.config.drain_timeout);
-        let grace = match handed_over {
-            true => self.config.restart_keep_alive_grace,
-            false => self.config.keep_alive_grace,
-        };
-        let hooks = std::mem::take(&mut self.hooks);
-        let connections = self.connections.clone();
-        let notifier = Arc::clone(&self.notifier);
-        let failed = sent.as_ref().map(|s| s.failed.clone());
-        let work = async move {
-            let hooks = hooks::run(hooks, deadline, connections.force()).await;
-            let progress = |open| {
-                tracing::info!(open, "draining");
-                if !handed_over {
-                    // Tell systemd how long we still need, so that neither a healthy drain
-                    // is killed at TimeoutStopSec nor a hung one waited on blindly.
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    let status = format!("Stopping: draining {}", plural_connections(open));
-                    notifier.notify(&[extend_timeout_usec(left), NotifyState::Status(&status)]);
-                }
-            };
-            let drained = match failed {
-                Some(failed) => {
-                    connections
-                        .drain_handing_off(deadline, grace, failed, progress)
-                        .await
-                }
-                None => connections.drain(deadline, grace, progress).await,
-            };
-            (hooks, drained)
-        };
-        self.stage = Stage::Draining(Draining {
-            reason,
-            began,
-            lame_duck,
-            lame_duck_requests,
-            close_seen,
-            forced: false,
-            sent,
-            work: Box::pin(work),
-        });
+        self.stop_accepting().await;
+        self.listeners = None;
+        tracing::info!("stopped accepting");
+        let status = format!(
+            "Stopping: draining {}",
+            plural_connections(self.cx.connections.open())
+        );
+        self.send_stopping(&status);
+        let drain = self.drain(reason, after, None, failure);
+        self.stage = Stage::Draining(drain);
     }
 
-    /// Stops the accept loops, then closes this process's copies of the listeners (a bound
-    /// address refuses new clients from then on; a socket unit queues them).
-    async fn stop_accepting(&mut self, handed_over: bool) {
-        self.accepting.stop.cancel();
-        self.accepting.join().await;
-        self.listeners = None;
-        match handed_over {
-            true => tracing::info!("stopped accepting; the new process accepts now"),
-            false => tracing::info!("stopped accepting"),
+    /// The successor died during this process's drain: accept again on the listeners kept,
+    /// and tell the service manager. Connections the drain had left are served on (those told
+    /// `Connection: close` close after their next response); the new ones as usual.
+    fn serve_again(&mut self, pid: u32, how: &str) {
+        let Some(listeners) = &self.listeners else {
+            return;
+        };
+        let acceptors = match listeners
+            .iter()
+            .map(Acceptor::new)
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(acceptors) => acceptors,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot accept again; the drain goes on");
+                return;
+            }
+        };
+        // The drain's remaining work stops here (its hooks have run); its connections stay.
+        let given_up = std::mem::replace(&mut self.stage, Stage::Serving { restart: None });
+        let Stage::HandedOver { successor, .. } = given_up else {
+            unreachable!("BUG: serving again from a stage other than handed over");
+        };
+        let ours = successor.ours;
+        if ours {
+            // Our own child: no keeper any more, so it is ours to reap.
+            crate::keeper::stand_down();
+            let _ = crate::sys::reap(successor.pidfd.as_fd());
+        }
+        self.switch.set(None);
+        self.cx.connections.resume();
+        self.accepting = Some(Accepting::start(
+            listeners,
+            &self.services,
+            acceptors,
+            &self.cx,
+        ));
+        self.stopping_sent = false;
+        self.start_watchdog();
+        // What a request sees before the service manager hears of it.
+        self.publish();
+        let me = self.startup.pid;
+        let status = format!(
+            "Serving again as pid {me}: the new process (pid {pid}) {how} right after the hand-off"
+        );
+        // As PID 1 this process was the main process all along.
+        let mut states = Vec::with_capacity(3);
+        if !ours {
+            states.push(NotifyState::MainPid(me));
+        }
+        states.push(NotifyState::Ready);
+        states.push(NotifyState::Status(&status));
+        self.notifier
+            .notify_patiently(&states, self.config.ready_timeout);
+    }
+
+    /// Stops the accept loops (the listeners themselves stay open).
+    async fn stop_accepting(&mut self) {
+        if let Some(mut accepting) = self.accepting.take() {
+            accepting.stop.cancel();
+            accepting.join().await;
         }
     }
 
     /// Serving is over: the outcome for the application.
-    fn finish(&mut self, hooks: HooksReport, drained: Drained) -> Result<Shutdown, Error> {
-        let Stage::Draining(d) = &self.stage else {
-            unreachable!("BUG: drained outside the draining stage");
+    fn finish(&mut self) -> Result<Shutdown, Error> {
+        let (d, handed_over) = match &mut self.stage {
+            Stage::HandedOver { drain, .. } => (drain, true),
+            Stage::Draining(drain) => (drain, false),
+            _ => unreachable!("BUG: drained outside a draining stage"),
         };
+        let (hooks, drained) = d.done.take().expect("BUG: drained before the drain's end");
         let elapsed = d.began.elapsed();
         let (passed, kept) = d.sent.as_ref().map_or((0, 0), |s| {
             (
-                s.passed.load(std::sync::atomic::Ordering::Relaxed),
-                s.kept.load(std::sync::atomic::Ordering::Relaxed),
+                s.passed.load(Ordering::Relaxed),
+                s.kept.load(Ordering::Relaxed),
             )
         });
+        // Losing every listener is not a reason anybody asked for: named as what it is.
+        let reason = match &d.failure {
+            Some(_) => "every listener lost".to_string(),
+            None => format!("{:?}", d.reason),
+        };
         tracing::info!(
-            reason = ?d.reason,
+            %reason,
             drained = drained.open_at_start,
             passed,
             kept,
@@ -678,15 +867,15 @@ impl Lifecycle {
             hooks_skipped = hooks.skipped,
             lame_duck = ?d.lame_duck,
             lame_duck_requests = d.lame_duck_requests,
-            timed_out = self.connections.timed_out(),
+            timed_out = self.cx.connections.timed_out(),
             ?elapsed,
             "server closed"
         );
-        if !matches!(d.reason, Reason::HandedOver { .. }) {
+        if !handed_over {
             // After a hand-off the state stays `HandedOver`: the service goes on elsewhere.
             self.handle.set_state(State::Stopped);
         }
-        if let Some(e) = self.failure.take() {
+        if let Some(e) = d.failure.take() {
             // Drained like any shutdown, but it is not one anybody asked for: an error, so the
             // process exits non-zero and its supervisor restarts it.
             return Err(Error::io(
@@ -711,6 +900,77 @@ impl Lifecycle {
     // -----------------------------------------------------------------------------------------
     // Helpers of the transitions.
 
+    /// A drain: the hooks, then the connections (passing them to the successor if `sent`),
+    /// under one deadline from now.
+    fn drain(
+        &mut self,
+        reason: Reason,
+        after: Option<LameDuckOver>,
+        sent: Option<Arc<Sent>>,
+        failure: Option<std::io::Error>,
+    ) -> Drain {
+        let handed_over = matches!(reason, Reason::HandedOver { .. });
+        let (began, lame_duck, close_seen) = match after {
+            Some(l) => (l.began, l.lame_duck, l.close_seen),
+            None => (
+                Instant::now(),
+                Duration::ZERO,
+                matches!(reason, Reason::Signal(_)),
+            ),
+        };
+        let connections = self.cx.connections.clone();
+        let lame_duck_requests = connections.requests_while_stopping();
+        let deadline = crate::instant_after(Instant::now(), self.config.drain_timeout);
+        let grace = match handed_over {
+            true => self.config.restart_keep_alive_grace,
+            false => self.config.keep_alive_grace,
+        };
+        let hooks = std::mem::take(&mut self.hooks);
+        let notifier = Arc::clone(&self.notifier);
+        let failed = sent.as_ref().map(|s| s.failed.clone());
+        let work = async move {
+            let hooks = hooks::run(hooks, deadline, connections.force()).await;
+            let progress = |open| {
+                tracing::info!(open, "draining");
+                if !handed_over {
+                    // Tell systemd how long we still need, so that neither a healthy drain
+                    // is killed at TimeoutStopSec nor a hung one waited on blindly.
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let status = format!("Stopping: draining {}", plural_connections(open));
+                    notifier.notify(&[extend_timeout_usec(left), NotifyState::Status(&status)]);
+                }
+            };
+            let drained = match failed {
+                Some(failed) => {
+                    connections
+                        .drain_handing_off(deadline, grace, failed, progress)
+                        .await
+                }
+                None => connections.drain(deadline, grace, progress).await,
+            };
+            (hooks, drained)
+        };
+        Drain {
+            reason,
+            began,
+            lame_duck,
+            lame_duck_requests,
+            close_seen,
+            forced: false,
+            sent,
+            failure,
+            work: Box::pin(work),
+            done: None,
+        }
+    }
+
+    fn drain_mut(&mut self) -> Option<&mut Drain> {
+        match &mut self.stage {
+            Stage::HandedOver { drain, .. } | Stage::Draining(drain) => Some(drain),
+            Stage::Serving { .. } | Stage::LameDuck { .. } => None,
+        }
+    }
+
     fn start_restart(&mut self, waiter: Option<oneshot::Sender<Result<Restarted, RestartError>>>) {
         let Some(listeners) = &self.listeners else {
             return;
@@ -722,6 +982,7 @@ impl Lifecycle {
                     Arc::clone(&self.notifier),
                     self.config.ready_timeout,
                     self.watchdog_usec,
+                    self.config.drain_timeout,
                 );
                 self.stage = Stage::Serving {
                     restart: Some(InFlight {
@@ -729,7 +990,6 @@ impl Lifecycle {
                         waiters: waiter.into_iter().collect(),
                     }),
                 };
-                self.handle.set_state(State::Restarting);
             }
             Err(e) => {
                 tracing::error!(error = %e, "restart failed: could not duplicate the listeners; still serving");
@@ -745,17 +1005,17 @@ impl Lifecycle {
         }
     }
 
-    /// Cancels the restart in progress, if any: the child is killed and reaped, unless it
-    /// became ready at this very moment, in which case it is returned (it serves now).
+    /// Cancels the restart in progress, if any: the child is stopped in the background,
+    /// unless it became ready at this very moment, in which case it is returned (it serves
+    /// now). Returns at once either way.
     async fn cancel_restart(&mut self) -> Option<HandedOver> {
         let Stage::Serving { restart } = &mut self.stage else {
             return None;
         };
-        let in_flight = restart.take()?;
         let InFlight {
             restarting,
             waiters,
-        } = in_flight;
+        } = restart.take()?;
         let outcome = restarting.cancel().await;
         let reply = match &outcome {
             Ok(handed) => Ok(handed.restarted()),
@@ -767,7 +1027,26 @@ impl Lifecycle {
         for w in waiters {
             let _ = w.send(reply.clone());
         }
-        outcome.ok()
+        match outcome {
+            Ok(handed) => Some(handed),
+            Err(failed) => {
+                self.roll_back(failed.rollback);
+                None
+            }
+        }
+    }
+
+    /// Stops a rolled-back child on a task of its own: it may serve connections already, and
+    /// gets its drain deadline; meanwhile this process goes on handling events. Serving is not
+    /// over before it has stopped.
+    fn roll_back(&mut self, rollback: Option<Rollback>) {
+        if let Some(rollback) = rollback {
+            tracing::info!(
+                pid = rollback.pid(),
+                "stopping the new process of the failed restart: SIGTERM, then SIGKILL only after its drain deadline"
+            );
+            self.rollbacks.spawn(rollback.stop());
+        }
     }
 
     fn send_stopping(&mut self, status: &str) {
@@ -782,6 +1061,45 @@ impl Lifecycle {
 
     fn extend_timeout(&self, total: Duration) {
         self.notifier.notify(&[extend_timeout_usec(total)]);
+    }
+}
+
+impl Drain {
+    /// A close signal while draining: the first confirms the drain, the next cuts.
+    fn close_signal(&mut self, name: &str, cx: &ConnContext) {
+        if !self.close_seen {
+            tracing::info!(signal = %name, "close signal received while already shutting down; the drain goes on (another one cuts)");
+            self.close_seen = true;
+        } else {
+            tracing::warn!(signal = %name, "second close signal: cutting all connections now");
+            self.forced = true;
+            cx.connections.cut();
+        }
+    }
+
+    /// Completes once the work is done (kept, so that this is cancel safe) and no rolled-back
+    /// child is left.
+    async fn finished(&mut self, rollbacks_left: bool) {
+        if self.done.is_none() {
+            self.done = Some(self.work.as_mut().await);
+        }
+        if rollbacks_left {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Successor {
+    /// Completes once the successor has exited; never if it is not watched.
+    async fn exited(&self) {
+        match &self.watch {
+            Some(watch) => {
+                if watch.readable().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -815,7 +1133,7 @@ impl InFlight {
 }
 
 /// The event the current stage waits for, if any.
-async fn stage_event(stage: &mut Stage) -> Event {
+async fn stage_event(stage: &mut Stage, rollbacks_left: bool) -> Event {
     match stage {
         Stage::Serving {
             restart: Some(in_flight),
@@ -825,31 +1143,23 @@ async fn stage_event(stage: &mut Stage) -> Event {
             tokio::time::sleep_until(*until).await;
             Event::DelayOver
         }
-        Stage::Draining(d) => {
-            let (hooks, drained) = d.work.as_mut().await;
-            Event::Drained(hooks, drained)
+        Stage::HandedOver { drain, successor } => tokio::select! {
+            biased;
+            () = successor.exited() => Event::SuccessorExited,
+            () = drain.finished(rollbacks_left) => Event::Drained,
+        },
+        Stage::Draining(drain) => {
+            drain.finished(rollbacks_left).await;
+            Event::Drained
         }
     }
 }
 
-async fn recv<T>(rx: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
-    match rx {
-        Some(rx) => rx.recv().await,
+async fn listener_lost(accepting: &mut Option<Accepting>) -> Option<std::io::Error> {
+    match accepting {
+        Some(a) => a.dead.recv().await,
         None => std::future::pending().await,
     }
-}
-
-/// Completes when the first of `futures` completes; never if there are none.
-async fn any_of(futures: &mut [Pin<Box<dyn Future<Output = ()> + Send>>]) {
-    std::future::poll_fn(|cx| {
-        for f in futures.iter_mut() {
-            if f.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(());
-            }
-        }
-        Poll::Pending
-    })
-    .await
 }
 
 /// A listener with the service that serves it.
@@ -923,28 +1233,34 @@ fn bind_services(
 /// The accept loops of a server.
 struct Accepting {
     stop: CancellationToken,
-    loops: Vec<JoinHandle<()>>,
+    loops: Vec<AbortOnDropHandle<()>>,
     dead: mpsc::UnboundedReceiver<std::io::Error>,
     lost: usize,
     total: usize,
 }
 
 impl Accepting {
-    fn start(bound: &[Bound], acceptors: Vec<Acceptor>, cx: &ConnContext) -> Accepting {
+    fn start(
+        listeners: &[Listener],
+        services: &[Box<dyn ServeConn>],
+        acceptors: Vec<Acceptor>,
+        cx: &ConnContext,
+    ) -> Accepting {
         let stop = CancellationToken::new();
         let (dead_tx, dead) = mpsc::unbounded_channel();
-        let loops = bound
+        let loops = listeners
             .iter()
+            .zip(services)
             .zip(acceptors)
             .map(|((listener, service), acceptor)| {
-                tokio::spawn(accept::accept_loop(
+                AbortOnDropHandle::new(tokio::spawn(accept::accept_loop(
                     acceptor,
                     Arc::from(listener.name()),
                     service.clone_box(),
                     cx.clone(),
                     stop.clone(),
                     dead_tx.clone(),
-                ))
+                )))
             })
             .collect();
         Accepting {
@@ -952,7 +1268,7 @@ impl Accepting {
             loops,
             dead,
             lost: 0,
-            total: bound.len(),
+            total: listeners.len(),
         }
     }
 
@@ -960,23 +1276,6 @@ impl Accepting {
         for l in self.loops.drain(..) {
             let _ = l.await;
         }
-    }
-}
-
-impl Drop for Accepting {
-    fn drop(&mut self) {
-        for l in &self.loops {
-            l.abort();
-        }
-    }
-}
-
-/// Aborts a task when dropped (the server's future dropped, or the task no longer needed).
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -1003,5 +1302,124 @@ impl RestartClaim {
 impl Drop for RestartClaim {
     fn drop(&mut self) {
         RESTART_CLAIMED.store(false, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain_of(work: impl Future<Output = (HooksReport, Drained)> + Send + 'static) -> Drain {
+        Drain {
+            reason: Reason::Requested,
+            began: Instant::now(),
+            lame_duck: Duration::ZERO,
+            lame_duck_requests: 0,
+            close_seen: false,
+            forced: false,
+            sent: None,
+            failure: None,
+            work: Box::pin(work),
+            done: None,
+        }
+    }
+
+    fn done() -> (HooksReport, Drained) {
+        (
+            HooksReport::default(),
+            Drained {
+                open_at_start: 3,
+                cut: 1,
+            },
+        )
+    }
+
+    /// A successor that is this test process's own child, watched through its pidfd.
+    fn successor_of(child: &std::process::Child) -> Successor {
+        let pid = rustix::process::Pid::from_child(child);
+        let pidfd = Arc::new(
+            rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+                .expect("pidfd_open"),
+        );
+        let watch = crate::sys::register_shared(Arc::clone(&pidfd), Interest::READABLE)
+            .map_err(|(_, e)| e)
+            .expect("register the pidfd");
+        Successor {
+            pid: child.id(),
+            pidfd,
+            watch: Some(watch),
+            ours: false,
+            stopping: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_state_is_derived_from_the_stage() {
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let pid = child.id();
+        let now = Instant::now();
+        let stages = [
+            (Stage::Serving { restart: None }, State::Serving),
+            (
+                Stage::LameDuck {
+                    reason: Reason::Requested,
+                    began: now,
+                    until: now,
+                },
+                State::LameDuck,
+            ),
+            (
+                Stage::HandedOver {
+                    drain: drain_of(async { done() }),
+                    successor: successor_of(&child),
+                },
+                State::HandedOver { pid },
+            ),
+            (Stage::Draining(drain_of(async { done() })), State::Draining),
+        ];
+        for (stage, state) in &stages {
+            assert_eq!(stage.state(), *state);
+        }
+        let _ = child.wait();
+    }
+
+    #[tokio::test]
+    async fn a_drain_keeps_its_outcome_across_given_up_waits_and_waits_for_rolled_back_children() {
+        let (tx, rx) = oneshot::channel::<()>();
+        let mut drain = drain_of(async move {
+            let _ = rx.await;
+            done()
+        });
+        let short = Duration::from_millis(20);
+        // Not done: a wait given up (another event came first) loses nothing.
+        assert!(
+            tokio::time::timeout(short, drain.finished(false))
+                .await
+                .is_err()
+        );
+        tx.send(()).expect("the drain waits");
+        // Done, but a rolled-back child is still stopping: not finished yet.
+        assert!(
+            tokio::time::timeout(short, drain.finished(true))
+                .await
+                .is_err()
+        );
+        assert_eq!(drain.done.map(|(_, d)| d), Some(done().1));
+        tokio::time::timeout(Duration::from_secs(5), drain.finished(false))
+            .await
+            .expect("finished once no child is left");
+    }
+
+    #[tokio::test]
+    async fn the_death_of_a_successor_is_an_event() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.05")
+            .spawn()
+            .expect("spawn");
+        let successor = successor_of(&child);
+        tokio::time::timeout(Duration::from_secs(10), successor.exited())
+            .await
+            .expect("its pidfd became readable");
+        assert!(child.try_wait().expect("wait").is_some());
     }
 }

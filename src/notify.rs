@@ -383,9 +383,7 @@ pub(crate) const MIN_PATIENCE: Duration = Duration::from_secs(1);
 
 /// `now + d`, saturated far in the future (a `Duration::MAX` timeout means "no limit").
 fn deadline_after(d: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(d)
-        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+    crate::instant_after(Instant::now(), d)
 }
 
 /// The channel end the parent passed, if any and usable (close-on-exec, non-blocking).

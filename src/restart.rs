@@ -117,8 +117,39 @@ impl HandedOver {
 #[derive(Debug)]
 pub(crate) struct Restarting {
     cancel: CancellationToken,
-    task: JoinHandle<Result<HandedOver, RestartFailure>>,
+    task: JoinHandle<Result<HandedOver, Failed>>,
     gate: Arc<Gate>,
+}
+
+/// A restart that did not happen: why, and the child to stop, if one was started.
+#[derive(Debug)]
+pub(crate) struct Failed {
+    pub(crate) failure: RestartFailure,
+    /// The child, still to be stopped: on a task of the caller's, so that the caller goes on
+    /// handling events while it finishes its requests.
+    pub(crate) rollback: Option<Rollback>,
+}
+
+/// A child whose restart was rolled back. It may have accepted connections already (it
+/// serves from its start): it gets the same drain deadline as any handover process.
+/// Dropped before [`Rollback::stop`] completes, it is killed at once.
+#[derive(Debug)]
+pub(crate) struct Rollback {
+    child: Child,
+    grace: Duration,
+}
+
+impl Rollback {
+    /// Stops it: SIGTERM, SIGKILL only once `grace` (its drain deadline) and a second more
+    /// have passed; reaped if it is ours.
+    pub(crate) async fn stop(self) {
+        self.child.stop(self.grace).await;
+    }
+
+    /// Its pid.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.pid
+    }
 }
 
 impl Restarting {
@@ -129,6 +160,7 @@ impl Restarting {
         notifier: Arc<Notifier>,
         ready_timeout: Duration,
         watchdog_usec: Option<u64>,
+        stop_grace: Duration,
     ) -> Restarting {
         let cancel = CancellationToken::new();
         let gate = Arc::new(Gate::default());
@@ -137,26 +169,30 @@ impl Restarting {
             notifier,
             ready_timeout,
             watchdog_usec,
+            stop_grace,
         };
         let task = tokio::spawn(run(plan, cancel.clone(), Arc::clone(&gate)));
         Restarting { cancel, task, gate }
     }
 
     /// Waits for the outcome. Cancel safe (the restart goes on; await again).
-    pub(crate) async fn outcome(&mut self) -> Result<HandedOver, RestartFailure> {
+    pub(crate) async fn outcome(&mut self) -> Result<HandedOver, Failed> {
         match (&mut self.task).await {
             Ok(result) => result,
-            Err(e) => Err(RestartFailure::Io {
-                context: "the restart task failed",
-                source: io::Error::other(e.to_string()),
+            Err(e) => Err(Failed {
+                failure: RestartFailure::Io {
+                    context: "the restart task failed",
+                    source: io::Error::other(e.to_string()),
+                },
+                rollback: None,
             }),
         }
     }
 
-    /// Cancels: the child, if started and not handed over to, is stopped (and reaped if it is
-    /// ours) before this returns. `Ok` if the hand-off had happened already: forward the
-    /// reason for cancelling to the new process ([`HandedOver::forward_signal`]).
-    pub(crate) async fn cancel(mut self) -> Result<HandedOver, RestartFailure> {
+    /// Cancels: returns at once with the child, if started and not handed over to, to stop
+    /// ([`Failed::rollback`]). `Ok` if the hand-off had happened already: forward the reason
+    /// for cancelling to the new process ([`HandedOver::forward_signal`]).
+    pub(crate) async fn cancel(mut self) -> Result<HandedOver, Failed> {
         self.cancel.cancel();
         self.outcome().await
     }
@@ -243,43 +279,49 @@ struct Plan {
     ready_timeout: Duration,
     /// The watchdog duty passes to the child with the listeners.
     watchdog_usec: Option<u64>,
+    /// How long a rolled-back child may take to finish its requests.
+    stop_grace: Duration,
 }
 
-async fn run(
-    plan: Plan,
-    cancel: CancellationToken,
-    gate: Arc<Gate>,
-) -> Result<HandedOver, RestartFailure> {
-    let result = attempt(plan, cancel, gate).await;
-    if let Err(failure) = &result {
-        tracing::error!(error = %failure, "restart failed; this process keeps serving");
+async fn run(plan: Plan, cancel: CancellationToken, gate: Arc<Gate>) -> Result<HandedOver, Failed> {
+    let stop_grace = plan.stop_grace;
+    let mut child = None;
+    let result = attempt(plan, cancel, Arc::clone(&gate), &mut child).await;
+    match result {
+        Ok(handed) => Ok(handed),
+        Err(failure) => {
+            tracing::error!(error = %failure, "restart failed; this process keeps serving");
+            // The caller stops it from now on (dropping the rollback kills it).
+            gate.lock().child = None;
+            Err(Failed {
+                failure,
+                rollback: child.map(|child| Rollback {
+                    child,
+                    grace: stop_grace,
+                }),
+            })
+        }
     }
-    result
 }
 
-/// `now + d`, or far in the future if that does not fit (`Duration::MAX` means "no limit").
-fn deadline_after(start: Instant, d: Duration) -> Instant {
-    start
-        .checked_add(d)
-        .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 24 * 3600))
-}
-
-/// One restart attempt. Whatever fails after the child was started, the child is stopped (and
-/// reaped, if it is ours) before this returns.
+/// One restart attempt. Whatever fails after the child was started, the child is left in
+/// `rolled_back`, to be stopped.
 async fn attempt(
     plan: Plan,
     cancel: CancellationToken,
     gate: Arc<Gate>,
+    rolled_back: &mut Option<Child>,
 ) -> Result<HandedOver, RestartFailure> {
     let Plan {
         listeners,
         notifier,
         ready_timeout,
         watchdog_usec,
+        stop_grace: _,
     } = plan;
     let started = Instant::now();
     // One deadline for the whole restart: spawn, exec, READY=1.
-    let deadline = deadline_after(started, ready_timeout);
+    let deadline = crate::instant_after(started, ready_timeout);
     let startup = startup::get();
     let exe = startup.exe.clone().map_err(|msg| RestartFailure::Io {
         context: "the executable to restart is unknown",
@@ -343,13 +385,18 @@ async fn attempt(
     }
     let mut fds: Vec<OwnedFd> = listeners.into_iter().map(|(fd, _)| fd).collect();
     fds.push(child_end);
-    let plan =
-        ExecPlan::new(&exe, &startup.args, env, fds, startup.cwd.as_deref()).map_err(|source| {
-            RestartFailure::Spawn {
-                exe: exe.clone(),
-                source,
-            }
-        })?;
+    let plan = ExecPlan::new(
+        &exe,
+        &startup.args,
+        env,
+        fds,
+        startup.cwd.as_deref(),
+        startup.signals,
+    )
+    .map_err(|source| RestartFailure::Spawn {
+        exe: exe.clone(),
+        source,
+    })?;
     // Returns at once; the plan (our copies of the child's fds) is closed inside.
     let spawned = sys::spawn(plan, placement).map_err(|source| RestartFailure::Start { source })?;
     let pid = spawned.pid;
@@ -379,8 +426,7 @@ async fn attempt(
     let report = match sys::register(spawned.report, Interest::READABLE) {
         Ok(fd) => ExecReport { fd },
         Err((_, source)) => {
-            child.stop().await;
-            gate.lock().child = None;
+            *rolled_back = Some(child);
             return Err(RestartFailure::Io {
                 context: "could not watch the exec report pipe",
                 source,
@@ -479,8 +525,7 @@ async fn attempt(
             })
         }
         Err(failure) => {
-            child.stop().await;
-            gate.lock().child = None;
+            *rolled_back = Some(child);
             Err(failure)
         }
     }
@@ -559,10 +604,12 @@ impl HandOff<'_> {
         if state.abandoned {
             return Err(io::Error::other("the restart was abandoned"));
         }
+        // As PID 1, the keeper's handlers exist before the commit: see `keeper::prepare`.
+        let prepared = (self.placement == Placement::Child).then(keeper::prepare);
         send()?;
         state.handed_over = true;
-        if self.placement == Placement::Child {
-            keeper::adopt(self.pid, Arc::clone(self.notifier));
+        if let Some(prepared) = prepared {
+            keeper::adopt(self.pid, Arc::clone(self.notifier), prepared);
         }
         Ok(())
     }
@@ -735,6 +782,7 @@ async fn wait_ready(
 /// [`Child::release`] it is ours to stop: dropped any other way (a failure, or the restart
 /// future dropped with the server), it is killed, never left running with our listeners.
 /// Reaped here only if it is our own child ([`Placement::Child`]); a sibling is its parent's.
+#[derive(Debug)]
 struct Child {
     pid: u32,
     placement: Placement,
@@ -810,15 +858,18 @@ impl Child {
         exit
     }
 
-    /// Stops it: SIGTERM, so a process that already accepts can finish what it accepted;
-    /// SIGKILL after a second. Bounded: a process stuck in the kernel is left to its parent.
-    async fn stop(&self) {
+    /// Stops it: SIGTERM, so a process that already accepts can finish what it accepted
+    /// within its drain deadline (`grace`); SIGKILL a second after that. Bounded: a process
+    /// stuck in the kernel is left to its parent.
+    async fn stop(&self, grace: Duration) {
         let Some(pidfd) = &self.pidfd else { return };
         if self.exited.load(Ordering::Relaxed) {
             return;
         }
         let _ = sys::pidfd_signal(pidfd.get_ref().as_fd(), libc::SIGTERM);
-        if let Ok(how) = tokio::time::timeout(Duration::from_secs(1), self.exited()).await {
+        let until =
+            crate::instant_after(Instant::now(), grace.saturating_add(Duration::from_secs(1)));
+        if let Ok(how) = tokio::time::timeout_at(until, self.exited()).await {
             tracing::info!(pid = self.pid, %how, "restart: the new process was stopped");
             return;
         }

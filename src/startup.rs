@@ -71,6 +71,9 @@ pub(crate) struct Startup {
     pub(crate) channel_fd: Option<Result<RawFd, String>>,
     /// Whether the protocol variables were removed from the process environment.
     pub(crate) scrubbed: bool,
+    /// The signals ignored and the signal mask as given, before handover's handlers: what a
+    /// successor gets again.
+    pub(crate) signals: sys::SignalState,
     /// Whether the inherited fds have been taken (they can be taken once per process).
     fds_taken: AtomicBool,
     /// The same for the channel.
@@ -109,6 +112,8 @@ fn capture() -> Startup {
     // `LISTEN_PID` = its own pid; anything else inherited them (a program the application
     // started, with an environment that could not be scrubbed) and must not act on them.
     let pid = std::process::id();
+    // First, before any handler of ours exists.
+    let signals = sys::SignalState::capture();
     let from_handover_parent =
         var("LISTEN_PID").and_then(|v| v.to_str().and_then(|v| v.parse::<u32>().ok())) == Some(pid);
     let handover_var = |name: &str| var(name).filter(|_| from_handover_parent);
@@ -146,6 +151,7 @@ fn capture() -> Startup {
         watchdog_pid: var("WATCHDOG_PID"),
         channel_fd,
         scrubbed: sys::remove_vars_if_single_threaded(PROTOCOL_VARS),
+        signals,
         fds_taken: AtomicBool::new(false),
         channel_taken: AtomicBool::new(false),
     };

@@ -291,6 +291,8 @@ pub(crate) struct ExecPlan {
     /// Room for the temporary copies of `fds` made in the child.
     scratch: Vec<RawFd>,
     cwd: Option<CString>,
+    /// The signal state to give the new program.
+    signals: SignalState,
 }
 
 // SAFETY: the raw pointers point into heap buffers owned by this same struct (`_argv`, `_env`);
@@ -318,6 +320,7 @@ impl ExecPlan {
         env: Vec<(OsString, OsString)>,
         fds: Vec<OwnedFd>,
         cwd: Option<&Path>,
+        signals: SignalState,
     ) -> io::Result<ExecPlan> {
         let nul = |s: &OsStr| {
             CString::new(s.as_bytes()).map_err(|_| {
@@ -367,6 +370,7 @@ impl ExecPlan {
             fds,
             scratch,
             cwd,
+            signals,
         })
     }
 }
@@ -809,12 +813,101 @@ pub(crate) fn exit_description(pid: u32) -> Option<crate::error::ChildExit> {
     })
 }
 
+/// A process other than this one and PID 1 (a service manager holding a socket unit's socket)
+/// that has one of `sockets` open, if any: another process of the service can still accept on it.
+/// Read from `/proc/PID/fd`, best effort: processes whose fds cannot be read (another user's)
+/// are not ours.
+pub(crate) fn held_elsewhere(sockets: &[BorrowedFd<'_>]) -> Option<u32> {
+    let Ok(inodes) = sockets
+        .iter()
+        .map(|fd| rustix::fs::fstat(fd).map(|st| format!("socket:[{}]", st.st_ino)))
+        .collect::<Result<Vec<_>, _>>()
+    else {
+        return None;
+    };
+    let me = std::process::id();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return None;
+    };
+    // Bounded by the processes and their fds, read once.
+    for entry in procs.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me || pid == 1 {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                if inodes.iter().any(|i| target.as_os_str() == i.as_str()) {
+                    return Some(pid);
+                }
+            }
+        }
+    }
+    None
+}
+
 /// Moves `fd` to a number >= `floor` (close-on-exec). The original is closed: a pipe end left
 /// open twice would keep its reader from ever seeing EOF.
 fn move_above(fd: OwnedFd, floor: c_int) -> io::Result<OwnedFd> {
     let moved = rustix::io::fcntl_dupfd_cloexec(&fd, floor)?;
     drop(fd);
     Ok(moved)
+}
+
+/// The signal state a process started with: which signals were ignored, and its signal mask.
+/// A successor gets it back (see [`exec_child`]): handover installs handlers of its own, which
+/// an exec would reset to the default, not to "ignored" (`nohup`, a background job's
+/// `SIGINT`), and it blocks every signal around the clone.
+#[derive(Clone, Copy)]
+pub(crate) struct SignalState {
+    /// Bit `n - 1` set: signal `n` was ignored.
+    ignored: u64,
+    mask: libc::sigset_t,
+}
+
+impl std::fmt::Debug for SignalState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignalState")
+            .field("ignored", &format_args!("{:#x}", self.ignored))
+            .finish_non_exhaustive()
+    }
+}
+
+impl SignalState {
+    /// The calling thread's signal state now (at start-up: the process's, as it was given).
+    pub(crate) fn capture() -> SignalState {
+        let mut ignored = 0u64;
+        for sig in 1..=64 {
+            // SAFETY: sigaction with a null new action only reads the current one into
+            // `current`, a zeroed plain-data struct of ours.
+            let is_ignored = unsafe {
+                let mut current: libc::sigaction = std::mem::zeroed();
+                libc::sigaction(sig, std::ptr::null(), &mut current) == 0
+                    && current.sa_sigaction == libc::SIG_IGN
+            };
+            if is_ignored {
+                ignored |= 1 << (sig - 1);
+            }
+        }
+        let mut mask = zeroed_sigset();
+        // SAFETY: a null new set only reads the thread's mask into `mask`, ours.
+        let read = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, std::ptr::null(), &mut mask) };
+        if read != 0 {
+            // Nothing blocked: what a child got before this was recorded.
+            // SAFETY: `mask` is ours; sigemptyset only writes it.
+            unsafe { libc::sigemptyset(&mut mask) };
+        }
+        SignalState { ignored, mask }
+    }
+
+    fn was_ignored(&self, sig: c_int) -> bool {
+        (1..=64).contains(&sig) && self.ignored & (1 << (sig - 1)) != 0
+    }
 }
 
 fn zeroed_sigset() -> libc::sigset_t {
@@ -833,27 +926,29 @@ unsafe fn exec_child(plan: &mut ExecPlan, err_fd: RawFd, floor: c_int) -> ! {
     // SAFETY (whole function): only async-signal-safe syscalls; every pointer passed points into
     // `plan`, which was fully built before the clone and is not reallocated here.
     unsafe {
-        // A clean signal state for the new program: handlers back to their defaults (ignored
-        // signals stay ignored, as across any exec, except SIGPIPE, which the Rust runtime
-        // ignores for itself), then nothing blocked.
+        // The signal state this process was started with, for the new program: what was
+        // ignored then is ignored again (our handlers replaced it), everything else back to
+        // its default (SIGPIPE too, which the Rust runtime ignores for itself: it was not
+        // given so); then the original mask instead of our all-blocked one.
         for sig in 1..=64 {
             // 64 = _NSIG - 1 on Linux. glibc reserves 32 and 33: sigaction refuses them.
             if sig == libc::SIGKILL || sig == libc::SIGSTOP {
                 continue;
             }
+            let want = match plan.signals.was_ignored(sig) && sig != libc::SIGPIPE {
+                true => libc::SIG_IGN,
+                false => libc::SIG_DFL,
+            };
             let mut current: libc::sigaction = std::mem::zeroed();
             if libc::sigaction(sig, std::ptr::null(), &mut current) == 0
-                && (current.sa_sigaction != libc::SIG_IGN || sig == libc::SIGPIPE)
-                && current.sa_sigaction != libc::SIG_DFL
+                && current.sa_sigaction != want
             {
-                let mut default: libc::sigaction = std::mem::zeroed();
-                default.sa_sigaction = libc::SIG_DFL;
-                libc::sigaction(sig, &default, std::ptr::null_mut());
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = want;
+                libc::sigaction(sig, &action, std::ptr::null_mut());
             }
         }
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::sigprocmask(libc::SIG_SETMASK, &plan.signals.mask, std::ptr::null_mut());
 
         // The listeners must end up at 3, 4, ... but a source may sit on another's target (or
         // on its own). First copy every source above all targets, then dup2 the copies down:

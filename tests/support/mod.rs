@@ -310,6 +310,33 @@ impl Spawn {
         self
     }
 
+    /// Starts the process with the signals `ignore` ignored and `block` blocked, as `nohup`,
+    /// a background job or a parent's mask would leave them.
+    pub fn signal_state(mut self, ignore: &[i32], block: &[i32]) -> Spawn {
+        let (ignore, block) = (ignore.to_vec(), block.to_vec());
+        // SAFETY: signal, sigemptyset, sigaddset and sigprocmask are async-signal-safe; the
+        // vectors were allocated before the fork and are only read.
+        unsafe {
+            self.cmd.pre_exec(move || {
+                for &sig in &ignore {
+                    if libc::signal(sig, libc::SIG_IGN) == libc::SIG_ERR {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                for &sig in &block {
+                    libc::sigaddset(&mut set, sig);
+                }
+                if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        self
+    }
+
     pub fn start(mut self) -> Proc {
         // Not waited for through `Child`: `Proc` reaps it by pid (see `wait_exit`), including
         // when it is dropped.
