@@ -78,7 +78,6 @@ compile_error!(
 mod accept;
 mod conn;
 mod conn_info;
-mod drain;
 mod error;
 mod handle;
 mod handoff;
@@ -87,6 +86,7 @@ mod keeper;
 mod lifecycle;
 mod listen;
 mod notify;
+mod registry;
 mod restart;
 mod server;
 mod signals;
@@ -96,14 +96,14 @@ mod sys;
 mod tls;
 
 pub use accept::HttpService;
+#[cfg(feature = "rustls")]
+pub use conn_info::TlsInfo;
 pub use conn_info::{ConnectionInfo, Local, Peer, PeerCredentials};
 pub use error::{Error, ErrorKind};
 pub use handle::{Handle, RestartError, RestartErrorKind, Restarted, State};
 pub use hooks::HooksReport;
 pub use listen::{Listener, Listeners, Origin};
 pub use server::{Reason, Server, Shutdown, serve};
-#[cfg(feature = "rustls")]
-pub use tls::TlsInfo;
 
 /// The rustls crate handover serves TLS with (feature `rustls`): build the
 /// `rustls::ServerConfig` for [`Server::tls`] with this one, so that the versions match.

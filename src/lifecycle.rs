@@ -34,12 +34,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::accept::{self, Acceptor, ConnContext, ServeConn};
-use crate::drain::{Connections, CutOnDrop, Drained};
 use crate::error::Error;
 use crate::handle::{Command, Handle, RestartError, RestartErrorKind, Restarted, State};
 use crate::hooks::{self, Hook, HooksReport};
 use crate::listen::{self, Listener};
 use crate::notify::{Notifier, NotifyState};
+use crate::registry::{Connections, CutOnDrop, Drained};
 use crate::restart::{HandedOver, Restarting};
 use crate::server::{Config, Reason, Server, Shutdown};
 use crate::signals::{self, SignalEvents};

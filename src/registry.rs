@@ -29,10 +29,11 @@
 //! receiving a head, or in a TLS handshake for longer than the timeout is cut. Keep-alive
 //! connections idle for that long are closed the same way.
 
+use std::cell::Cell;
 use std::future::Future;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::RawFd;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -41,10 +42,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
-use crate::conn::{
-    self, CLOSE_IDLE, CLOSE_RESPONSES, CUT, Conn, DRAIN, HAND_OFF, STOPPING, Sock, TrackedIo,
-};
-use crate::conn_info::ConnectionInfo;
+use crate::conn::control::{self, Control, Directive, Directives};
+
+/// How many independent parts the registry has: connections accepted on different threads
+/// register (and deregister) under different locks, so that a new connection on one worker
+/// does not wait for one on another.
+const SHARDS: usize = 16;
 
 /// The connections of one server.
 #[derive(Debug, Clone)]
@@ -55,7 +58,10 @@ pub(crate) struct Connections {
 /// What the connections of a server share with it.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    registry: Mutex<Registry>,
+    shards: [Mutex<Shard>; SHARDS],
+    /// The directives every new connection starts with (what the server asked of all so far),
+    /// and how many connections the cut found (`None` until it happened).
+    state: Mutex<State>,
     tracker: TaskTracker,
     /// Cancelled when what is left must be cut now.
     force: CancellationToken,
@@ -63,40 +69,55 @@ pub(crate) struct Shared {
     header_timeout: Duration,
     /// Whether requests carry their `ConnectionInfo`.
     pub(crate) connection_info: bool,
-    /// Requests begun while the `STOPPING` bit was set.
+    /// Requests begun while `Stopping` was raised.
     while_stopping: AtomicU64,
     /// Connections cut by the header-read timeout.
     timed_out: AtomicU64,
     /// The keep-alive grace of a drain with a successor that takes connections, in
     /// milliseconds: what a connection that could not be passed gets.
     fallback_grace_ms: AtomicU64,
+    /// The directives of new connections, `passable` in the low 32 bits, the others' in the
+    /// high 32: read without a lock by [`Connections::register`].
+    initial: AtomicU64,
 }
 
 #[derive(Debug, Default)]
-struct Registry {
-    conns: Slab<Arc<Conn>>,
-    /// The bits every new connection starts with: what the server asked of all so far.
-    ctl_passable: u32,
-    ctl_other: u32,
-    /// How many connections the cut found open; `None` until it happened.
+struct Shard {
+    conns: Slab<(Arc<Control>, RawFd)>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    passable: Directives,
+    other: Directives,
     cut: Option<usize>,
 }
 
-/// A connection's place in the registry; removes it when dropped.
+/// A connection's place in the registry; [`Registration::remove`] (or dropping it) removes it.
 ///
-/// Invariant (kept by its one owner, [`TrackedIo`], which declares it before the socket): the
-/// entry is removed *before* the socket closes, so every fd the registry holds is open and is
-/// the connection it was registered for. The cut and the sweeper use the fds under the lock.
+/// Invariant (kept by its owner, `conn::io::TrackedIo`, which removes it in its `Drop` before
+/// its socket closes): every fd the registry holds is open and is the connection it was
+/// registered for. The cut and the sweeper use the fds under the shard's lock.
 #[derive(Debug)]
 pub(crate) struct Registration {
-    key: usize,
+    shard: usize,
+    key: Option<usize>,
     shared: Arc<Shared>,
     _token: TaskTrackerToken,
 }
 
+impl Registration {
+    /// Removes the connection from the registry (once; later calls do nothing).
+    pub(crate) fn remove(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.shared.shard(self.shard).conns.try_remove(key);
+        }
+    }
+}
+
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.shared.lock().conns.try_remove(self.key);
+        self.remove();
     }
 }
 
@@ -107,9 +128,31 @@ pub(crate) struct Drained {
     pub(crate) cut: usize,
 }
 
+/// The shard of the calling thread: assigned round-robin on its first connection.
+fn my_shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    SHARD.with(|s| {
+        if s.get() == usize::MAX {
+            s.set(NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS);
+        }
+        s.get()
+    })
+}
+
+fn pack(passable: Directives, other: Directives) -> u64 {
+    u64::from(passable.bits()) | (u64::from(other.bits()) << 32)
+}
+
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Registry> {
-        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    fn shard(&self, i: usize) -> MutexGuard<'_, Shard> {
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn fallback_grace(&self) -> Duration {
@@ -119,6 +162,16 @@ impl Shared {
     pub(crate) fn count_request_while_stopping(&self) {
         self.while_stopping.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Calls `f` on every registered connection, shard by shard, under the shard's lock.
+    fn for_each(&self, mut f: impl FnMut(&Control, RawFd)) {
+        for i in 0..SHARDS {
+            let shard = self.shard(i);
+            for (_, (control, fd)) in shard.conns.iter() {
+                f(control, *fd);
+            }
+        }
+    }
 }
 
 impl Connections {
@@ -127,7 +180,8 @@ impl Connections {
     pub(crate) fn new(header_timeout: Duration, connection_info: bool) -> Connections {
         Connections {
             shared: Arc::new(Shared {
-                registry: Mutex::new(Registry::default()),
+                shards: std::array::from_fn(|_| Mutex::new(Shard::default())),
+                state: Mutex::new(State::default()),
                 tracker: TaskTracker::new(),
                 force: CancellationToken::new(),
                 header_timeout,
@@ -135,6 +189,7 @@ impl Connections {
                 while_stopping: AtomicU64::new(0),
                 timed_out: AtomicU64::new(0),
                 fallback_grace_ms: AtomicU64::new(1000),
+                initial: AtomicU64::new(0),
             }),
         }
     }
@@ -143,44 +198,64 @@ impl Connections {
         &self.shared
     }
 
-    /// Registers an accepted socket: from now on it is counted, drained and cut with the
-    /// others. `passable`: a plaintext connection a successor could take over.
-    pub(crate) fn register(&self, sock: Sock, info: ConnectionInfo, passable: bool) -> TrackedIo {
-        let fd = sock.as_fd().as_raw_fd();
+    /// Registers an accepted socket (by its fd, which the caller keeps open while registered):
+    /// from now on it is counted, drained and cut with the others. `passable`: a plaintext
+    /// connection a successor could take over.
+    pub(crate) fn register(&self, fd: RawFd, passable: bool) -> (Arc<Control>, Registration) {
         let token = self.shared.tracker.token();
-        let mut registry = self.shared.lock();
-        let ctl = match passable {
-            true => registry.ctl_passable,
-            false => registry.ctl_other,
+        let shard = my_shard();
+        let mut conns = self.shared.shard(shard);
+        // Read under the shard's lock: a broadcast raises on the initial set first, then on
+        // every shard under its lock, so a connection registered meanwhile gets it either way.
+        let initial = self.shared.initial.load(Ordering::Acquire);
+        let initial = match passable {
+            true => Directives::from_bits(initial as u32),
+            false => Directives::from_bits((initial >> 32) as u32),
         };
-        let conn = Arc::new(Conn::new(fd, passable, info, ctl));
-        let key = registry.conns.insert(Arc::clone(&conn));
-        drop(registry);
+        let control = Arc::new(Control::new(passable, initial));
+        let key = conns.conns.insert((Arc::clone(&control), fd));
+        drop(conns);
         let registration = Registration {
-            key,
+            shard,
+            key: Some(key),
             shared: Arc::clone(&self.shared),
             _token: token,
         };
-        TrackedIo::new(registration, conn, sock)
+        (control, registration)
     }
 
     /// Raises `passable` on every plaintext connection and `other` on every other one (and on
-    /// those accepted from now on), and wakes them all to act on it.
-    pub(crate) fn command(&self, passable: u32, other: u32) {
-        let mut registry = self.shared.lock();
-        registry.ctl_passable |= passable;
-        registry.ctl_other |= other;
-        for (_, conn) in registry.conns.iter() {
-            let bits = if conn.passable { passable } else { other };
-            if conn.ctl.fetch_or(bits, Ordering::Release) & bits != bits {
-                conn.waker.wake();
-            }
-        }
+    /// those registered from now on), waking each to act on it.
+    pub(crate) fn broadcast(&self, passable: Directives, other: Directives) {
+        let mut state = self.shared.state();
+        state.passable = state.passable.union(passable);
+        state.other = state.other.union(other);
+        self.shared
+            .initial
+            .store(pack(state.passable, state.other), Ordering::Release);
+        drop(state);
+        self.shared.for_each(|control, _| {
+            control.raise(if control.passable() { passable } else { other });
+        });
     }
 
-    /// The same bits for every connection.
-    pub(crate) fn command_all(&self, bits: u32) {
-        self.command(bits, bits);
+    /// The same directives for every connection.
+    pub(crate) fn broadcast_all(&self, ds: Directives) {
+        self.broadcast(ds, ds);
+    }
+
+    /// A hand-off failed: no connection is to be passed any more, the ones registered from now
+    /// on included (they get the keep-alive grace instead).
+    pub(crate) fn withdraw_hand_off(&self) {
+        let mut state = self.shared.state();
+        state.passable = state.passable.without(Directive::HandOff);
+        state.other = state.other.without(Directive::HandOff);
+        self.shared
+            .initial
+            .store(pack(state.passable, state.other), Ordering::Release);
+        drop(state);
+        self.shared
+            .for_each(|control, _| control.withdraw(Directive::HandOff));
     }
 
     /// Cancelled once [`Connections::cut`] has happened.
@@ -192,28 +267,31 @@ impl Connections {
     /// were. Counted at the moment of the cut; later calls change nothing and return the same
     /// number.
     pub(crate) fn cut(&self) -> usize {
-        let mut registry = self.shared.lock();
-        if let Some(n) = registry.cut {
+        let mut state = self.shared.state();
+        if let Some(n) = state.cut {
             return n;
         }
-        registry.ctl_passable |= CUT;
-        registry.ctl_other |= CUT;
+        state.passable = state.passable.with(Directive::Cut);
+        state.other = state.other.with(Directive::Cut);
+        self.shared
+            .initial
+            .store(pack(state.passable, state.other), Ordering::Release);
         let mut n = 0;
-        for (_, conn) in registry.conns.iter() {
-            // One given back after the cut is dropped at once (the bit), but the socket of one
-            // in flight is not shut down: it is the successor's now, or about to be.
-            conn.ctl.fetch_or(CUT, Ordering::Release);
-            conn.waker.wake();
-            if conn.is_in_flight() {
-                continue;
+        self.shared.for_each(|control, fd| {
+            // One given back after the cut is dropped at once (the directive), but the socket
+            // of one in flight is not shut down: it is the successor's now, or about to be.
+            control.raise(Directive::Cut);
+            if control.is_in_flight() {
+                return;
             }
             n += 1;
             // SAFETY: registered fds are open while registered (see `Registration`), and the
-            // lock we hold keeps their owners from deregistering, hence from closing them.
-            unsafe { crate::sys::shutdown_registered(conn.fd) };
-        }
-        registry.cut = Some(n);
-        drop(registry);
+            // shard's lock we hold keeps their owners from deregistering, hence from closing
+            // them.
+            unsafe { crate::sys::shutdown_registered(fd) };
+        });
+        state.cut = Some(n);
+        drop(state);
         // Hooks still running are abandoned; tasks still holding a connection drop it now.
         self.shared.force.cancel();
         n
@@ -224,7 +302,7 @@ impl Connections {
         self.shared.tracker.len()
     }
 
-    /// Requests begun since the `STOPPING` bit was raised.
+    /// Requests begun since `Stopping` was raised.
     pub(crate) fn requests_while_stopping(&self) -> u64 {
         self.shared.while_stopping.load(Ordering::Relaxed)
     }
@@ -237,10 +315,11 @@ impl Connections {
     /// The lame duck: keep serving, but HTTP/1 responses say `Connection: close` and HTTP/2
     /// connections get GOAWAY, so clients move away; requests are counted.
     pub(crate) fn lame_duck(&self) {
-        self.command_all(CLOSE_RESPONSES | DRAIN | STOPPING);
+        self.broadcast_all(STOPPING);
     }
 
-    /// The sweeper: enforces the header-read timeout, about once a second. Runs until aborted.
+    /// The sweeper: enforces the header-read timeout (and the idle timeouts, which are the
+    /// same), about once a second. Runs until aborted.
     pub(crate) fn sweeper(&self) -> impl Future<Output = ()> + Send + 'static {
         let shared = Arc::clone(&self.shared);
         async move {
@@ -248,31 +327,15 @@ impl Connections {
             if timeout.is_zero() {
                 return std::future::pending().await;
             }
-            let limit = u32::try_from(timeout.as_millis().div_ceil(conn::TICK.as_millis()))
+            let limit = u32::try_from(timeout.as_millis().div_ceil(control::TICK.as_millis()))
                 .unwrap_or(u32::MAX);
-            let period = (timeout / 4).clamp(conn::TICK, Duration::from_secs(1));
+            let period = (timeout / 4).clamp(control::TICK, Duration::from_secs(1));
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let now = conn::advance_coarse_clock();
-                let registry = shared.lock();
-                for (_, conn) in registry.conns.iter() {
-                    let (phase, since) = conn.phase();
-                    if phase.is_timed()
-                        && now.wrapping_sub(since) > limit
-                        && !conn.is_in_flight()
-                        && conn.ctl.fetch_or(CUT, Ordering::Release) & CUT == 0
-                    {
-                        shared.timed_out.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(
-                            ?phase,
-                            ?timeout,
-                            "no complete request head within the header-read timeout: closing"
-                        );
-                        conn.waker.wake();
-                    }
-                }
+                let now = control::advance_coarse_clock();
+                shared.for_each(|control, _| sweep(&shared, control, now, limit, timeout));
             }
         }
     }
@@ -287,8 +350,9 @@ impl Connections {
         grace: Duration,
         progress: impl FnMut(usize),
     ) -> Drained {
-        self.command_all(CLOSE_RESPONSES | DRAIN | STOPPING);
-        self.wait(deadline, grace, (CLOSE_IDLE, CLOSE_IDLE), None, progress)
+        self.broadcast_all(STOPPING);
+        let close_idle = Directives::from(Directive::CloseIdle);
+        self.wait(deadline, grace, (close_idle, close_idle), None, progress)
             .await
     }
 
@@ -310,9 +374,18 @@ impl Connections {
             .store(grace_ms, Ordering::Relaxed);
         // Counted before the command: idle connections are passed (and gone) at once after it.
         let open_at_start = self.open();
-        self.command(HAND_OFF, CLOSE_RESPONSES | DRAIN);
+        self.broadcast(
+            Directive::HandOff.into(),
+            Directives::of(&[Directive::CloseResponses, Directive::Drain]),
+        );
         let drained = self
-            .wait(deadline, grace, (0, CLOSE_IDLE), Some(failed), progress)
+            .wait(
+                deadline,
+                grace,
+                (Directives::NONE, Directive::CloseIdle.into()),
+                Some(failed),
+                progress,
+            )
             .await;
         Drained {
             open_at_start,
@@ -328,7 +401,7 @@ impl Connections {
         &self,
         deadline: Instant,
         grace: Duration,
-        after_grace: (u32, u32),
+        after_grace: (Directives, Directives),
         fallback: Option<CancellationToken>,
         mut progress: impl FnMut(usize),
     ) -> Drained {
@@ -361,13 +434,18 @@ impl Connections {
                     fallback_pending = false;
                     // The successor does not take them after all: what a drain without one
                     // does, from now on.
-                    self.command(CLOSE_RESPONSES | DRAIN, 0);
+                    self.withdraw_hand_off();
+                    self.broadcast(
+                        Directives::of(&[Directive::CloseResponses, Directive::Drain]),
+                        Directives::NONE,
+                    );
                     grace_over = crate::instant_after(Instant::now(), grace);
-                    after_grace = Some((CLOSE_IDLE, CLOSE_IDLE));
+                    let close_idle = Directives::from(Directive::CloseIdle);
+                    after_grace = Some((close_idle, close_idle));
                 }
                 () = tokio::time::sleep_until(grace_over), if after_grace.is_some() => {
                     if let Some((passable, other)) = after_grace.take() {
-                        self.command(passable, other);
+                        self.broadcast(passable, other);
                     }
                 }
                 () = sleep_until_some(give_up) => {
@@ -380,7 +458,7 @@ impl Connections {
                 _ = tick.tick() => progress(self.shared.tracker.len()),
             }
         }
-        let cut = self.shared.lock().cut.unwrap_or(0);
+        let cut = self.shared.state().cut.unwrap_or(0);
         Drained { open_at_start, cut }
     }
 }
@@ -403,5 +481,46 @@ impl Drop for CutOnDrop {
             let n = self.0.cut();
             tracing::warn!(cut = n, "server dropped: its connections were cut");
         }
+    }
+}
+
+/// What the lame duck and the drain raise on every connection first.
+const STOPPING: Directives = Directives::of(&[
+    Directive::CloseResponses,
+    Directive::Drain,
+    Directive::Stopping,
+]);
+
+/// One connection, as the sweeper sees it at tick `now`.
+fn sweep(shared: &Shared, control: &Control, now: u32, limit: u32, timeout: Duration) {
+    let (phase, since) = control.phase();
+    let Some(action) = phase.on_timeout() else {
+        return;
+    };
+    let late = now.wrapping_sub(since);
+    if late <= limit || control.is_in_flight() {
+        return;
+    }
+    // An HTTP/2 connection told GOAWAY for being idle that is still there a timeout later
+    // ignores it: cut.
+    let action = match action {
+        Directive::GoAwayIdle
+            if control.directives().contains(Directive::GoAwayIdle)
+                && late > limit.saturating_mul(2) =>
+        {
+            Directive::Cut
+        }
+        other => other,
+    };
+    if control.raise(action) {
+        if action == Directive::Cut {
+            shared.timed_out.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::debug!(
+            ?phase,
+            ?timeout,
+            ?action,
+            "no complete request head (or no request) within the header-read timeout"
+        );
     }
 }
