@@ -24,3 +24,6 @@ pub(crate) mod service;
 
 pub(crate) use io::{Sock, TrackedIo};
 pub(crate) use serve::{ConnContext, HandOff, Http, PassOutcome, Tls};
+
+#[cfg(test)]
+mod tests;
