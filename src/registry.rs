@@ -524,3 +524,112 @@ fn sweep(shared: &Shared, control: &Control, now: u32, limit: u32, timeout: Dura
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fd() -> (std::os::unix::net::UnixStream, RawFd) {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&a);
+        (a, fd)
+    }
+
+    #[test]
+    fn a_broadcast_reaches_open_and_later_connections_by_kind() {
+        let c = Connections::new(Duration::ZERO, false);
+        let (_s1, fd1) = fd();
+        let (plain, _r1) = c.register(fd1, true);
+        let (_s2, fd2) = fd();
+        let (tls, _r2) = c.register(fd2, false);
+        c.broadcast(Directive::HandOff.into(), Directive::CloseResponses.into());
+        assert_eq!(plain.directives(), Directive::HandOff.into());
+        assert_eq!(tls.directives(), Directive::CloseResponses.into());
+        let (_s3, fd3) = fd();
+        let (later, _r3) = c.register(fd3, true);
+        assert_eq!(later.directives(), Directive::HandOff.into());
+        assert_eq!(c.open(), 3);
+    }
+
+    #[test]
+    fn a_withdrawn_hand_off_is_gone_for_open_and_later_connections() {
+        let c = Connections::new(Duration::ZERO, false);
+        let (_s1, fd1) = fd();
+        let (open, _r1) = c.register(fd1, true);
+        c.broadcast(Directive::HandOff.into(), Directives::NONE);
+        c.withdraw_hand_off();
+        assert!(!open.directives().contains(Directive::HandOff));
+        let (_s2, fd2) = fd();
+        let (later, _r2) = c.register(fd2, true);
+        assert!(!later.directives().contains(Directive::HandOff));
+    }
+
+    #[test]
+    fn the_cut_counts_once_skips_connections_in_flight_and_removed_ones_are_gone() {
+        let c = Connections::new(Duration::ZERO, false);
+        let (_s1, fd1) = fd();
+        let (a, _r1) = c.register(fd1, true);
+        let (_s2, fd2) = fd();
+        let (b, _r2) = c.register(fd2, true);
+        let (_s3, fd3) = fd();
+        let (_gone, mut r3) = c.register(fd3, true);
+        r3.remove();
+        b.mark_in_flight(true);
+        assert_eq!(c.cut(), 1);
+        assert_eq!(c.cut(), 1, "later calls return the same count");
+        assert!(a.directives().contains(Directive::Cut) && b.directives().contains(Directive::Cut));
+        assert!(c.force().is_cancelled());
+    }
+
+    #[test]
+    fn connections_registered_on_many_threads_are_all_counted_and_all_removed() {
+        let c = Connections::new(Duration::ZERO, false);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                let c = c.clone();
+                s.spawn(move || {
+                    let mut held = Vec::new();
+                    for _ in 0..50 {
+                        let (sock, fd) = fd();
+                        held.push((sock, c.register(fd, true)));
+                    }
+                    held
+                });
+            }
+        });
+        // Every registration was dropped with its thread's vector.
+        assert_eq!(c.open(), 0);
+        let mut n = 0;
+        c.shared.for_each(|_, _| n += 1);
+        assert_eq!(n, 0);
+    }
+
+    #[tokio::test]
+    async fn the_sweeper_cuts_a_silent_connection_and_goes_away_an_idle_http2_one_first() {
+        let c = Connections::new(Duration::from_millis(400), false);
+        let (_s1, fd1) = fd();
+        let (h1, _r1) = c.register(fd1, true);
+        let (_s2, fd2) = fd();
+        let (h2, _r2) = c.register(fd2, false);
+        h2.set_phase(control::Phase::H2Idle);
+        let (_s3, fd3) = fd();
+        let (busy, _r3) = c.register(fd3, true);
+        busy.request_started();
+        let sweeper = tokio::spawn(c.sweeper());
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while !h1.directives().contains(Directive::Cut) && std::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(h1.directives().contains(Directive::Cut), "idle HTTP/1 cut");
+        assert!(
+            h2.directives().contains(Directive::GoAwayIdle),
+            "idle HTTP/2 told GOAWAY"
+        );
+        assert!(
+            !busy.directives().contains(Directive::Cut),
+            "a request being served is not"
+        );
+        assert_eq!(c.timed_out(), 1);
+        sweeper.abort();
+    }
+}

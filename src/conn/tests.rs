@@ -355,6 +355,9 @@ async fn a_half_head_replayed_after_a_take_apart_is_answered_not_spun_on() {
         "{spent} polls while waiting for the rest of a head"
     );
     assert!(!h.task.is_finished(), "closed with half a request received");
+    // The truth the drain acts on: half a head is buffered, so the connection is reading (an
+    // idle phase here is what made the old layer take it apart again and again).
+    assert_eq!(h.control.phase().0, super::control::Phase::Reading);
     h.client.write_all(b"t: a\r\n\r\n").await.expect("write");
     let b = h.answers(&mut buf, 1).await.expect("answer to /b");
     assert_eq!(b[0].body, "/b:0");
