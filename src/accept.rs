@@ -301,8 +301,62 @@ pub(crate) fn adopt_passed(
     Ok(TrackedIo::register(&cx.connections, sock, info, true))
 }
 
+/// An accept loop that stopped: what it needs to take the connections still queued, right
+/// before the listener closes ([`Stopped::accept_queued`]).
+#[derive(Debug)]
+pub(crate) struct Stopped {
+    acceptor: Acceptor,
+    name: Arc<str>,
+    service: Box<dyn ServeConn>,
+    cx: ConnContext,
+}
+
+impl Stopped {
+    /// Accepts and serves every connection queued on the listener now (see the module's docs):
+    /// call it right before closing the listener. Returns how many.
+    pub(crate) fn accept_queued(&self) -> usize {
+        let passable = self.service.passable();
+        let queued = self.acceptor.accept_queued(|accepted| {
+            serve_accepted(
+                &*self.service,
+                passable,
+                true,
+                &self.name,
+                &self.cx,
+                accepted,
+            );
+        });
+        if queued > 0 {
+            tracing::debug!(listener = %self.name, queued, "accepted the connections queued when accepting stopped");
+        }
+        queued
+    }
+}
+
+// A plain function, not a closure kept across the loop's awaits: `service` is `Send`, not
+// `Sync`.
+fn serve_accepted(
+    service: &dyn ServeConn,
+    passable: bool,
+    queued: bool,
+    name: &Arc<str>,
+    cx: &ConnContext,
+    (sock, peer, local): (Sock, Peer, Local),
+) {
+    let info = ConnectionInfo::new(Arc::clone(name), peer, local, cx.handle.clone());
+    let io = TrackedIo::register(&cx.connections, sock, info, passable);
+    if queued {
+        // Its client connected to a listener that was open, and sends its request now: it is
+        // awaited (bounded by the header-read timeout and the drain's deadline), not closed
+        // as idle at the end of the keep-alive grace.
+        io.control().set_phase(conn::control::Phase::Reading);
+    }
+    tokio::spawn(service.serve(io, Bytes::new(), cx));
+}
+
 /// Accepts until `stop`, serving each connection with `service` on a task of its own; then
-/// accepts what is still queued (see the module's docs) and returns.
+/// accepts what is queued (see the module's docs), and returns what the lifecycle needs to
+/// take what is queued again right before it closes the listener.
 pub(crate) async fn accept_loop(
     acceptor: Acceptor,
     name: Arc<str>,
@@ -310,21 +364,9 @@ pub(crate) async fn accept_loop(
     cx: ConnContext,
     stop: CancellationToken,
     dead: tokio::sync::mpsc::UnboundedSender<std::io::Error>,
-) {
+) -> Stopped {
     let mut backoff = Duration::from_millis(5);
     let passable = service.passable();
-    // A plain function, not a closure kept across the awaits: `service` is `Send`, not `Sync`.
-    fn serve(
-        service: &dyn ServeConn,
-        passable: bool,
-        name: &Arc<str>,
-        cx: &ConnContext,
-        (sock, peer, local): (Sock, Peer, Local),
-    ) {
-        let info = ConnectionInfo::new(Arc::clone(name), peer, local, cx.handle.clone());
-        let io = TrackedIo::register(&cx.connections, sock, info, passable);
-        tokio::spawn(service.serve(io, Bytes::new(), cx));
-    }
     loop {
         let accepted = tokio::select! {
             biased;
@@ -334,7 +376,7 @@ pub(crate) async fn accept_loop(
         match accepted {
             Ok(accepted) => {
                 backoff = Duration::from_millis(5);
-                serve(&*service, passable, &name, &cx, accepted);
+                serve_accepted(&*service, passable, false, &name, &cx, accepted);
             }
             Err(e) if is_per_connection(&e) => {
                 tracing::debug!(error = %e, "accept: connection failed before it was accepted");
@@ -342,7 +384,7 @@ pub(crate) async fn accept_loop(
             Err(e) if is_listener_gone(&e) => {
                 tracing::error!(listener = %name, error = %e, "this listener can no longer accept (closed or shut down under us)");
                 let _ = dead.send(e);
-                return;
+                break;
             }
             Err(e) => {
                 tracing::error!(listener = %name, error = %e, ?backoff, "accept failed; backing off");
@@ -354,11 +396,14 @@ pub(crate) async fn accept_loop(
             }
         }
     }
-    let queued =
-        acceptor.accept_queued(|accepted| serve(&*service, passable, &name, &cx, accepted));
-    if queued > 0 {
-        tracing::debug!(listener = %name, queued, "accepted the connections queued when accepting stopped");
-    }
+    let stopped = Stopped {
+        acceptor,
+        name,
+        service,
+        cx,
+    };
+    stopped.accept_queued();
+    stopped
 }
 
 /// At most this many queued connections are taken when accepting stops: a backlog's worth

@@ -628,7 +628,12 @@ impl Lifecycle {
     /// address refuses new clients from then on; a socket unit queues them).
     async fn stop_accepting(&mut self, handed_over: bool) {
         self.accepting.stop.cancel();
-        self.accepting.join().await;
+        let stopped = self.accepting.join().await;
+        // What entered the listeners' queues meanwhile is taken now, right before they close
+        // (closing the only copy of a listener resets what is queued on it).
+        for s in &stopped {
+            s.accept_queued();
+        }
         self.listeners = None;
         match handed_over {
             true => tracing::info!("stopped accepting; the new process accepts now"),
@@ -904,7 +909,7 @@ fn bind_services(
 /// The accept loops of a server.
 struct Accepting {
     stop: CancellationToken,
-    loops: Vec<JoinHandle<()>>,
+    loops: Vec<JoinHandle<accept::Stopped>>,
     dead: mpsc::UnboundedReceiver<std::io::Error>,
     lost: usize,
     total: usize,
@@ -937,10 +942,14 @@ impl Accepting {
         }
     }
 
-    async fn join(&mut self) {
+    async fn join(&mut self) -> Vec<accept::Stopped> {
+        let mut stopped = Vec::with_capacity(self.loops.len());
         for l in self.loops.drain(..) {
-            let _ = l.await;
+            if let Ok(s) = l.await {
+                stopped.push(s);
+            }
         }
+        stopped
     }
 }
 

@@ -451,7 +451,10 @@ where
                 Poll::Ready(Err(_)) => return Poll::Ready(Detected::Gone),
                 Poll::Pending if buf.is_empty() => {
                     let wanted = Directives::of(&[Directive::CloseIdle, Directive::HandOff]);
-                    if ds.intersects(wanted) {
+                    // `Reading` without a byte: a request is known to be on its way (a
+                    // connection taken from the queue as the listener closed).
+                    let idle = io.control().phase().0 == Phase::Idle;
+                    if idle && ds.intersects(wanted) {
                         return Poll::Ready(Detected::Idle(ds));
                     }
                     return Poll::Pending;
