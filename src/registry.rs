@@ -26,8 +26,14 @@
 //! # The header-read timeout
 //! hyper's own header-read timeout arms a timer for every request head. Here one sweeper task
 //! per server looks at every connection about once a second instead: a connection that is idle,
-//! receiving a head, or in a TLS handshake for longer than the timeout is cut. Keep-alive
-//! connections idle for that long are closed the same way.
+//! receiving a head (the HTTP/2 preface and first SETTINGS frame included), in a TLS handshake,
+//! or silent with a request body pending, for longer than the timeout, is cut. Keep-alive
+//! connections idle for that long are closed the same way; an HTTP/2 connection without an
+//! open stream gets GOAWAY, and is cut a timeout later if it is still there.
+//!
+//! # Sharded
+//! Connections register in one of several shards, chosen by the accepting thread, so that new
+//! connections on different workers do not contend for one lock; a broadcast walks them all.
 
 use std::cell::Cell;
 use std::future::Future;
