@@ -179,12 +179,12 @@ impl Lifecycle {
             .map(|(l, _)| Acceptor::new(l))
             .collect::<Result<Vec<_>, _>>()?;
 
-        let cx = ConnContext {
-            http: Arc::new(http),
-            connections: connections.clone(),
-            handle: handle.clone(),
-            hand_off: Arc::new(OnceLock::new()),
-        };
+        let cx = ConnContext::new(
+            http,
+            connections.clone(),
+            handle.clone(),
+            Arc::new(OnceLock::new()),
+        );
         let sweeper = AbortOnDrop(tokio::spawn(connections.sweeper()));
         let accepting = Accepting::start(&bound, acceptors, &cx);
         let by_name: Vec<(Arc<str>, Box<dyn ServeConn>)> = bound

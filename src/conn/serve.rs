@@ -55,13 +55,43 @@ impl std::fmt::Debug for dyn HandOff {
 /// Where a server passes connections it hands over, once a successor takes them.
 pub(crate) type HandOffSlot = Arc<OnceLock<Arc<dyn HandOff>>>;
 
-/// What every connection of a server needs besides its service.
+/// What every connection of a server needs besides its service: one `Arc`, so that a new
+/// connection takes one reference to it (one atomic on a line all workers share), not one per
+/// part.
 #[derive(Debug, Clone)]
-pub(crate) struct ConnContext {
-    pub(crate) http: Arc<Http>,
+pub(crate) struct ConnContext(Arc<ConnContextParts>);
+
+/// The parts of a [`ConnContext`].
+#[derive(Debug)]
+pub(crate) struct ConnContextParts {
+    pub(crate) http: Http,
     pub(crate) connections: Connections,
     pub(crate) handle: Handle,
     pub(crate) hand_off: HandOffSlot,
+}
+
+impl ConnContext {
+    pub(crate) fn new(
+        http: Http,
+        connections: Connections,
+        handle: Handle,
+        hand_off: HandOffSlot,
+    ) -> ConnContext {
+        ConnContext(Arc::new(ConnContextParts {
+            http,
+            connections,
+            handle,
+            hand_off,
+        }))
+    }
+}
+
+impl std::ops::Deref for ConnContext {
+    type Target = ConnContextParts;
+
+    fn deref(&self) -> &ConnContextParts {
+        &self.0
+    }
 }
 
 /// The TLS side of a listener, if it has one.
@@ -397,12 +427,11 @@ enum Detected {
     Idle(Directives),
 }
 
-/// How many bytes of `buf` (the first bytes of a connection) are needed to tell its protocol:
-/// `None` once it is told.
-fn still_needed(buf: &[u8]) -> Option<Detected> {
+/// What the first bytes of a connection say: `None` while more are needed.
+fn tell(buf: &[u8]) -> Option<Protocol> {
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] != H2_PREFACE[..n] {
-        return Some(Detected::H1(Bytes::copy_from_slice(buf)));
+        return Some(Protocol::H1);
     }
     // `PRI * HTTP/2.0` is no HTTP/1 request (RFC 9113 3.4 reserves `PRI`); but the preface and
     // the client's first SETTINGS are read here, so that the header-read timeout bounds them
@@ -411,13 +440,22 @@ fn still_needed(buf: &[u8]) -> Option<Detected> {
     let len = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
     if header[3] != SETTINGS || len > MAX_FIRST_FRAME {
         // Not what a client must send first: hyper refuses it, with the right GOAWAY.
-        return Some(Detected::H2(Bytes::copy_from_slice(buf)));
+        return Some(Protocol::H2);
     }
     if buf.len() < H2_PREFACE.len() + FRAME_HEADER + len {
         return None;
     }
-    Some(Detected::H2(Bytes::copy_from_slice(buf)))
+    Some(Protocol::H2)
 }
+
+enum Protocol {
+    H1,
+    H2,
+}
+
+/// How much a connection's first read takes: most request heads whole, in one buffer that hyper
+/// then gets as it is (no copy).
+const FIRST_READ: usize = 1024;
 
 /// Reads a connection's first bytes until its protocol is told. A partial prefix (`P`, `PR`)
 /// waits for the socket's readiness like any read: no timer; the sweeper bounds it (the bytes
@@ -426,7 +464,7 @@ async fn detect<T>(io: &mut T, ignore: Directives) -> Detected
 where
     T: AsyncRead + Tracked + Unpin,
 {
-    let mut buf: Vec<u8> = Vec::new();
+    let mut buf = bytes::BytesMut::new();
     std::future::poll_fn(|cx| {
         let ds = io.control().poll_directives(cx).without_all(ignore);
         if ds.contains(Directive::Cut) {
@@ -434,20 +472,22 @@ where
         }
         loop {
             let filled = buf.len();
-            // What is needed is small (a few bytes; the preface and a SETTINGS frame for
-            // HTTP/2); what is read beyond is replayed.
-            buf.resize(filled + 64.max(filled), 0);
+            buf.resize(filled + FIRST_READ.max(filled), 0);
             let mut rb = ReadBuf::new(&mut buf[filled..]);
             let polled = Pin::new(&mut *io).poll_read(cx, &mut rb);
             let n = rb.filled().len();
             buf.truncate(filled + n);
             match polled {
                 Poll::Ready(Ok(())) if n == 0 => return Poll::Ready(Detected::Gone),
-                Poll::Ready(Ok(())) => {
-                    if let Some(told) = still_needed(&buf) {
-                        return Poll::Ready(told);
+                Poll::Ready(Ok(())) => match tell(&buf) {
+                    Some(Protocol::H1) => {
+                        return Poll::Ready(Detected::H1(std::mem::take(&mut buf).freeze()));
                     }
-                }
+                    Some(Protocol::H2) => {
+                        return Poll::Ready(Detected::H2(std::mem::take(&mut buf).freeze()));
+                    }
+                    None => {}
+                },
                 Poll::Ready(Err(_)) => return Poll::Ready(Detected::Gone),
                 Poll::Pending if buf.is_empty() => {
                     let wanted = Directives::of(&[Directive::CloseIdle, Directive::HandOff]);

@@ -169,12 +169,12 @@ impl Harness {
         if let Some(h) = hand_off {
             let _ = slot.set(h);
         }
-        let cx = ConnContext {
-            http: Arc::new(crate::conn::Http::default()),
-            connections: connections.clone(),
-            handle: handle.clone(),
-            hand_off: slot,
-        };
+        let cx = ConnContext::new(
+            crate::conn::Http::default(),
+            connections.clone(),
+            handle.clone(),
+            slot,
+        );
         let (server, client) = tokio::net::UnixStream::pair().expect("socket pair");
         let info = ConnectionInfo::new(
             Arc::from("t"),
