@@ -634,7 +634,9 @@ impl Lifecycle {
         for s in &stopped {
             s.accept_queued();
         }
+        // Both copies closed now: the originals and the accept loops' duplicates.
         self.listeners = None;
+        drop(stopped);
         match handed_over {
             true => tracing::info!("stopped accepting; the new process accepts now"),
             false => tracing::info!("stopped accepting"),
