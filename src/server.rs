@@ -121,12 +121,7 @@ impl Default for Http {
             // answer (some proxies and tools do): answer it, do not drop the request.
             .half_close(true);
         let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new())
-            // A peer that is gone (no FIN ever came) is found within a minute even while a
-            // stream is open (an SSE response, a long download): an idle connection is closed
-            // by the header-read timeout anyway, but a stream keeps it busy.
-            .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
-            .keep_alive_timeout(std::time::Duration::from_secs(20));
+        h2.timer(TokioTimer::new());
         Http { h1, h2 }
     }
 }
