@@ -9,7 +9,8 @@
 //!   new process, after a restart).
 //! - Connections idle at drain start get a grace ([`crate::Server::keep_alive_grace`], longer
 //!   after a hand-off), then the ones still idle are closed: *idle* meaning nothing received
-//!   since their last response. A connection with part of a request head received is not idle:
+//!   since their last response, nothing of a next request buffered, and the last request's body
+//!   over. A connection with part of a request head received is not idle:
 //!   it gets the rest of its head within the header-read timeout and the deadline, and its
 //!   answer (with `Connection: close`). Bytes hyper had read ahead (pipelining) are answered
 //!   too. What HTTP/1 leaves open (RFC 9112 9.3.1) is a request that is on the wire, not yet
