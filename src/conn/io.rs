@@ -80,6 +80,34 @@ impl TrackedIo {
         &self.info
     }
 
+    /// Peeks at the first bytes without consuming them (so, without reporting a read).
+    pub(crate) fn poll_peek(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match &self.sock {
+            Either::Left(s) => {
+                let mut rb = ReadBuf::new(buf);
+                std::task::ready!(s.poll_peek(cx, &mut rb))?;
+                Poll::Ready(Ok(rb.filled().len()))
+            }
+            Either::Right(s) => loop {
+                std::task::ready!(s.poll_read_ready(cx))?;
+                let peeked = s.try_io(tokio::io::Interest::READABLE, || {
+                    rustix::net::recv(s, &mut *buf, rustix::net::RecvFlags::PEEK)
+                        .map(|(n, _)| n)
+                        .map_err(std::io::Error::from)
+                });
+                match peeked {
+                    Ok(n) => return Poll::Ready(Ok(n)),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            },
+        }
+    }
+
     /// Whether bytes wait in the socket's receive queue that nobody has read yet.
     pub(crate) fn bytes_waiting(&self) -> bool {
         rustix::io::ioctl_fionread(sock_fd(&self.sock)).is_ok_and(|n| n > 0)

@@ -142,7 +142,7 @@ async fn serve_plain<S: AppService>(
         if !read.is_empty() {
             return serve_known(io, read, false, ignore, service, cx).await;
         }
-        match detect(&mut io, ignore).await {
+        match detect_plain(&mut io, ignore).await {
             Detected::Gone => return,
             Detected::H1(read) => return serve_known(io, read, false, ignore, service, cx).await,
             Detected::H2(read) => return serve_known(io, read, true, ignore, service, cx).await,
@@ -453,9 +453,45 @@ enum Protocol {
     H2,
 }
 
-/// How much a connection's first read takes: most request heads whole, in one buffer that hyper
-/// then gets as it is (no copy).
-const FIRST_READ: usize = 1024;
+/// How much one read takes while the protocol is told.
+const FIRST_READ: usize = 64;
+
+/// Tells a plaintext connection's protocol. The common case costs no buffer: a peek at the
+/// first bytes shows HTTP/1, and hyper reads them itself. Only bytes that may begin the HTTP/2
+/// preface (`P`, `PR`, `PRI`) are read here ([`detect`]), so that the wait for the rest is one
+/// for readiness (a peek would see the same bytes again at once, and re-peeking on a timer is
+/// a busy loop per connection).
+async fn detect_plain(io: &mut TrackedIo, ignore: Directives) -> Detected {
+    let first = std::future::poll_fn(|cx| {
+        let ds = io.control().poll_directives(cx).without_all(ignore);
+        if ds.contains(Directive::Cut) {
+            return Poll::Ready(Some(Detected::Gone));
+        }
+        let mut buf = [0u8; 3];
+        match io.poll_peek(cx, &mut buf) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Some(Detected::Gone)),
+            Poll::Ready(Ok(n)) if buf[..n] != H2_PREFACE[..n] => {
+                Poll::Ready(Some(Detected::H1(Bytes::new())))
+            }
+            Poll::Ready(Ok(_)) => Poll::Ready(None),
+            Poll::Pending => {
+                let wanted = Directives::of(&[Directive::CloseIdle, Directive::HandOff]);
+                // `Reading` without a byte: a request is known to be on its way (a connection
+                // taken from the queue as the listener closed).
+                let idle = io.control().phase().0 == Phase::Idle;
+                match idle && ds.intersects(wanted) {
+                    true => Poll::Ready(Some(Detected::Idle(ds))),
+                    false => Poll::Pending,
+                }
+            }
+        }
+    })
+    .await;
+    match first {
+        Some(told) => told,
+        None => detect(io, ignore).await,
+    }
+}
 
 /// Reads a connection's first bytes until its protocol is told. A partial prefix (`P`, `PR`)
 /// waits for the socket's readiness like any read: no timer; the sweeper bounds it (the bytes
