@@ -5,24 +5,34 @@
 //! errors (`EMFILE`, `ENFILE`, `ENOBUFS`, ...) back off from 5 ms to 1 s instead of spinning;
 //! a listener that can no longer accept (closed or shut down under the server: `EBADF`,
 //! `EINVAL`, `ENOTSOCK`) ends its loop and is reported, so the lifecycle can react.
+//!
+//! # Stopping without resets
+//! When this process holds the only copy of a listening socket (a bound address, or
+//! `systemd-socket-activate`), closing it resets every connection the kernel has queued on
+//! it, after those clients sent their request. So a loop told to stop first accepts what is
+//! queued, until the queue is empty (`EAGAIN`), and serves each of those connections like the
+//! others of the drain (its request answered with `Connection: close`); the lifecycle closes
+//! the listener right after. A connection that enters the queue in the moment between the
+//! last `accept` and the close is still reset: the window is that of one task switch, not a
+//! whole backlog.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::body::Incoming;
-use hyper::{Request, Response};
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
-use crate::conn::{self, HandOff, Http, Sock, TrackedIo};
+use crate::conn::service::AppService;
+use crate::conn::{self, Sock, Tls, TrackedIo};
 use crate::conn_info::{ConnectionInfo, Local, Peer, PeerCredentials};
-use crate::drain::Connections;
-use crate::error::{BoxError, Error};
-use crate::handle::Handle;
+use crate::error::Error;
 use crate::listen::{Listener, Socket};
+
+pub(crate) use crate::conn::ConnContext;
 
 /// A service handover can serve: a `tower::Service` of HTTP requests (an `axum::Router`, a
 /// `tower::service_fn`, ...), cloned per connection.
@@ -105,46 +115,20 @@ mod private {
 
 // `do_not_recommend` on both blanket impls: when a type does not qualify, rustc reports
 // "`X` is not a service handover can serve" with the notes above, instead of the first of
-// these bounds that failed deep inside (`Service::Response == Response<_>` for axum's
-// `into_make_service()`, E0271; `SocketAddr: Connected<Request<Incoming>>` for
+// the bounds of `AppService` that failed deep inside (`Service::Response == Response<_>` for
+// axum's `into_make_service()`, E0271; `SocketAddr: Connected<Request<Incoming>>` for
 // `into_make_service_with_connect_info::<SocketAddr>()`), which never mentions handover.
 #[diagnostic::do_not_recommend]
-impl<S, B> private::Sealed for S
-where
-    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-}
+impl<S: AppService> private::Sealed for S {}
 
 #[diagnostic::do_not_recommend]
-impl<S, B> HttpService for S
-where
-    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+impl<S: AppService> HttpService for S {
     fn into_handler(self) -> BoxedService {
-        BoxedService(Box::new(Handler { service: self }))
+        BoxedService(Box::new(Handler {
+            service: self,
+            tls: None,
+        }))
     }
-}
-
-/// Where a server passes connections it hands over, once a successor takes them.
-pub(crate) type HandOffSlot = Arc<OnceLock<Arc<dyn HandOff>>>;
-
-/// What every connection of a server needs besides its service.
-#[derive(Debug, Clone)]
-pub(crate) struct ConnContext {
-    pub(crate) http: Arc<Http>,
-    pub(crate) connections: Connections,
-    pub(crate) handle: Handle,
-    pub(crate) hand_off: HandOffSlot,
 }
 
 /// A service with its type erased: what the accept loops (and the receiver of handed-over
@@ -158,26 +142,26 @@ pub(crate) trait ServeConn: Send + 'static {
         cx: &ConnContext,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
-    /// Serves one connection of a TLS listener: the handshake, then HTTP.
-    #[cfg(feature = "rustls")]
-    fn serve_tls(
-        &self,
-        io: TrackedIo,
-        acceptor: tokio_rustls::TlsAcceptor,
-        cx: &ConnContext,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
-
     /// A copy for another accept loop.
     fn clone_box(&self) -> Box<dyn ServeConn>;
 
+    /// The same service, over TLS: each connection's handshake first.
+    #[cfg(feature = "rustls")]
+    fn with_tls(self: Box<Self>, acceptor: tokio_rustls::TlsAcceptor) -> Box<dyn ServeConn>;
+
     /// Whether its connections can be passed to a successor (plaintext ones can).
-    fn passable(&self) -> bool {
-        true
-    }
+    fn passable(&self) -> bool;
 
     /// The listener's address, for logs and `STATUS=`.
     fn url(&self, listener: &Listener) -> String {
-        listener.url()
+        let url = listener.url();
+        match self.passable() {
+            true => url,
+            false => match url.strip_prefix("http://") {
+                Some(rest) => format!("https://{rest}"),
+                None => format!("{url} (TLS)"),
+            },
+        }
     }
 }
 
@@ -189,54 +173,46 @@ impl std::fmt::Debug for dyn ServeConn {
 
 struct Handler<S> {
     service: S,
+    tls: Tls,
 }
 
-impl<S, B> ServeConn for Handler<S>
-where
-    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+impl<S: AppService> ServeConn for Handler<S> {
     fn serve(
         &self,
         io: TrackedIo,
         read: Bytes,
         cx: &ConnContext,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        Box::pin(conn::serve_plain(
+        if self.tls.is_some() {
+            // Set before the task runs: from accept on, the sweeper times the handshake.
+            io.control().set_phase(conn::control::Phase::Handshake);
+        }
+        Box::pin(conn::serve::serve(
             io,
             read,
             self.service.clone(),
-            Arc::clone(&cx.http),
-            Arc::clone(cx.connections.shared()),
-            Arc::clone(&cx.hand_off),
-        ))
-    }
-
-    #[cfg(feature = "rustls")]
-    fn serve_tls(
-        &self,
-        io: TrackedIo,
-        acceptor: tokio_rustls::TlsAcceptor,
-        cx: &ConnContext,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        Box::pin(crate::tls::serve(
-            io,
-            acceptor,
-            self.service.clone(),
-            Arc::clone(&cx.http),
-            Arc::clone(cx.connections.shared()),
-            Arc::clone(&cx.hand_off),
+            self.tls.clone(),
+            cx.clone(),
         ))
     }
 
     fn clone_box(&self) -> Box<dyn ServeConn> {
         Box::new(Handler {
             service: self.service.clone(),
+            tls: self.tls.clone(),
         })
+    }
+
+    #[cfg(feature = "rustls")]
+    fn with_tls(self: Box<Self>, acceptor: tokio_rustls::TlsAcceptor) -> Box<dyn ServeConn> {
+        Box::new(Handler {
+            service: self.service,
+            tls: Some(acceptor),
+        })
+    }
+
+    fn passable(&self) -> bool {
+        self.tls.is_none()
     }
 }
 
@@ -292,12 +268,12 @@ impl Acceptor {
                     Some(addr) => *addr,
                     None => s.local_addr()?,
                 };
-                Ok((Sock::Tcp(s), Peer::Tcp(peer), Local::Tcp(local)))
+                Ok((Either::Left(s), Peer::Tcp(peer), Local::Tcp(local)))
             }
             Acceptor::Unix { listener, path } => {
                 let (s, peer) = listener.accept().await?;
                 let peer = unix_peer(&s, peer.as_pathname());
-                Ok((Sock::Unix(s), peer, Local::Unix(path.clone())))
+                Ok((Either::Right(s), peer, Local::Unix(path.clone())))
             }
         }
     }
@@ -335,19 +311,74 @@ pub(crate) fn adopt_passed(
                 .ok()
                 .and_then(|a| a.as_pathname().map(std::path::Path::to_path_buf)),
         );
-        (Sock::Unix(s), peer, local)
+        (Either::Right(s), peer, local)
     } else {
         let s = std::net::TcpStream::from(fd);
         s.set_nonblocking(true)?;
         let s = tokio::net::TcpStream::from_std(s)?;
         let (peer, local) = (s.peer_addr()?, s.local_addr()?);
-        (Sock::Tcp(s), Peer::Tcp(peer), Local::Tcp(local))
+        (Either::Left(s), Peer::Tcp(peer), Local::Tcp(local))
     };
     let info = ConnectionInfo::new(listener, peer, local, cx.handle.clone());
-    Ok(cx.connections.register(sock, info, true))
+    Ok(TrackedIo::register(&cx.connections, sock, info, true))
 }
 
-/// Accepts until `stop`, serving each connection with `service` on a task of its own.
+/// An accept loop that stopped: what it needs to take the connections still queued, right
+/// before the listener closes ([`Stopped::accept_queued`]).
+#[derive(Debug)]
+pub(crate) struct Stopped {
+    acceptor: Acceptor,
+    name: Arc<str>,
+    service: Box<dyn ServeConn>,
+    cx: ConnContext,
+}
+
+impl Stopped {
+    /// Accepts and serves every connection queued on the listener now (see the module's docs):
+    /// call it right before closing the listener. Returns how many.
+    pub(crate) fn accept_queued(&self) -> usize {
+        let passable = self.service.passable();
+        let queued = self.acceptor.accept_queued(|accepted| {
+            serve_accepted(
+                &*self.service,
+                passable,
+                true,
+                &self.name,
+                &self.cx,
+                accepted,
+            );
+        });
+        if queued > 0 {
+            tracing::debug!(listener = %self.name, queued, "accepted the connections queued when accepting stopped");
+        }
+        queued
+    }
+}
+
+// A plain function, not a closure kept across the loop's awaits: `service` is `Send`, not
+// `Sync`.
+fn serve_accepted(
+    service: &dyn ServeConn,
+    passable: bool,
+    queued: bool,
+    name: &Arc<str>,
+    cx: &ConnContext,
+    (sock, peer, local): (Sock, Peer, Local),
+) {
+    let info = ConnectionInfo::new(Arc::clone(name), peer, local, cx.handle.clone());
+    let io = TrackedIo::register(&cx.connections, sock, info, passable);
+    if queued {
+        // Its client connected to a listener that was open, and sends its request now: it is
+        // awaited (bounded by the header-read timeout and the drain's deadline), not closed
+        // as idle at the end of the keep-alive grace.
+        io.control().set_phase(conn::control::Phase::Reading);
+    }
+    tokio::spawn(service.serve(io, Bytes::new(), cx));
+}
+
+/// Accepts until `stop`, serving each connection with `service` on a task of its own; then
+/// accepts what is queued (see the module's docs), and returns what the lifecycle needs to
+/// take what is queued again right before it closes the listener.
 pub(crate) async fn accept_loop(
     acceptor: Acceptor,
     name: Arc<str>,
@@ -355,7 +386,7 @@ pub(crate) async fn accept_loop(
     cx: ConnContext,
     stop: CancellationToken,
     dead: tokio::sync::mpsc::UnboundedSender<std::io::Error>,
-) {
+) -> Stopped {
     let mut backoff = Duration::from_millis(5);
     let passable = service.passable();
     loop {
@@ -365,11 +396,9 @@ pub(crate) async fn accept_loop(
             accepted = acceptor.accept() => accepted,
         };
         match accepted {
-            Ok((sock, peer, local)) => {
+            Ok(accepted) => {
                 backoff = Duration::from_millis(5);
-                let info = ConnectionInfo::new(Arc::clone(&name), peer, local, cx.handle.clone());
-                let io = cx.connections.register(sock, info, passable);
-                tokio::spawn(service.serve(io, Bytes::new(), &cx));
+                serve_accepted(&*service, passable, false, &name, &cx, accepted);
             }
             Err(e) if is_per_connection(&e) => {
                 tracing::debug!(error = %e, "accept: connection failed before it was accepted");
@@ -388,6 +417,72 @@ pub(crate) async fn accept_loop(
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
+    }
+    let stopped = Stopped {
+        acceptor,
+        name,
+        service,
+        cx,
+    };
+    stopped.accept_queued();
+    stopped
+}
+
+/// At most this many queued connections are taken when accepting stops: a backlog's worth
+/// (`somaxconn`'s default), so that a flood cannot keep a stopping loop going.
+const MAX_QUEUED: usize = 4096;
+
+impl Acceptor {
+    /// Accepts, without waiting, every connection queued on the listener (at most
+    /// [`MAX_QUEUED`]), passing each to `serve`; returns how many.
+    fn accept_queued(&self, mut serve: impl FnMut((Sock, Peer, Local))) -> usize {
+        let mut n = 0;
+        while n < MAX_QUEUED {
+            match self.try_accept() {
+                Ok(Some(accepted)) => {
+                    n += 1;
+                    serve(accepted);
+                }
+                Ok(None) => break,
+                Err(e) if is_per_connection(&e) => {}
+                Err(_) => break,
+            }
+        }
+        n
+    }
+
+    /// One `accept4` on the listener, now: `None` when the queue is empty. A direct call, not
+    /// the runtime's readiness (which may not have seen the latest arrivals yet).
+    fn try_accept(&self) -> std::io::Result<Option<(Sock, Peer, Local)>> {
+        use rustix::net::SocketFlags;
+        let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
+        let fd = match self {
+            Acceptor::Tcp { listener, .. } => rustix::net::accept_with(listener, flags),
+            Acceptor::Unix { listener, .. } => rustix::net::accept_with(listener, flags),
+        };
+        let fd = match fd {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::AGAIN) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Some(match self {
+            Acceptor::Tcp { local, .. } => {
+                let s = tokio::net::TcpStream::from_std(std::net::TcpStream::from(fd))?;
+                let _ = s.set_nodelay(true);
+                let peer = s.peer_addr()?;
+                let local = match local {
+                    Some(addr) => *addr,
+                    None => s.local_addr()?,
+                };
+                (Either::Left(s), Peer::Tcp(peer), Local::Tcp(local))
+            }
+            Acceptor::Unix { path, .. } => {
+                let s = tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))?;
+                let peer_path = s.peer_addr().ok();
+                let peer = unix_peer(&s, peer_path.as_ref().and_then(|a| a.as_pathname()));
+                (Either::Right(s), peer, Local::Unix(path.clone()))
+            }
+        }))
     }
 }
 

@@ -44,7 +44,7 @@ struct Inner {
     handle: Handle,
     /// Set once, when the handshake is complete, before any request is served.
     #[cfg(feature = "rustls")]
-    tls: std::sync::OnceLock<crate::tls::TlsInfo>,
+    tls: std::sync::OnceLock<TlsInfo>,
 }
 
 /// Who is on the other end of a connection.
@@ -99,7 +99,7 @@ impl ConnectionInfo {
     }
 
     #[cfg(feature = "rustls")]
-    pub(crate) fn set_tls(&self, tls: crate::tls::TlsInfo) {
+    pub(crate) fn set_tls(&self, tls: TlsInfo) {
         let _ = self.inner.tls.set(tls);
     }
 
@@ -174,5 +174,109 @@ impl Peer {
             path: path.map(Path::to_path_buf),
             credentials,
         }
+    }
+}
+
+#[cfg(feature = "rustls")]
+/// The TLS session of a connection, as negotiated by its handshake: in
+/// [`crate::ConnectionInfo::tls`] for every request on a TLS listener ([`crate::Server::tls`]).
+///
+/// Available with the `rustls` feature.
+///
+/// # Example
+/// ```
+/// async fn who(req: hyper::Request<hyper::body::Incoming>) -> String {
+///     let tls = req
+///         .extensions()
+///         .get::<handover::ConnectionInfo>()
+///         .and_then(|c| c.tls());
+///     match tls {
+///         Some(tls) => format!(
+///             "{} via {:?}, {}",
+///             tls.server_name().unwrap_or("(no SNI)"),
+///             tls.protocol_version(),
+///             tls.cipher_suite_name(),
+///         ),
+///         None => "plaintext".to_string(),
+///     }
+/// }
+/// ```
+#[derive(Clone)]
+pub struct TlsInfo {
+    server_name: Option<Box<str>>,
+    alpn_protocol: Option<Box<[u8]>>,
+    protocol_version: rustls::ProtocolVersion,
+    cipher_suite: rustls::CipherSuite,
+    peer_certificates: Option<Box<[rustls::pki_types::CertificateDer<'static>]>>,
+}
+
+#[cfg(feature = "rustls")]
+impl TlsInfo {
+    pub(crate) fn from_session(session: &rustls::ServerConnection) -> TlsInfo {
+        TlsInfo {
+            server_name: session.server_name().map(Box::from),
+            alpn_protocol: session.alpn_protocol().map(Box::from),
+            // Both are known once the handshake is complete, which it is here.
+            protocol_version: session
+                .protocol_version()
+                .unwrap_or(rustls::ProtocolVersion::Unknown(0)),
+            cipher_suite: session
+                .negotiated_cipher_suite()
+                .map_or(rustls::CipherSuite::Unknown(0), |s| s.suite()),
+            peer_certificates: session.peer_certificates().map(Box::from),
+        }
+    }
+
+    /// The server name the client asked for (SNI), if it sent one (clients do not for an IP
+    /// address).
+    pub fn server_name(&self) -> Option<&str> {
+        self.server_name.as_deref()
+    }
+
+    /// The application protocol agreed by ALPN (`b"h2"`, `b"http/1.1"`), if the client offered
+    /// one the server has. Without one the connection is served as HTTP/1.1.
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.alpn_protocol.as_deref()
+    }
+
+    /// The TLS version (`rustls::ProtocolVersion::TLSv1_3`, `TLSv1_2`).
+    pub fn protocol_version(&self) -> rustls::ProtocolVersion {
+        self.protocol_version
+    }
+
+    /// The cipher suite.
+    pub fn cipher_suite(&self) -> rustls::CipherSuite {
+        self.cipher_suite
+    }
+
+    /// The cipher suite's IANA name, as rustls spells it: `TLS13_AES_128_GCM_SHA256`.
+    pub fn cipher_suite_name(&self) -> &'static str {
+        self.cipher_suite.as_str().unwrap_or("unknown")
+    }
+
+    /// The client's certificate chain (DER, its own certificate first), when the server's
+    /// config asks for client certificates (`with_client_cert_verifier`) and the client sent
+    /// one; the verifier has accepted it.
+    pub fn peer_certificates(&self) -> Option<&[rustls::pki_types::CertificateDer<'static>]> {
+        self.peer_certificates.as_deref()
+    }
+}
+
+#[cfg(feature = "rustls")]
+impl fmt::Debug for TlsInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsInfo")
+            .field("server_name", &self.server_name)
+            .field(
+                "alpn_protocol",
+                &self.alpn_protocol.as_deref().map(String::from_utf8_lossy),
+            )
+            .field("protocol_version", &self.protocol_version)
+            .field("cipher_suite", &self.cipher_suite)
+            .field(
+                "peer_certificates",
+                &self.peer_certificates.as_ref().map(|c| c.len()),
+            )
+            .finish()
     }
 }

@@ -67,7 +67,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::accept::{ConnContext, ServeConn};
-use crate::conn::{CLOSE_RESPONSES, HandOff, PassOutcome, TrackedIo};
+use crate::conn::control::Directive;
+use crate::conn::{HandOff, PassOutcome, TrackedIo};
 use crate::notify::Connected;
 use crate::sys;
 
@@ -109,7 +110,7 @@ impl HandOff for Outbox {
             give_back(std::iter::once(Parcel { io, read, done }), &self.sent);
             return outcome;
         }
-        io.conn().mark_in_flight(true);
+        io.control().mark_in_flight(true);
         if let Err(mpsc::error::SendError(p)) = self.tx.send(Parcel { io, read, done }) {
             give_back(std::iter::once(p), &self.sent);
         }
@@ -152,7 +153,7 @@ impl HandOff for Switch {
 
 /// What a connection takes of a batch message: its listener's name, its byte count, the bytes.
 fn entry_size(io: &TrackedIo, read: &Bytes) -> usize {
-    io.conn().info.listener().len() + 24 + read.len()
+    io.info().listener().len() + 24 + read.len()
 }
 
 /// How the passing went, for the drain's report.
@@ -447,9 +448,9 @@ fn acknowledged(
 /// moves on to the new process.
 fn give_back(parcels: impl IntoIterator<Item = Parcel>, sent: &Sent) {
     for p in parcels {
-        let conn = p.io.conn();
-        conn.mark_in_flight(false);
-        conn.ctl.fetch_or(CLOSE_RESPONSES, Ordering::Release);
+        let control = p.io.control();
+        control.mark_in_flight(false);
+        control.raise(Directive::CloseResponses);
         sent.kept.fetch_add(1, Ordering::Relaxed);
         let _ = p.done.send(PassOutcome::Kept(p.io, p.read));
     }
@@ -458,7 +459,7 @@ fn give_back(parcels: impl IntoIterator<Item = Parcel>, sent: &Sent) {
 async fn send_batch(channel: &AsyncFd<OwnedFd>, seq: u64, batch: &[Parcel]) -> std::io::Result<()> {
     let mut msg = format!("CONNS {seq} {}\n", batch.len()).into_bytes();
     for p in batch {
-        msg.extend_from_slice(p.io.conn().info.listener().as_bytes());
+        msg.extend_from_slice(p.io.info().listener().as_bytes());
         msg.push(b'\n');
         msg.extend_from_slice(p.read.len().to_string().as_bytes());
         msg.push(b'\n');

@@ -97,7 +97,6 @@ mod accept;
 mod certs;
 mod conn;
 mod conn_info;
-mod drain;
 mod error;
 mod handle;
 mod handoff;
@@ -112,6 +111,7 @@ pub mod metrics;
 mod metrics;
 mod notify;
 mod reason;
+mod registry;
 mod restart;
 mod server;
 mod signals;
@@ -126,6 +126,9 @@ pub use accept::HttpService;
 #[cfg(feature = "rustls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "rustls")))]
 pub use certs::{CertificateError, CertificateErrorKind, TlsCertificate};
+#[cfg(feature = "rustls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rustls")))]
+pub use conn_info::TlsInfo;
 pub use conn_info::{ConnectionInfo, Local, Peer, PeerCredentials};
 pub use error::{Error, ErrorKind};
 pub use handle::{Handle, RestartError, RestartErrorKind, Restarted, State};
@@ -133,9 +136,6 @@ pub use hooks::HooksReport;
 pub use listen::{Listener, Listeners, Origin};
 pub use reason::report_start_failure;
 pub use server::{Reason, Server, Shutdown, serve};
-#[cfg(feature = "rustls")]
-#[cfg_attr(docsrs, doc(cfg(feature = "rustls")))]
-pub use tls::TlsInfo;
 
 /// The rustls crate handover serves TLS with (feature `rustls`): build the
 /// `rustls::ServerConfig` for [`Server::tls`] with this one, so that the versions match.

@@ -47,13 +47,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::accept::{self, Acceptor, ConnContext, ServeConn};
-use crate::drain::{CutOnDrop, Drained};
 use crate::error::Error;
 use crate::handle::{Command, Handle, RestartError, RestartErrorKind, Restarted, State};
 use crate::handoff::{self, Sent};
 use crate::hooks::{self, Hook, HooksReport};
 use crate::listen::{self, Listener};
 use crate::notify::{Notifier, NotifyState};
+use crate::registry::{CutOnDrop, Drained};
 use crate::restart::{Failed, HandedOver, Restarting, Rollback};
 use crate::server::{Config, Reason, Server, Shutdown};
 use crate::signals::{self, SignalEvents};
@@ -252,7 +252,7 @@ impl Lifecycle {
             crate::tickets::keep_in_fd_store(Arc::clone(&notifier), store_now);
         }
         let connections =
-            crate::drain::Connections::new(config.header_read_timeout, config.connection_info);
+            crate::registry::Connections::new(config.header_read_timeout, config.connection_info);
         let (listeners, services): (Vec<Listener>, Vec<Box<dyn ServeConn>>) =
             bound.into_iter().unzip();
         // Registered before any loop starts, so an error here leaves nothing running.
@@ -264,12 +264,7 @@ impl Lifecycle {
         let switch = Arc::new(handoff::Switch::default());
         let slot = Arc::new(OnceLock::new());
         let _ = slot.set(Arc::clone(&switch) as Arc<dyn crate::conn::HandOff>);
-        let cx = ConnContext {
-            http: Arc::new(http),
-            connections: connections.clone(),
-            handle: handle.clone(),
-            hand_off: slot,
-        };
+        let cx = ConnContext::new(http, connections.clone(), handle.clone(), slot);
         let mut tasks = vec![AbortOnDropHandle::new(tokio::spawn(connections.sweeper()))];
         // `with_graceful_shutdown`: each future, once complete, asks as the handle would.
         for signal in shutdown_signals {
@@ -709,7 +704,9 @@ impl Lifecycle {
     /// asked to stop at this very moment (the request was forwarded to the successor).
     async fn hand_over(&mut self, handed: HandedOver, stopping: bool) {
         let pid = handed.pid;
-        self.stop_accepting().await;
+        // The listeners stay open here (their queues are the new process's too): the accept
+        // loops' duplicates close, the originals are kept in case the new process dies.
+        drop(self.stop_accepting().await);
         tracing::info!(
             pid,
             "stopped accepting; the new process accepts now (this process keeps its copies of the listeners while it drains, in case the new one dies first)"
@@ -758,8 +755,15 @@ impl Lifecycle {
         after: Option<LameDuckOver>,
         failure: Option<std::io::Error>,
     ) {
-        self.stop_accepting().await;
+        let stopped = self.stop_accepting().await;
+        // What entered the listeners' queues meanwhile is taken now, right before they close
+        // (closing the only copy of a listener resets what is queued on it).
+        for s in &stopped {
+            s.accept_queued();
+        }
+        // Both copies closed now: the originals and the accept loops' duplicates.
         self.listeners = None;
+        drop(stopped);
         tracing::info!("stopped accepting");
         let status = format!(
             "Stopping: draining {}",
@@ -827,10 +831,15 @@ impl Lifecycle {
     }
 
     /// Stops the accept loops (the listeners themselves stay open).
-    async fn stop_accepting(&mut self) {
-        if let Some(mut accepting) = self.accepting.take() {
-            accepting.stop.cancel();
-            accepting.join().await;
+    /// Stops the accept loops (the listeners themselves stay open): what each loop left, to
+    /// take what is queued on its listener before that closes.
+    async fn stop_accepting(&mut self) -> Vec<accept::Stopped> {
+        match self.accepting.take() {
+            Some(mut accepting) => {
+                accepting.stop.cancel();
+                accepting.join().await
+            }
+            None => Vec::new(),
         }
     }
 
@@ -1233,7 +1242,7 @@ fn bind_services(
 /// The accept loops of a server.
 struct Accepting {
     stop: CancellationToken,
-    loops: Vec<AbortOnDropHandle<()>>,
+    loops: Vec<AbortOnDropHandle<accept::Stopped>>,
     dead: mpsc::UnboundedReceiver<std::io::Error>,
     lost: usize,
     total: usize,
@@ -1272,10 +1281,14 @@ impl Accepting {
         }
     }
 
-    async fn join(&mut self) {
+    async fn join(&mut self) -> Vec<accept::Stopped> {
+        let mut stopped = Vec::with_capacity(self.loops.len());
         for l in self.loops.drain(..) {
-            let _ = l.await;
+            if let Ok(s) = l.await {
+                stopped.push(s);
+            }
         }
+        stopped
     }
 }
 

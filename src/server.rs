@@ -414,8 +414,10 @@ impl Server {
     /// How long a connection may go without a complete request head (default 30 s): from
     /// accept to its first request, and from each response to the next request. A slow client
     /// cannot hold a connection open longer than this, nor a drain longer than its deadline;
-    /// idle keep-alive connections are closed after it. Checked about once a second for all
-    /// connections (not with a timer per request); `Duration::ZERO` disables it.
+    /// idle keep-alive connections are closed after it. HTTP/2 too: its preface and first
+    /// SETTINGS frame must come within it, and a connection without an open stream for that
+    /// long gets GOAWAY. Checked about once a second for all connections (not with a timer per
+    /// request); `Duration::ZERO` disables it.
     pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
         self.config.header_read_timeout = timeout;
         self

@@ -122,7 +122,7 @@ pub(crate) fn register_shared(
 /// # Safety
 /// `fd` must be open, and stay open for the duration of the call: the caller holds the lock of
 /// the registry the fd was taken from, whose entries are removed before their sockets close
-/// (see `drain::Registration`).
+/// (see `registry::Registration`).
 pub(crate) unsafe fn shutdown_registered(fd: RawFd) {
     // SAFETY: the caller guarantees the fd is open for the duration of this borrow.
     let fd = unsafe { BorrowedFd::borrow_raw(fd) };

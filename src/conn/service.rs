@@ -1,0 +1,296 @@
+//! The application's service as hyper calls it, and its response body: where the serve path
+//! learns that a request began and that its response is done.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{CONNECTION, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Version};
+
+use super::control::{Control, Directive, Phase};
+use crate::conn_info::ConnectionInfo;
+use crate::error::BoxError;
+use crate::registry::Shared;
+
+/// A service handover serves: the bounds, written once. Implemented for every type that has
+/// them (see [`crate::HttpService`], the public face of the same bounds).
+pub(crate) trait AppService:
+    tower_service::Service<
+        Request<Incoming>,
+        Response = Response<Self::Body>,
+        Error: Into<BoxError>,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+    /// The response body.
+    type Body: Body<Data: Send, Error: Into<BoxError>> + Send + 'static;
+}
+
+impl<S, B> AppService for S
+where
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Body = B;
+}
+
+/// The application's service, as hyper calls it: marks the connection busy, puts the
+/// connection's information in the request, and gives HTTP/1 responses `Connection: close`
+/// when the server asks for it.
+pub(crate) struct DrainAware<S> {
+    // Boxed so that this type is `Unpin` whatever the service is: hyper's connection must be
+    // `Unpin` to be taken apart (`into_parts` takes it by value).
+    inner: Box<S>,
+    control: Arc<Control>,
+    shared: Arc<Shared>,
+    /// What every request of the connection carries, made once: a request gets a clone (a copy
+    /// of a one-entry table), cheaper than building the map anew for each. `None`: nothing
+    /// (`Server::connection_info(false)`).
+    extensions: Option<hyper::http::Extensions>,
+}
+
+impl<S> DrainAware<S> {
+    pub(crate) fn new(
+        service: S,
+        control: Arc<Control>,
+        info: &ConnectionInfo,
+        shared: Arc<Shared>,
+    ) -> DrainAware<S> {
+        let extensions = shared.connection_info.then(|| {
+            let mut extensions = hyper::http::Extensions::new();
+            #[cfg(feature = "axum")]
+            if let Some(addr) = info.peer_addr() {
+                extensions.insert(axum::extract::ConnectInfo(addr));
+            }
+            extensions.insert(info.clone());
+            extensions
+        });
+        DrainAware {
+            inner: Box::new(service),
+            control,
+            shared,
+            extensions,
+        }
+    }
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for DrainAware<S>
+where
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<TrackedBody<B>>;
+    type Error = BoxError;
+    type Future = DrainAwareFuture<Call<S>>;
+
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        let http1 = req.version() < Version::HTTP_2;
+        let done = if http1 {
+            self.control.request_started();
+            // A body not known to be over yet: hyper may still be reading it after the
+            // response, and until it has, the connection is not idle (or its rest would be
+            // read as a request).
+            BodyDone::H1 {
+                control: Arc::clone(&self.control),
+                body_pending: !req.body().is_end_stream(),
+            }
+        } else {
+            self.control.stream_opened();
+            BodyDone::H2(Arc::clone(&self.control))
+        };
+        if self.control.directives().contains(Directive::Stopping) {
+            self.shared.count_request_while_stopping();
+        }
+        if let Some(extensions) = &self.extensions {
+            req.extensions_mut().extend(extensions.clone());
+        }
+        DrainAwareFuture {
+            connect: req.method() == Method::CONNECT,
+            inner: Call::new((*self.inner).clone(), req),
+            done: Some(done),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call of a tower service: `poll_ready`, then `call`, as tower's contract asks.
+    ///
+    /// Most services are always ready (a router, a `service_fn`): their readiness is asked
+    /// at once, with a waker that does nothing, and the call made on the spot, so that the
+    /// request is not stored and moved in a future of ours first (`tower::util::Oneshot` moves
+    /// it several times per request). A service that is not ready is asked again from this
+    /// future, with the task's waker (the state for that rare case is boxed, so it does not
+    /// make every call's future larger).
+    #[project = CallProj]
+    pub(crate) enum Call<S>
+    where
+        S: tower_service::Service<Request<Incoming>>,
+    {
+        Called { #[pin] fut: S::Future },
+        NotReady { state: Option<Box<(S, Request<Incoming>)>> },
+        Failed { error: Option<BoxError> },
+    }
+}
+
+impl<S> Call<S>
+where
+    S: tower_service::Service<Request<Incoming>>,
+    S::Error: Into<BoxError>,
+{
+    fn new(mut svc: S, req: Request<Incoming>) -> Call<S> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match svc.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => Call::Called { fut: svc.call(req) },
+            Poll::Ready(Err(e)) => Call::Failed {
+                error: Some(e.into()),
+            },
+            Poll::Pending => Call::NotReady {
+                state: Some(Box::new((svc, req))),
+            },
+        }
+    }
+}
+
+impl<S> Future for Call<S>
+where
+    S: tower_service::Service<Request<Incoming>>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            match self.as_mut().project() {
+                CallProj::Called { fut } => return fut.poll(cx).map_err(Into::into),
+                CallProj::Failed { error } => match error.take() {
+                    Some(e) => return Poll::Ready(Err(e)),
+                    None => return Poll::Pending,
+                },
+                CallProj::NotReady { state } => {
+                    let Some(pending) = state.as_mut() else {
+                        return Poll::Pending;
+                    };
+                    if let Err(e) = ready!(pending.0.poll_ready(cx)) {
+                        self.set(Call::Failed {
+                            error: Some(e.into()),
+                        });
+                        continue;
+                    }
+                    let Some(pending) = state.take() else {
+                        return Poll::Pending;
+                    };
+                    let (mut svc, req) = *pending;
+                    let fut = svc.call(req);
+                    self.set(Call::Called { fut });
+                }
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`DrainAware`].
+    pub(crate) struct DrainAwareFuture<F> {
+        #[pin]
+        inner: F,
+        // Taken into the response body; dropped with this future if there is none.
+        done: Option<BodyDone>,
+        connect: bool,
+    }
+}
+
+impl<F, B, E> Future for DrainAwareFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<TrackedBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut response = match ready!(this.inner.poll(cx)) {
+            Ok(response) => response,
+            Err(e) => {
+                // hyper closes the connection on a service error; no phase to keep.
+                return Poll::Ready(Err(e));
+            }
+        };
+        let done = this.done.take();
+        if let Some(BodyDone::H1 { control, .. }) = &done {
+            // Not on an upgrade (101, or a CONNECT tunnel): `Connection: close` there would
+            // contradict `Connection: upgrade`, and the client must reject it (RFC 6455 4.1).
+            // Upgraded connections are tracked anyway and cut at the deadline.
+            let upgrade = response.status() == StatusCode::SWITCHING_PROTOCOLS
+                || (*this.connect && response.status().is_success());
+            if upgrade {
+                control.set_phase(Phase::Upgraded);
+            } else if control.directives().contains(Directive::CloseResponses) {
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+        }
+        Poll::Ready(Ok(response.map(|inner| TrackedBody { inner, done })))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body; marks the connection idle when hyper is done with it.
+    pub(crate) struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        done: Option<BodyDone>,
+    }
+}
+
+/// Reports a response done when dropped (hyper drops a response body once it has written it,
+/// or when the connection ends; the response future drops it if there is no response).
+pub(crate) enum BodyDone {
+    /// HTTP/1: idle from now on, unless the request's body may still be arriving.
+    H1 {
+        control: Arc<Control>,
+        body_pending: bool,
+    },
+    /// HTTP/2: one stream less.
+    H2(Arc<Control>),
+}
+
+impl Drop for BodyDone {
+    fn drop(&mut self) {
+        match self {
+            BodyDone::H1 {
+                control,
+                body_pending,
+            } => control.response_done(*body_pending),
+            BodyDone::H2(control) => control.stream_closed(),
+        }
+    }
+}
+
+impl<B: Body> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
