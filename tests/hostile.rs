@@ -87,10 +87,8 @@ fn exits_calmly(pid: u32, since: Instant, limit: Duration, what: &str) -> Option
     )
     .unwrap_or_else(|e| panic!("pidfd_open({pid}): {e}"));
     // Samples of the last second or so: the test is for a spin at any moment, not on average.
-    let mut samples = std::collections::VecDeque::from([(
-        Instant::now(),
-        cpu_of(pid).unwrap_or_default(),
-    )]);
+    let mut samples =
+        std::collections::VecDeque::from([(Instant::now(), cpu_of(pid).unwrap_or_default())]);
     loop {
         let mut fds = [rustix::event::PollFd::new(
             &fd,
@@ -226,7 +224,12 @@ impl<S: Read + Write> Raw<S> {
                 Ok(0) => return Ok(out),
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 // A reset, or (TLS) a close without close_notify: closed all the same.
-                Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof
+                    ) =>
+                {
                     return Ok(out);
                 }
                 Err(e) => return Err(format!("{}: read: {e} (after {out:?})", self.label)),
@@ -471,13 +474,12 @@ mod tls {
     fn connect(addr: SocketAddr, ca: &rustls::pki_types::CertificateDer<'static>) -> Raw<Tls> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.clone()).expect("trust the test CA");
-        let mut config = ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let mut config =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("protocol versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let tcp = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
         tcp.set_nodelay(true).expect("TCP_NODELAY");
@@ -676,7 +678,10 @@ fn an_idle_http2_connection_is_closed_by_the_idle_timeout() {
         }
     });
     let took = outcome.unwrap_or_else(|e| panic!("{e}"));
-    eprintln!("idle HTTP/2 connection closed after {} ms", took.as_millis());
+    eprintln!(
+        "idle HTTP/2 connection closed after {} ms",
+        took.as_millis()
+    );
     assert!(alive(pid), "closed by a timeout, not by a shutdown");
     stop(pid);
     assert_none_left([pid]);
@@ -841,12 +846,7 @@ fn probe_until_refused(addr: SocketAddr, threads: usize, until: Instant) -> Prob
                         label,
                     };
                     let got = c
-                        .write(
-                            format!(
-                                "GET /?tag=probe HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-                            )
-                            .as_bytes(),
-                        )
+                        .write(b"GET /?tag=probe HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
                         .and_then(|()| c.answer());
                     match got {
                         Ok(a) if a.status == 200 && a.tag == "probe" => seen.answered += 1,
