@@ -24,7 +24,6 @@ mod support;
 use std::collections::BTreeSet;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustix::process::Signal;
@@ -440,6 +439,7 @@ fn a_half_received_pipelined_head_does_not_hold_a_current_thread_runtime() {
 #[cfg(feature = "rustls")]
 mod tls {
     use super::*;
+    use std::sync::Arc;
     use tokio_rustls::rustls::{self, ClientConfig, pki_types::ServerName};
 
     /// A CA, and a certificate it signed for `localhost`, as PEM files in `dir`; returns the
