@@ -66,6 +66,27 @@ fn cpu_of(pid: u32) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 1000 / hz))
 }
 
+/// Time the threads of `pid` were runnable: on a CPU, or waiting in a run queue for one
+/// (`/proc/PID/task/*/schedstat`). Unlike CPU time, it does not shrink when other processes
+/// crowd the machine: a process that spins is runnable all the time, one that waits almost
+/// never. `None` once it is gone.
+fn runnable_of(pid: u32) -> Option<Duration> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue; // a thread that just ended
+        };
+        let mut fields = stat
+            .split_whitespace()
+            .map(|f| f.parse::<u64>().unwrap_or(0));
+        total += fields.next().unwrap_or(0) + fields.next().unwrap_or(0);
+    }
+    Some(Duration::from_nanos(total))
+}
+
 /// Kills `pid` (it outlived what the test allows) and checks it is gone.
 fn kill_and_check_gone(pid: u32) {
     let _ = rustix::process::kill_process(
@@ -77,8 +98,9 @@ fn kill_and_check_gone(pid: u32) {
 }
 
 /// Waits for `pid` to exit within `limit` of `since`, sampling its CPU time. Fails (after
-/// killing it by its pid and checking it gone) if it spins (more than 8 % of a core over
-/// a second or more: a draining server waits for events, it has nothing to compute) or is still running at the limit. Returns its exit code (reaped).
+/// killing it by its pid and checking it gone) if it spins (over a second or more, more than
+/// 8 % of a core, or runnable more than a third of the time: a draining server waits for
+/// events, it has nothing to compute) or is still running at the limit. Returns its exit code (reaped).
 fn exits_calmly(pid: u32, since: Instant, limit: Duration, what: &str) -> Option<i32> {
     let fd = rustix::process::pidfd_open(
         rustix::process::Pid::from_raw(pid as i32).expect("pid > 0"),
@@ -86,8 +108,11 @@ fn exits_calmly(pid: u32, since: Instant, limit: Duration, what: &str) -> Option
     )
     .unwrap_or_else(|e| panic!("pidfd_open({pid}): {e}"));
     // Samples of the last second or so: the test is for a spin at any moment, not on average.
-    let mut samples =
-        std::collections::VecDeque::from([(Instant::now(), cpu_of(pid).unwrap_or_default())]);
+    let mut samples = std::collections::VecDeque::from([(
+        Instant::now(),
+        cpu_of(pid).unwrap_or_default(),
+        runnable_of(pid).unwrap_or_default(),
+    )]);
     loop {
         let mut fds = [rustix::event::PollFd::new(
             &fd,
@@ -100,22 +125,27 @@ fn exits_calmly(pid: u32, since: Instant, limit: Duration, what: &str) -> Option
         if rustix::event::poll(&mut fds, Some(&tick)).unwrap_or(0) > 0 {
             return wait_exit(pid, SOON);
         }
-        let Some(cpu) = cpu_of(pid) else {
+        let (Some(cpu), Some(runnable)) = (cpu_of(pid), runnable_of(pid)) else {
             return wait_exit(pid, SOON);
         };
-        samples.push_back((Instant::now(), cpu));
+        samples.push_back((Instant::now(), cpu, runnable));
         while samples.len() > 2 && samples[1].0.elapsed() >= Duration::from_secs(1) {
             samples.pop_front();
         }
-        let (elapsed, used) = (samples[0].0.elapsed(), cpu.saturating_sub(samples[0].1));
-        if elapsed >= Duration::from_secs(1) && used > elapsed / 20 + Duration::from_millis(30) {
+        let elapsed = samples[0].0.elapsed();
+        let used = cpu.saturating_sub(samples[0].1);
+        let ran = runnable.saturating_sub(samples[0].2);
+        if elapsed >= Duration::from_secs(1)
+            && (used > elapsed / 20 + Duration::from_millis(30) || ran > elapsed / 3)
+        {
             kill_and_check_gone(pid);
             panic!(
-                "{what}: process {pid} spins: {} ms of CPU in {} ms ({:.0} % of a core) while it \
-                 should only wait; killed",
+                "{what}: process {pid} spins: {} ms of CPU ({:.0} % of a core) and {} ms runnable \
+                 in {} ms while it should only wait; killed",
                 used.as_millis(),
+                100.0 * used.as_secs_f64() / elapsed.as_secs_f64(),
+                ran.as_millis(),
                 elapsed.as_millis(),
-                100.0 * used.as_secs_f64() / elapsed.as_secs_f64()
             );
         }
         if since.elapsed() > limit {
