@@ -17,6 +17,11 @@
 //! `tokio_util::task::TaskTracker` token per connection), next to a sharded model (one lock per
 //! shard, shards picked by thread) as the reference of what a registry without a global lock
 //! costs.
+//!
+//! Read the rows up to the machine's core count: beyond it the threads take turns on the
+//! cores, fewer of them touch the lock at the same instant, and the cost per connection falls
+//! back (on 2 cores: ×3.5 with 2 threads, ×1.6 with 16). A many-core server runs as many
+//! workers as cores, all of them accepting and closing connections at once.
 
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
