@@ -17,7 +17,10 @@
 //! 2. **Throughput**: requests/s of `hello` and `plain` under the same HTTP/1.1 keep-alive
 //!    load, in interleaved pairs of short runs (which server goes first alternates), the
 //!    hello/plain ratio taken within each pair: median and spread of those ratios (target:
-//!    ≥ 0.97). Also the server CPU time per request.
+//!    ≥ 0.97). Also the server CPU time per request. The same with a new connection per
+//!    request (`2c.`: each request says `Connection: close`, the client reconnects): what a
+//!    new connection costs (accept, registration, close) on top of the request (target ≥ 0.97;
+//!    the issue measured 0.87 on 16 cores).
 //! 3. **Restarts under load**: failed requests over N restarts (SIGUSR1, wait for the
 //!    `MAINPID=`+`READY=1` datagram, wait for the old process to exit, next) under keep-alive
 //!    load, with the instant handler and with `/?sleep_ms=200` (target: 0 failed).
@@ -38,6 +41,11 @@
 //!    own drain time from its `Shutdown` line (hand-off done → the last connection
 //!    acknowledged by the new process; `passed` must be N), and `MAINPID=` received → old
 //!    process exited; then one request on each connection, answered by the new pid.
+//! 8. **Registry contention** (a stand-in for a many-core machine, which a 2-core one cannot
+//!    show in throughput; see `handover/registry.rs`): N threads registering and
+//!    deregistering connections in a model of the connection registry (its parts as in
+//!    `drain.rs`: one `Mutex<Slab>`, a `TaskTracker` token each), on-CPU ns per connection for
+//!    each N, against a model with one lock per thread.
 //!
 //! Sizes come from the environment (defaults in brackets, quick mode in braces):
 //! `HANDOVER_BENCH_CG_BASE` [5000] {100} and `HANDOVER_BENCH_CG_REQUESTS` [20000] {200}
@@ -51,7 +59,8 @@
 //! [target/callgrind] {target/callgrind-quick} where the callgrind files are kept for
 //! `callgrind_annotate`,
 //! `HANDOVER_BENCH_CG_TIMEOUT_S` [300] bound on each phase;
-//! `HANDOVER_BENCH_CONNS` [50] {8} keep-alive connections for throughput,
+//! `HANDOVER_BENCH_CONNS` [50] {8} keep-alive connections (and `Connection: close` clients)
+//! for throughput,
 //! `HANDOVER_BENCH_WARMUP_MS` [300] {100} and `HANDOVER_BENCH_WINDOW_MS` [2000] {200} per run,
 //! `HANDOVER_BENCH_PAIRS` [9] {2} pairs of runs, `HANDOVER_BENCH_MAX_PER_CONN` [10000000]
 //! {20000} requests per connection and run, `HANDOVER_BENCH_RESTARTS` [20] {2},
@@ -64,8 +73,11 @@
 //! [1000,10000] {50,200} idle connections moved, `HANDOVER_BENCH_HANDOFF_ROUNDS` [3] {1} times
 //! each (medians reported), `HANDOVER_BENCH_NOFILE` [30000] (`RLIMIT_NOFILE`
 //! set here and inherited by the servers), `HANDOVER_BENCH_CLIENT_THREADS` [2] load generator
-//! threads, `HANDOVER_BENCH_LOG` [info] the servers' `RUST_LOG`, `HANDOVER_BENCH_ONLY`
-//! (comma-separated subset of `instructions,throughput,restart,startstop,scale,handoff`),
+//! threads, `HANDOVER_BENCH_REGISTRY_THREADS` [1,2,4,8,16] {1,4} and
+//! `HANDOVER_BENCH_REGISTRY_OPS` [200000] {2000} connections per thread for the registry
+//! model, `HANDOVER_BENCH_LOG` [info] the servers' `RUST_LOG`, `HANDOVER_BENCH_ONLY`
+//! (comma-separated subset of
+//! `instructions,throughput,throughput-close,restart,startstop,scale,handoff,registry`),
 //! `HANDOVER_BENCH_ECHO=1` to echo the servers' output.
 //!
 //! Every loop is bounded in count and time; every process started (or taken over by restart)
@@ -77,6 +89,8 @@ mod instr;
 mod load;
 #[path = "handover/procs.rs"]
 mod procs;
+#[path = "handover/registry.rs"]
+mod registry;
 // The tests' idle keep-alive workload and delaying proxy (self-contained for this use).
 #[allow(dead_code, unreachable_pub)]
 #[path = "../tests/support/idle.rs"]
@@ -123,6 +137,7 @@ pub(crate) struct Config {
     client_threads: usize,
     log: String,
     instr: instr::Settings,
+    registry: registry::Settings,
 }
 
 fn env_or<T: FromStr>(name: &str, default: T) -> T {
@@ -216,6 +231,23 @@ impl Config {
                     }),
                 timeout: Duration::from_secs(env_or("HANDOVER_BENCH_CG_TIMEOUT_S", 300)),
                 install: !quick,
+            },
+            registry: registry::Settings {
+                threads: std::env::var("HANDOVER_BENCH_REGISTRY_THREADS")
+                    .unwrap_or_else(|_| if quick { "1,4" } else { "1,2,4,8,16" }.into())
+                    .split(',')
+                    .filter_map(|n| match n.trim().parse::<usize>() {
+                        Ok(n) if n > 0 => Some(n),
+                        _ => {
+                            eprintln!(
+                                "warning: HANDOVER_BENCH_REGISTRY_THREADS: {n:?} is not a \
+                                 number of threads; ignored"
+                            );
+                            None
+                        }
+                    })
+                    .collect(),
+                ops: env_or("HANDOVER_BENCH_REGISTRY_OPS", q(200_000, 2_000)).max(1),
             },
         }
     }
@@ -363,7 +395,10 @@ struct Sample {
     errors: Vec<String>,
 }
 
-fn throughput(ctx: &Ctx) -> Result<Vec<Row>, String> {
+/// Paired throughput, hello vs plain: with keep-alive connections, or (`close`) with a new
+/// connection per request (`Connection: close`), what accepting, registering and closing a
+/// connection costs on top of the request.
+fn throughput(ctx: &Ctx, close: bool) -> Result<Vec<Row>, String> {
     let cfg = &ctx.cfg;
     let servers = [ctx.start(&ctx.hello, false)?, ctx.start(&ctx.plain, false)?];
     let names = ["hello", "plain"];
@@ -381,7 +416,7 @@ fn throughput(ctx: &Ctx) -> Result<Vec<Row>, String> {
         let order = if pair % 2 == 0 { [0, 1] } else { [1, 0] };
         let mut got: [Option<Sample>; 2] = [None, None];
         for k in order {
-            let s = measure(ctx, &servers[k])?;
+            let s = measure(ctx, &servers[k], close)?;
             for e in &s.errors {
                 eprintln!("  {}: failed request: {e}", names[k]);
             }
@@ -426,10 +461,18 @@ fn throughput(ctx: &Ctx) -> Result<Vec<Row>, String> {
     };
     let ratio = median(&ratios);
     let (pairs, conns, window) = (cfg.pairs, cfg.conns, ms(cfg.window));
+    // The keep-alive rows keep their names (earlier reports compare by them).
+    let (n, kind) = match close {
+        false => ("2.", "keep-alive conns"),
+        true => (
+            "2c.",
+            "clients, Connection: close (a new connection per request)",
+        ),
+    };
     Ok(vec![
         row(
             format!(
-                "2. throughput, req/s ({conns} keep-alive conns; {pairs} interleaved pairs of \
+                "{n} throughput, req/s ({conns} {kind}; {pairs} interleaved pairs of \
                  {window:.0} ms runs, medians)"
             ),
             format!("{:.0}", median(&rps[0])),
@@ -441,7 +484,7 @@ fn throughput(ctx: &Ctx) -> Result<Vec<Row>, String> {
             Some(ratio >= 0.97),
         ),
         row(
-            "2. server CPU time per request, µs (medians)",
+            format!("{n} server CPU time per request, µs (medians)"),
             format!("{:.2}", median(&cpu[0])),
             format!("{:.2} (plain)", median(&cpu[1])),
             format!(
@@ -452,7 +495,7 @@ fn throughput(ctx: &Ctx) -> Result<Vec<Row>, String> {
             None,
         ),
         row(
-            "2. failed requests in the throughput runs",
+            format!("{n} failed requests in the throughput runs"),
             failed[0].to_string(),
             format!("{} (plain)", failed[1]),
             "0",
@@ -461,7 +504,7 @@ fn throughput(ctx: &Ctx) -> Result<Vec<Row>, String> {
     ])
 }
 
-fn measure(ctx: &Ctx, server: &Server) -> Result<Sample, String> {
+fn measure(ctx: &Ctx, server: &Server, close: bool) -> Result<Sample, String> {
     let cfg = &ctx.cfg;
     let pid = server.proc.pid;
     let load = Load::start(&Spec {
@@ -471,6 +514,7 @@ fn measure(ctx: &Ctx, server: &Server) -> Result<Sample, String> {
         max_time: cfg.warmup + cfg.window + SOON,
         max_per_conn: cfg.max_per_conn,
         threads: cfg.client_threads,
+        close,
     })?;
     std::thread::sleep(cfg.warmup);
     let (n0, cpu0, t0) = (load.ok(), procs::cpu_ns(pid), Instant::now());
@@ -528,6 +572,7 @@ fn restarts(ctx: &Ctx, path: &str) -> Result<Restarts, String> {
         max_time: SOON * (cfg.restarts as u32 + 2),
         max_per_conn: u64::MAX,
         threads: cfg.client_threads,
+        close: false,
     })?;
     let mut current = server.proc.clone();
     let mut out = Restarts::default();
@@ -1154,9 +1199,19 @@ pub(crate) fn run(cfg: Config) -> bool {
 
     if ctx.cfg.enabled("throughput") {
         eprintln!("2. throughput, hello vs plain (interleaved pairs)");
-        match throughput(&ctx) {
+        match throughput(&ctx, false) {
             Ok(r) => rows.extend(r),
             Err(e) => fail("throughput", e),
+        }
+    }
+
+    if ctx.cfg.enabled("throughput-close") {
+        eprintln!(
+            "2c. throughput with a new connection per request, hello vs plain (interleaved pairs)"
+        );
+        match throughput(&ctx, true) {
+            Ok(r) => rows.extend(r),
+            Err(e) => fail("throughput (Connection: close)", e),
         }
     }
 
@@ -1248,6 +1303,37 @@ pub(crate) fn run(cfg: Config) -> bool {
         match handoff_rows(&ctx) {
             Ok(r) => rows.extend(r),
             Err(e) => fail("handoff", e),
+        }
+    }
+
+    if ctx.cfg.enabled("registry") {
+        eprintln!("8. contention on the connection registry (a stand-in for many cores)");
+        match registry::measure(&ctx.cfg.registry) {
+            Ok(runs) => {
+                let one = runs.first().map(|(_, g, _)| g.cpu_ns_per_conn);
+                for (n, g, s) in runs {
+                    rows.push(row(
+                        format!(
+                            "8. registry model: CPU ns per connection registered and \
+                             deregistered, {n} threads at once (today's one lock; stand-in for \
+                             many cores)"
+                        ),
+                        format!("{:.0} ({:.2} M/s)", g.cpu_ns_per_conn, g.per_second / 1e6),
+                        format!(
+                            "{:.0} (one lock per thread; {:.2} M/s)",
+                            s.cpu_ns_per_conn,
+                            s.per_second / 1e6
+                        ),
+                        format!(
+                            "x{:.2} of {} thread(s) (info)",
+                            g.cpu_ns_per_conn / one.unwrap_or(f64::NAN),
+                            ctx.cfg.registry.threads.first().copied().unwrap_or(1)
+                        ),
+                        None,
+                    ));
+                }
+            }
+            Err(e) => fail("registry", e),
         }
     }
 

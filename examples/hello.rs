@@ -18,13 +18,24 @@
 //! `HANDOVER_FD_STORE=1` hands the bound listener to systemd's fd store;
 //! `HANDOVER_CONNECTION_HANDOFF=0` keeps established connections in the old process after a
 //! restart (closing idle ones), as a build without connection hand-off would;
-//! `HANDOVER_CONNECTION_INFO=0` leaves `ConnectionInfo` out of the requests.
+//! `HANDOVER_CONNECTION_INFO=0` leaves `ConnectionInfo` out of the requests;
+//! `HANDOVER_HEADER_READ_TIMEOUT_MS` and `HANDOVER_SHUTDOWN_DELAY_MS` set the header-read
+//! timeout and the lame duck; `HANDOVER_CURRENT_THREAD=1` serves on a current-thread runtime.
+//! `POST /early` answers `202` at once, before its body has arrived, and reads the body only
+//! afterwards (after `?read_after_ms=N`), as a streaming proxy or an upload queue does.
 
 mod common;
 
+use std::convert::Infallible;
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
 
 fn main() -> ExitCode {
     common::init_tracing();
@@ -53,19 +64,31 @@ fn main() -> ExitCode {
         println!("listen on: {}, pid: {}", l.url(), std::process::id());
     }
 
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match std::env::var_os("HANDOVER_CURRENT_THREAD").is_some_and(|v| v == "1") {
+        true => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        false => tokio::runtime::Runtime::new(),
+    };
+    let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("cannot start the tokio runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let mut server = handover::serve(listeners, tower::service_fn(common::hello));
+    let mut server = handover::serve(listeners, tower::service_fn(route));
     if let Some(t) = common::env_ms("HANDOVER_DRAIN_TIMEOUT_MS") {
         server = server.drain_timeout(t);
     }
     if let Some(t) = common::env_ms("HANDOVER_READY_TIMEOUT_MS") {
         server = server.ready_timeout(t);
+    }
+    if let Some(t) = common::env_ms("HANDOVER_HEADER_READ_TIMEOUT_MS") {
+        server = server.header_read_timeout(t);
+    }
+    if let Some(t) = common::env_ms("HANDOVER_SHUTDOWN_DELAY_MS") {
+        server = server.shutdown_delay(t);
     }
     if std::env::var_os("HANDOVER_FD_STORE").is_some_and(|v| v == "1") {
         server = server.fd_store(true);
@@ -90,4 +113,41 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `Hello world`, and `POST /early`.
+async fn route(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path() == "/early" {
+        return Ok(early(req));
+    }
+    common::hello(req).await
+}
+
+/// Answers `202 Accepted` before the request body has arrived, then reads the body in a task of
+/// its own, after `?read_after_ms=N` (at most 60 s): the connection is still reading a request
+/// while its response is complete. `?tag=T` comes back in `x-tag`.
+fn early(req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let query = req.uri().query().unwrap_or("");
+    let param = |name: &str| query.split('&').find_map(|kv| kv.strip_prefix(name));
+    let read_after = param("read_after_ms=")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        .min(60_000);
+    let tag = param("tag=").and_then(|t| hyper::header::HeaderValue::from_str(t).ok());
+    let body = req.into_body();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(read_after)).await;
+        match body.collect().await {
+            Ok(body) => tracing::info!(bytes = body.to_bytes().len(), "early: request body read"),
+            Err(e) => tracing::info!("early: request body ended with an error: {e}"),
+        }
+    });
+    let mut response = Response::new(Full::new(Bytes::from_static(b"accepted")));
+    *response.status_mut() = StatusCode::ACCEPTED;
+    let headers = response.headers_mut();
+    headers.insert("x-pid", std::process::id().into());
+    if let Some(tag) = tag {
+        headers.insert("x-tag", tag);
+    }
+    response
 }

@@ -1,6 +1,6 @@
 //! Load over loopback: keep-alive HTTP/1.1 clients (hyper on tokio) that count what they get
-//! and note which process answered on each connection and when that connection closed; and
-//! idle keep-alive connections in bulk.
+//! and note which process answered on each connection and when that connection closed (or, with
+//! [`Spec::close`], a new connection per request); and idle keep-alive connections in bulk.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Write};
@@ -33,6 +33,10 @@ pub(crate) struct Spec {
     pub(crate) max_per_conn: u64,
     /// Worker threads of the client runtime.
     pub(crate) threads: usize,
+    /// Each request says `Connection: close`: the server closes the connection after its
+    /// answer, and the client opens a new one for the next request (what a new connection
+    /// costs, handshake and accept included).
+    pub(crate) close: bool,
 }
 
 /// What a load run saw.
@@ -101,6 +105,8 @@ struct Target {
     addr: SocketAddr,
     uri: Uri,
     host: HeaderValue,
+    /// Send `Connection: close` with every request.
+    close: bool,
 }
 
 impl Load {
@@ -113,6 +119,7 @@ impl Load {
                 .map_err(|e| format!("bad path {:?}: {e}", spec.path))?,
             host: HeaderValue::from_str(&spec.addr.to_string())
                 .map_err(|e| format!("bad host: {e}"))?,
+            close: spec.close,
         });
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
@@ -321,6 +328,10 @@ async fn send(sender: &mut SendRequest<Empty<Bytes>>, target: &Target) -> Result
     let mut req = Request::new(Empty::<Bytes>::new());
     *req.uri_mut() = target.uri.clone();
     req.headers_mut().insert(HOST, target.host.clone());
+    if target.close {
+        req.headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    }
     let resp = sender
         .send_request(req)
         .await
