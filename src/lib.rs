@@ -98,7 +98,7 @@ mod tls;
 pub use accept::HttpService;
 pub use conn_info::{ConnectionInfo, Local, Peer, PeerCredentials};
 pub use error::{Error, ErrorKind};
-pub use handle::{Handle, RestartError, RestartErrorKind, Restarted, State};
+pub use handle::{Handle, RestartError, RestartErrorKind, Restarted, State, StateReached};
 pub use hooks::HooksReport;
 pub use listen::{Listener, Listeners, Origin};
 pub use server::{Reason, Server, Shutdown, serve};
