@@ -1,0 +1,325 @@
+//! Run with: `cargo run --example websocket [ADDR]`
+//!
+//! Long-lived connections across restarts and shutdowns: a chat-like WebSocket echo with
+//! per-connection state, and a server-sent-events stream. Each says goodbye when this process
+//! goes away ([`handover::ConnectionInfo::going_away`]: handed over after a restart, or
+//! draining after `SIGTERM`), so that its client reconnects to the process that serves now, and
+//! this one exits as soon as the last of them is closed instead of at the drain deadline.
+//!
+//! It listens on the socket it inherits, or binds ADDR (default `127.0.0.1:8879`).
+//!
+//! ```text
+//! GET /ws        WebSocket (tokio-tungstenite over the raw upgraded stream): a text message
+//!                `nick NAME` sets the connection's nickname; any other text comes back as
+//!                `echo pid=PID session=ID nick=NAME count=N: TEXT`, N counting the
+//!                connection's messages. Going away: Close 1001 ("going away").
+//! GET /axum-ws   the same echo with axum's own WebSocket type.
+//! GET /events    server-sent events, one every 100 ms (`?every_ms=N`): `id: N`,
+//!                `data: tick N pid=PID`, numbered on from the `Last-Event-ID` header. Going
+//!                away: the stream ends, and an `EventSource` reconnects with `Last-Event-ID`.
+//! GET /          Hello world
+//! ```
+//! Every HTTP response carries `x-pid`. `HANDOVER_DRAIN_TIMEOUT_MS` overrides the drain
+//! timeout.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ws::{self, WebSocketUpgrade};
+use axum::extract::{Extension, Request};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::{SinkExt, Stream, StreamExt};
+use handover::ConnectionInfo;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+
+/// How long a goodbye waits for the client's Close in return.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+fn main() -> ExitCode {
+    common::init_tracing();
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:8879".to_string());
+    let addr: SocketAddr = match addr.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!("{addr:?} is not an address like 127.0.0.1:8879: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let listeners = match handover::Listeners::from_env_or_bind(addr) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for l in listeners.iter() {
+        println!("listen on: {}, pid: {}", l.url(), std::process::id());
+    }
+    let app = Router::new()
+        .route("/", get(common::hello::<Body>))
+        .route("/ws", get(chat))
+        .route("/axum-ws", get(axum_chat))
+        .route("/events", get(events))
+        .layer(axum::middleware::map_response(with_pid));
+    let mut server = handover::serve(listeners, app);
+    if let Some(d) = common::env_ms("HANDOVER_DRAIN_TIMEOUT_MS") {
+        server = server.drain_timeout(d);
+    }
+    common::run(server)
+}
+
+/// What one WebSocket connection remembers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Session {
+    id: u64,
+    nick: String,
+    count: u64,
+}
+
+impl Session {
+    fn new() -> Session {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        // Unique across restarts too: the pid of the process that opened it, and a counter.
+        let id = u64::from(std::process::id()) << 32 | NEXT.fetch_add(1, Ordering::Relaxed);
+        Session {
+            id,
+            nick: "anonymous".to_string(),
+            count: 0,
+        }
+    }
+
+    /// The answer to one text message, if it has one.
+    fn answer(&mut self, text: &str) -> Option<String> {
+        if let Some(nick) = text.strip_prefix("nick ") {
+            self.nick = nick.trim().to_string();
+            return None;
+        }
+        self.count += 1;
+        Some(format!(
+            "echo pid={} session={} nick={} count={}: {text}",
+            std::process::id(),
+            self.id,
+            self.nick,
+            self.count
+        ))
+    }
+}
+
+/// `GET /ws`: the WebSocket handshake by hand (it is short), then tokio-tungstenite over the
+/// raw upgraded stream.
+async fn chat(Extension(conn): Extension<ConnectionInfo>, mut req: Request) -> Response {
+    let Some(accept) = websocket_accept(req.headers()) else {
+        return (StatusCode::BAD_REQUEST, "a WebSocket upgrade expected\n").into_response();
+    };
+    // Taken before answering: hyper hands the connection over once the 101 is written.
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => {
+                let ws =
+                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
+                        .await;
+                serve_chat(ws, Session::new(), conn).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "WebSocket upgrade failed"),
+        }
+    });
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    response
+}
+
+/// `Sec-WebSocket-Accept` for a valid WebSocket upgrade request (RFC 6455 4.2.1).
+fn websocket_accept(headers: &HeaderMap) -> Option<HeaderValue> {
+    let has = |name, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if !has(header::UPGRADE, "websocket") || !has(header::CONNECTION, "upgrade") {
+        return None;
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION)? != "13" {
+        return None;
+    }
+    let key = headers.get(header::SEC_WEBSOCKET_KEY)?;
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    HeaderValue::from_str(&accept).ok()
+}
+
+/// Echoes until the client closes, or this process goes away: then Close 1001.
+async fn serve_chat<S>(mut ws: WebSocketStream<S>, mut session: Session, conn: ConnectionInfo)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let going_away = conn.going_away();
+    tokio::pin!(going_away);
+    loop {
+        tokio::select! {
+            // A message already read is answered before the goodbye.
+            biased;
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Text(text))) => {
+                    if let Some(answer) = session.answer(text.as_str()) {
+                        if ws.send(Message::text(answer)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None => return,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "WebSocket ended");
+                    return;
+                }
+            },
+            state = &mut going_away => {
+                tracing::info!(%state, session = session.id, "WebSocket: going away (Close 1001)");
+                return goodbye(ws, &state).await;
+            }
+        }
+    }
+}
+
+/// Close 1001, then read until the client's Close in return (bounded), so that the
+/// connection ends cleanly on both sides.
+async fn goodbye<S>(mut ws: WebSocketStream<S>, state: &handover::State)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let frame = CloseFrame {
+        code: CloseCode::Away,
+        reason: reason(state).into(),
+    };
+    if ws.close(Some(frame)).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+fn reason(state: &handover::State) -> &'static str {
+    match state {
+        handover::State::HandedOver { .. } => "server restarting; reconnect",
+        _ => "server shutting down",
+    }
+}
+
+/// `GET /axum-ws`: the same echo with axum's WebSocket type, for an application that uses it.
+async fn axum_chat(
+    Extension(conn): Extension<ConnectionInfo>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    upgrade.on_upgrade(move |mut socket| async move {
+        let mut session = Session::new();
+        let going_away = conn.going_away();
+        tokio::pin!(going_away);
+        loop {
+            tokio::select! {
+                biased;
+                msg = socket.recv() => match msg {
+                    Some(Ok(ws::Message::Text(text))) => {
+                        if let Some(answer) = session.answer(text.as_str()) {
+                            if socket.send(ws::Message::Text(answer.into())).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Some(Ok(ws::Message::Close(_))) | None | Some(Err(_)) => return,
+                    Some(Ok(_)) => {}
+                },
+                state = &mut going_away => {
+                    let frame = ws::CloseFrame {
+                        code: ws::close_code::AWAY,
+                        reason: reason(&state).into(),
+                    };
+                    if socket.send(ws::Message::Close(Some(frame))).await.is_ok() {
+                        let _ = tokio::time::timeout(CLOSE_WAIT, async {
+                            while let Some(Ok(_)) = socket.recv().await {}
+                        })
+                        .await;
+                    }
+                    return;
+                }
+            }
+        }
+    })
+}
+
+/// `GET /events`: server-sent events, numbered on from `Last-Event-ID`, until this process goes
+/// away.
+async fn events(Extension(conn): Extension<ConnectionInfo>, req: Request) -> impl IntoResponse {
+    let last: u64 = req
+        .headers()
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let every = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("every_ms=")))
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(Duration::from_millis(100), Duration::from_millis)
+        .max(Duration::from_millis(1));
+    Sse::new(ticks(last + 1, every, conn))
+}
+
+fn ticks(
+    first: u64,
+    every: Duration,
+    conn: ConnectionInfo,
+) -> impl Stream<Item = Result<Event, Infallible>> + Send {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let going_away = Box::pin(conn.going_away());
+    futures_util::stream::unfold(
+        (first, interval, going_away),
+        |(n, mut interval, mut going_away)| async move {
+            tokio::select! {
+                biased;
+                state = &mut going_away => {
+                    // The end of the stream: the client reconnects, with `Last-Event-ID: n - 1`.
+                    tracing::info!(%state, last = n - 1, "event stream: going away");
+                    None
+                }
+                _ = interval.tick() => {
+                    let event = Event::default()
+                        .id(n.to_string())
+                        .data(format!("tick {n} pid={}", std::process::id()));
+                    Some((Ok(event), (n + 1, interval, going_away)))
+                }
+            }
+        },
+    )
+}
+
+async fn with_pid(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert("x-pid", HeaderValue::from(std::process::id()));
+    response
+}

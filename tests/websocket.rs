@@ -1,0 +1,303 @@
+//! Long-lived connections at a shutdown and a restart (issue 20): WebSocket clients (a real
+//! client library, tokio-tungstenite) and server-sent-events clients of `examples/websocket.rs`
+//! get a clean goodbye (Close 1001, the end of the stream), reconnect to the process that serves
+//! now, and the old process exits as soon as they are closed, not at its drain deadline. Real
+//! processes, real signals, loopback only.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::BodyExt;
+use rustix::process::Signal;
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+/// The drain deadline of the servers under test: far longer than a goodbye takes, so that an
+/// exit well before it shows the drain ended because the connections were closed.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+/// What "promptly" means on a loaded two-core machine: well under [`DRAIN_TIMEOUT`].
+const PROMPTLY: Duration = Duration::from_secs(40);
+
+fn multi_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("test runtime")
+}
+
+/// The websocket example on a free loopback port, reporting to `notify`, once it is ready.
+fn ready_websocket(notify: &NotifySocket, env: &[(&str, &str)]) -> (Proc, SocketAddr) {
+    let mut spawn = Spawn::new(example("websocket"))
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env(
+            "HANDOVER_DRAIN_TIMEOUT_MS",
+            DRAIN_TIMEOUT.as_millis().to_string(),
+        );
+    for (k, v) in env {
+        spawn = spawn.env(k, v);
+    }
+    let server = spawn.start();
+    let addr = addr_in(&server.listen_line());
+    notify.wait_line("READY=1", SOON);
+    (server, addr)
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// An echo as the example writes it: `echo pid=P session=S nick=N count=C: TEXT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Echo {
+    pid: u32,
+    session: u64,
+    nick: String,
+    count: u64,
+    text: String,
+}
+
+fn parse_echo(line: &str) -> Echo {
+    let parsed = (|| {
+        let (head, text) = line.split_once(": ")?;
+        let field = |name: &str| head.split(' ').find_map(|w| w.strip_prefix(name));
+        Some(Echo {
+            pid: field("pid=")?.parse().ok()?,
+            session: field("session=")?.parse().ok()?,
+            nick: field("nick=")?.to_string(),
+            count: field("count=")?.parse().ok()?,
+            text: text.to_string(),
+        })
+    })();
+    parsed.unwrap_or_else(|| panic!("not an echo: {line:?}"))
+}
+
+/// Connects to `path`, names itself `nick`, and checks one echo.
+async fn ws_connect(addr: SocketAddr, path: &str, nick: &str) -> (Ws, Echo) {
+    let (mut ws, _) = tokio::time::timeout(
+        SOON,
+        tokio_tungstenite::connect_async(format!("ws://{addr}{path}")),
+    )
+    .await
+    .expect("connected in time")
+    .expect("WebSocket handshake");
+    ws.send(Message::text(format!("nick {nick}")))
+        .await
+        .expect("send");
+    let echo = ws_roundtrip(&mut ws, "hello").await;
+    assert_eq!((echo.nick.as_str(), echo.count), (nick, 1), "{echo:?}");
+    (ws, echo)
+}
+
+async fn ws_roundtrip(ws: &mut Ws, text: &str) -> Echo {
+    ws.send(Message::text(text)).await.expect("send");
+    loop {
+        match tokio::time::timeout(SOON, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let echo = parse_echo(t.as_str());
+                assert_eq!(echo.text, text);
+                return echo;
+            }
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            other => panic!("expected the echo of {text:?}, got {other:?}"),
+        }
+    }
+}
+
+/// Reads until the server's Close; returns its code and reason (the client answers the Close,
+/// as tungstenite does while reading).
+async fn ws_await_close(mut ws: Ws) -> (CloseCode, String) {
+    let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Close(Some(frame))))) => {
+                // Read on until the end, so the close handshake completes.
+                while let Ok(Some(Ok(_))) = tokio::time::timeout(SOON, ws.next()).await {}
+                return (frame.code, frame.reason.to_string());
+            }
+            Ok(Some(Ok(Message::Text(t)))) => panic!("unexpected message {t:?}"),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected a Close frame, got {other:?}"),
+        }
+    }
+}
+
+/// A server-sent-events stream, read until it ends.
+struct Sse {
+    body: hyper::body::Incoming,
+    pending: String,
+    /// `(id, pid)` of each event received.
+    events: Vec<(u64, u32)>,
+}
+
+async fn sse_connect(addr: SocketAddr, last_event_id: Option<u64>) -> Sse {
+    let stream = tokio::time::timeout(SOON, tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connected in time")
+        .expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let mut req = hyper::Request::get("/events?every_ms=50").header("host", addr.to_string());
+    if let Some(id) = last_event_id {
+        req = req.header("last-event-id", id.to_string());
+    }
+    let req = req
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let response = tokio::time::timeout(SOON, sender.send_request(req))
+        .await
+        .expect("answered in time")
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    let mut sse = Sse {
+        body: response.into_body(),
+        pending: String::new(),
+        events: Vec::new(),
+    };
+    sse.until(|events| !events.is_empty()).await;
+    sse
+}
+
+impl Sse {
+    /// Reads events until `done` says so; false if the stream ended first.
+    async fn until(&mut self, done: impl Fn(&[(u64, u32)]) -> bool) -> bool {
+        while !done(&self.events) {
+            let frame = tokio::time::timeout(DRAIN_TIMEOUT, self.body.frame())
+                .await
+                .expect("an event or the end in time");
+            match frame {
+                None => return false,
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.pending.push_str(&String::from_utf8_lossy(&data));
+                        self.parse();
+                    }
+                }
+                Some(Err(e)) => panic!("the event stream failed: {e}"),
+            }
+        }
+        true
+    }
+
+    fn parse(&mut self) {
+        while let Some(end) = self.pending.find("\n\n") {
+            let event: String = self.pending.drain(..end + 2).collect();
+            let id = event
+                .lines()
+                .find_map(|l| l.strip_prefix("id:"))
+                .and_then(|v| v.trim().parse().ok());
+            let pid = event
+                .lines()
+                .find_map(|l| l.strip_prefix("data:"))
+                .and_then(|d| d.split("pid=").nth(1))
+                .and_then(|p| p.trim().parse().ok());
+            if let (Some(id), Some(pid)) = (id, pid) {
+                self.events.push((id, pid));
+            }
+        }
+    }
+
+    /// Reads to the end of the stream; the events must be numbered without a gap.
+    async fn until_end(mut self) -> Vec<(u64, u32)> {
+        assert!(!self.until(|_| false).await, "BUG: never done");
+        for pair in self.events.windows(2) {
+            assert_eq!(pair[1].0, pair[0].0 + 1, "events numbered in order");
+        }
+        self.events
+    }
+}
+
+#[test]
+fn at_sigterm_every_websocket_gets_close_1001_every_event_stream_ends_and_the_process_exits_at_once()
+ {
+    let notify = NotifySocket::new();
+    let (mut server, addr) = ready_websocket(&notify, &[]);
+    let rt = multi_thread_runtime();
+    let (clients, sse) = rt.block_on(async {
+        let mut clients = Vec::new();
+        for (i, path) in ["/ws", "/ws", "/ws", "/axum-ws", "/axum-ws"]
+            .into_iter()
+            .enumerate()
+        {
+            let (ws, echo) = ws_connect(addr, path, &format!("c{i}")).await;
+            assert_eq!(echo.pid, server.pid);
+            clients.push(tokio::spawn(ws_await_close(ws)));
+        }
+        let sse = sse_connect(addr, None).await;
+        (clients, tokio::spawn(sse.until_end()))
+    });
+    let began = Instant::now();
+    server.signal(Signal::TERM);
+    rt.block_on(async {
+        for client in clients {
+            let (code, reason) = client.await.expect("client task");
+            assert_eq!(code, CloseCode::Away, "Close 1001 ({reason})");
+            assert_eq!(reason, "server shutting down");
+        }
+        let events = sse.await.expect("event stream task");
+        assert!(events.iter().all(|&(_, pid)| pid == server.pid));
+    });
+    assert_eq!(server.wait(DRAIN_TIMEOUT), Some(0), "exit code");
+    let took = began.elapsed();
+    assert!(
+        took < PROMPTLY,
+        "the process exited {took:?} after SIGTERM: it waited for the drain deadline ({DRAIN_TIMEOUT:?}) instead of the connections"
+    );
+    assert_none_left([server.pid]);
+}
+
+#[test]
+fn at_a_restart_websockets_get_close_1001_reconnect_to_the_new_process_and_the_old_one_exits_at_once()
+ {
+    let notify = NotifySocket::new();
+    let (mut server, addr) = ready_websocket(&notify, &[("WS_HANDOFF", "0")]);
+    let old = server.pid;
+    let rt = multi_thread_runtime();
+    let (clients, sse) = rt.block_on(async {
+        let mut clients = Vec::new();
+        for (i, path) in ["/ws", "/ws", "/axum-ws"].into_iter().enumerate() {
+            let (ws, echo) = ws_connect(addr, path, &format!("c{i}")).await;
+            assert_eq!(echo.pid, old);
+            clients.push((path, tokio::spawn(ws_await_close(ws))));
+        }
+        let sse = sse_connect(addr, None).await;
+        (clients, tokio::spawn(sse.until_end()))
+    });
+    let began = Instant::now();
+    let new = restart_once(&notify, old, 1);
+    rt.block_on(async {
+        for (i, (path, client)) in clients.into_iter().enumerate() {
+            let (code, reason) = client.await.expect("client task");
+            assert_eq!(code, CloseCode::Away, "Close 1001 ({reason})");
+            assert_eq!(reason, "server restarting; reconnect");
+            // Reconnecting reaches the new process.
+            let (_ws, echo) = ws_connect(addr, path, &format!("c{i}")).await;
+            assert_eq!(echo.pid, new, "{path}");
+        }
+        let events = sse.await.expect("event stream task");
+        let &(last, pid) = events.last().expect("events");
+        assert_eq!(pid, old);
+        // An EventSource reconnects with Last-Event-ID: the new process numbers on.
+        let mut again = sse_connect(addr, Some(last)).await;
+        again.until(|e| e.len() >= 3).await;
+        assert_eq!(again.events[0], (last + 1, new));
+        assert!(again.events.iter().all(|&(_, p)| p == new));
+    });
+    assert_eq!(server.wait(DRAIN_TIMEOUT), Some(0), "old process exit code");
+    let took = began.elapsed();
+    assert!(
+        took < PROMPTLY,
+        "the old process exited {took:?} after the restart: it waited for the drain deadline ({DRAIN_TIMEOUT:?}) instead of its connections"
+    );
+    assert!(alive(new));
+    signal(new, Signal::TERM);
+    assert_eq!(wait_exit(new, DRAIN_TIMEOUT), Some(0));
+    assert_none_left([old, new]);
+}
