@@ -1,26 +1,39 @@
 //! Run with: `cargo run --example websocket [ADDR]`
 //!
 //! Long-lived connections across restarts and shutdowns: a chat-like WebSocket echo with
-//! per-connection state, and a server-sent-events stream. Each says goodbye when this process
-//! goes away ([`handover::ConnectionInfo::going_away`]: handed over after a restart, or
-//! draining after `SIGTERM`), so that its client reconnects to the process that serves now, and
-//! this one exits as soon as the last of them is closed instead of at the drain deadline.
+//! per-connection state, and a server-sent-events stream.
+//!
+//! At a restart, each `/ws` connection moves to the new process with its state, at a message
+//! boundary ([`handover::upgrade`]): the client sees nothing, the new process answers its next
+//! message and counts on. Every other long-lived connection (and a `/ws` one that cannot move:
+//! at a shutdown, or if the new process does not take it) says goodbye when this process goes
+//! away ([`handover::ConnectionInfo::going_away`]), so that its client reconnects to the
+//! process that serves now, and this one exits as soon as the last of them is closed instead of
+//! at the drain deadline.
 //!
 //! It listens on the socket it inherits, or binds ADDR (default `127.0.0.1:8879`).
 //!
 //! ```text
-//! GET /ws        WebSocket (tokio-tungstenite over the raw upgraded stream): a text message
-//!                `nick NAME` sets the connection's nickname; any other text comes back as
+//! GET /ws        WebSocket (tokio-tungstenite over handover's `WebSocketIo`): a text message
+//!                `nick NAME` sets the connection's nickname, `pad N` adds N bytes to its
+//!                state (to try the bound); any other text comes back as
 //!                `echo pid=PID session=ID nick=NAME count=N: TEXT`, N counting the
-//!                connection's messages. Going away: Close 1001 ("going away").
+//!                connection's messages. At a restart: handed over with its state. Going
+//!                away otherwise: Close 1001 ("going away").
 //! GET /axum-ws   the same echo with axum's own WebSocket type.
 //! GET /events    server-sent events, one every 100 ms (`?every_ms=N`): `id: N`,
 //!                `data: tick N pid=PID`, numbered on from the `Last-Event-ID` header. Going
 //!                away: the stream ends, and an `EventSource` reconnects with `Last-Event-ID`.
 //! GET /          Hello world
+//! POST /restart  restart through the handle: "restarted: pid N", or why not (500)
 //! ```
 //! Every HTTP response carries `x-pid`. `HANDOVER_DRAIN_TIMEOUT_MS` overrides the drain
-//! timeout.
+//! timeout; `WS_HANDOFF=0` makes the process take no WebSocket from its predecessor (as an
+//! older build would), so that they say goodbye instead.
+//!
+//! Why tokio-tungstenite over the raw stream for `/ws`, not axum's `WebSocket`: only a stream
+//! that can be taken apart (socket, bytes read and not consumed) can move to another process;
+//! see [`handover::upgrade`].
 
 mod common;
 
@@ -40,7 +53,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::{SinkExt, Stream, StreamExt};
 use handover::ConnectionInfo;
-use hyper_util::rt::TokioIo;
+use handover::upgrade::{Resumed, WebSocketIo};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -76,10 +89,15 @@ fn main() -> ExitCode {
         .route("/ws", get(chat))
         .route("/axum-ws", get(axum_chat))
         .route("/events", get(events))
+        .route("/restart", axum::routing::post(restart))
         .layer(axum::middleware::map_response(with_pid));
-    let mut server = handover::serve(listeners, app);
+    let mut server = handover::Server::new(listeners).default_service(app);
     if let Some(d) = common::env_ms("HANDOVER_DRAIN_TIMEOUT_MS") {
         server = server.drain_timeout(d);
+    }
+    if std::env::var_os("WS_HANDOFF").is_none_or(|v| v != "0") {
+        // The WebSockets the previous process hands over: resumed where they were.
+        server = server.resume_upgraded(resume_chat);
     }
     common::run(server)
 }
@@ -90,6 +108,8 @@ struct Session {
     id: u64,
     nick: String,
     count: u64,
+    /// Bytes that only make the state larger (`pad N`).
+    padding: usize,
 }
 
 impl Session {
@@ -101,13 +121,38 @@ impl Session {
             id,
             nick: "anonymous".to_string(),
             count: 0,
+            padding: 0,
         }
+    }
+
+    /// What moves with the connection: `ID COUNT NICK`, and the padding.
+    fn encode(&self) -> Vec<u8> {
+        let mut state = format!("{} {} {}", self.id, self.count, self.nick).into_bytes();
+        state.resize(state.len() + self.padding, b' ');
+        state
+    }
+
+    fn decode(state: &[u8]) -> Option<Session> {
+        let text = std::str::from_utf8(state).ok()?;
+        let trimmed = text.trim_end_matches(' ');
+        let mut words = trimmed.splitn(3, ' ');
+        Some(Session {
+            id: words.next()?.parse().ok()?,
+            count: words.next()?.parse().ok()?,
+            nick: words.next()?.to_string(),
+            padding: text.len() - trimmed.len(),
+        })
     }
 
     /// The answer to one text message, if it has one.
     fn answer(&mut self, text: &str) -> Option<String> {
         if let Some(nick) = text.strip_prefix("nick ") {
-            self.nick = nick.trim().to_string();
+            // One word: the state is `ID COUNT NICK`.
+            self.nick = nick.trim().replace(' ', "_");
+            return None;
+        }
+        if let Some(n) = text.strip_prefix("pad ") {
+            self.padding = n.trim().parse().unwrap_or(0);
             return None;
         }
         self.count += 1;
@@ -121,8 +166,8 @@ impl Session {
     }
 }
 
-/// `GET /ws`: the WebSocket handshake by hand (it is short), then tokio-tungstenite over the
-/// raw upgraded stream.
+/// `GET /ws`: the WebSocket handshake by hand (it is short), then tokio-tungstenite over
+/// handover's `WebSocketIo`, which can be handed over.
 async fn chat(Extension(conn): Extension<ConnectionInfo>, mut req: Request) -> Response {
     let Some(accept) = websocket_accept(req.headers()) else {
         return (StatusCode::BAD_REQUEST, "a WebSocket upgrade expected\n").into_response();
@@ -132,10 +177,8 @@ async fn chat(Extension(conn): Extension<ConnectionInfo>, mut req: Request) -> R
     tokio::spawn(async move {
         match upgrade.await {
             Ok(upgraded) => {
-                let ws =
-                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
-                        .await;
-                serve_chat(ws, Session::new(), conn).await;
+                let io = WebSocketIo::new(upgraded);
+                serve_chat(io, Session::new(), conn).await;
             }
             Err(e) => tracing::warn!(error = %e, "WebSocket upgrade failed"),
         }
@@ -168,11 +211,32 @@ fn websocket_accept(headers: &HeaderMap) -> Option<HeaderValue> {
     HeaderValue::from_str(&accept).ok()
 }
 
-/// Echoes until the client closes, or this process goes away: then Close 1001.
-async fn serve_chat<S>(mut ws: WebSocketStream<S>, mut session: Session, conn: ConnectionInfo)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
+/// In the new process: a WebSocket the previous one handed over, resumed with its session.
+async fn resume_chat(resumed: Resumed) {
+    let conn = resumed.connection_info().clone();
+    let (io, state) = resumed.into_parts();
+    match Session::decode(&state) {
+        Some(session) => {
+            tracing::info!(
+                session = session.id,
+                count = session.count,
+                "WebSocket resumed"
+            );
+            serve_chat(io, session, conn).await;
+        }
+        None => {
+            // Not ours to understand: say goodbye rather than guess.
+            tracing::warn!("a WebSocket arrived with a state this build cannot read");
+            let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+            goodbye(ws, &handover::State::Serving).await;
+        }
+    }
+}
+
+/// Echoes until the client closes, or this process goes away: then the connection moves to
+/// the new process with its session if it can, and gets Close 1001 if not.
+async fn serve_chat(io: WebSocketIo, mut session: Session, conn: ConnectionInfo) {
+    let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
     let going_away = conn.going_away();
     tokio::pin!(going_away);
     loop {
@@ -195,7 +259,25 @@ where
                 }
             },
             state = &mut going_away => {
-                tracing::info!(%state, session = session.id, "WebSocket: going away (Close 1001)");
+                // A message boundary: every message read was answered. What was written goes
+                // out before the socket moves.
+                if ws.flush().await.is_err() {
+                    return;
+                }
+                let io = ws.into_inner();
+                let io = match io.hand_off(session.encode()).await {
+                    Ok(()) => {
+                        tracing::debug!(session = session.id, "WebSocket handed over");
+                        return;
+                    }
+                    Err(e) => {
+                        if matches!(state, handover::State::HandedOver { .. }) {
+                            tracing::info!(session = session.id, why = %e, "WebSocket not handed over: going away (Close 1001)");
+                        }
+                        e.into_io()
+                    }
+                };
+                let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
                 return goodbye(ws, &state).await;
             }
         }
@@ -315,6 +397,13 @@ fn ticks(
             }
         },
     )
+}
+
+async fn restart(Extension(conn): Extension<ConnectionInfo>) -> Response {
+    match conn.handle().restart().await {
+        Ok(r) => format!("restarted: pid {} serves now\n", r.pid).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
 }
 
 async fn with_pid(mut response: Response) -> Response {

@@ -401,6 +401,11 @@ impl<T> Prefixed<T> {
     pub(crate) fn new(prefix: Bytes, inner: T) -> Prefixed<T> {
         Prefixed { prefix, inner }
     }
+
+    /// The bytes not delivered yet, and the transport.
+    pub(crate) fn into_parts(self) -> (Bytes, T) {
+        (self.prefix, self.inner)
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
@@ -697,6 +702,21 @@ pub(crate) trait HandOff: Send + Sync + 'static {
     /// Takes the connection on its way to the successor; the outcome comes once the successor
     /// acknowledged it (`Passed`), or it is given back (`Kept`: serve it here).
     fn pass(&self, io: TrackedIo, read: Bytes) -> tokio::sync::oneshot::Receiver<PassOutcome>;
+
+    /// Takes an upgraded connection on its way to the successor, with the bytes read and not
+    /// consumed and the application's `state` (see `upgrade`); the outcome as for
+    /// [`HandOff::pass`]. By default, given back at once.
+    fn pass_upgraded(
+        &self,
+        io: TrackedIo,
+        read: Bytes,
+        state: Bytes,
+    ) -> tokio::sync::oneshot::Receiver<PassOutcome> {
+        let _ = state;
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let _ = done.send(PassOutcome::Kept(io, read));
+        outcome
+    }
 }
 
 /// How passing a connection ended.

@@ -193,6 +193,9 @@ pub struct Handle {
 struct Inner {
     commands: mpsc::UnboundedSender<Command>,
     state: watch::Sender<State>,
+    /// Where the server passes connections once it handed over to a successor that takes
+    /// them: here, so that an upgraded connection, which knows its handle, can find it.
+    hand_off: crate::accept::HandOffSlot,
 }
 
 impl Handle {
@@ -204,6 +207,7 @@ impl Handle {
             inner: Arc::new(Inner {
                 commands,
                 state: watch::Sender::new(State::Starting),
+                hand_off: Arc::default(),
             }),
         };
         (handle, receiver)
@@ -316,6 +320,10 @@ impl Handle {
                 }
             }),
         }
+    }
+
+    pub(crate) fn hand_off_slot(&self) -> &crate::accept::HandOffSlot {
+        &self.inner.hand_off
     }
 
     pub(crate) fn set_state(&self, state: State) {

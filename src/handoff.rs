@@ -16,6 +16,10 @@
 //! [`ACCEPTS_CONNECTIONS`] line in its `READY=1` message. Messages, old → new:
 //! - `CONNS <seq> <n>\n`, then for each connection `<listener name>\n<byte count>\n<bytes>`,
 //!   with the `n` sockets attached (`SCM_RIGHTS`, in the same order);
+//! - `UPGRADED <seq>\n<listener name>\n<byte count>\n<state length>\n<bytes><state>`, with
+//!   one socket attached: an upgraded connection the application hands over (see `upgrade`),
+//!   sent only to a process that said it takes them ([`ACCEPTS_UPGRADED`]); acknowledged like
+//!   a batch (same sequence), and served by the successor's `resume_upgraded` handler;
 //! - `DONE\n`: nothing more will come.
 //!
 //! New → old: `ACK <seq>\n`, sent as soon as a batch is received, **before** any of its
@@ -58,14 +62,27 @@ use tokio_util::sync::CancellationToken;
 use crate::accept::{ConnContext, ServeConn};
 use crate::conn::{CLOSE_RESPONSES, HandOff, PassOutcome, TrackedIo};
 use crate::notify::Connected;
+use crate::upgrade::{ResumeHandler, Resumed};
 
 /// The line a new process adds to its `READY=1` when it takes connections.
 pub(crate) const ACCEPTS_CONNECTIONS: &str = "X_HANDOVER_CONNECTIONS=1";
+
+/// The line a new process adds to its `READY=1` when it also takes upgraded connections (it
+/// has a `resume_upgraded` handler).
+pub(crate) const ACCEPTS_UPGRADED: &str = "X_HANDOVER_UPGRADED=1";
 
 /// Most sockets in one message (the kernel allows 253).
 pub(crate) const MAX_BATCH: usize = 64;
 /// Most carried bytes in one message; a connection with more is not passed.
 pub(crate) const MAX_BATCH_BYTES: usize = 48 * 1024;
+/// Most bytes of an `UPGRADED` message besides its header lines.
+const MAX_UPGRADED_BYTES: usize = crate::upgrade::MAX_UNREAD + crate::upgrade::MAX_STATE;
+/// The receive buffer: the largest message of either kind, and its header lines.
+const MAX_MESSAGE: usize = if MAX_BATCH_BYTES > MAX_UPGRADED_BYTES {
+    MAX_BATCH_BYTES
+} else {
+    MAX_UPGRADED_BYTES
+} + 4096;
 /// Most batches sent and not acknowledged.
 pub(crate) const WINDOW: usize = 8;
 /// How long the successor has to acknowledge a batch (it does on receipt: a healthy process
@@ -79,6 +96,8 @@ const ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 struct Parcel {
     io: TrackedIo,
     read: Bytes,
+    /// The application's state, for an upgraded connection (sent alone, as `UPGRADED`).
+    upgraded: Option<Bytes>,
     done: oneshot::Sender<PassOutcome>,
 }
 
@@ -88,17 +107,59 @@ pub(crate) struct Outbox {
     tx: mpsc::UnboundedSender<Parcel>,
     /// The counters (a connection refused here is kept, like one given back) and the failure.
     sent: Arc<Sent>,
+    /// The successor takes upgraded connections too.
+    accepts_upgraded: bool,
 }
 
 impl HandOff for Outbox {
     fn pass(&self, io: TrackedIo, read: Bytes) -> oneshot::Receiver<PassOutcome> {
         let (done, outcome) = oneshot::channel();
         if self.sent.failed.is_cancelled() || entry_size(&io, &read) > MAX_BATCH_BYTES {
-            give_back(std::iter::once(Parcel { io, read, done }), &self.sent);
+            let parcel = Parcel {
+                io,
+                read,
+                upgraded: None,
+                done,
+            };
+            give_back(std::iter::once(parcel), &self.sent);
             return outcome;
         }
         io.conn().mark_in_flight(true);
-        if let Err(mpsc::error::SendError(p)) = self.tx.send(Parcel { io, read, done }) {
+        let parcel = Parcel {
+            io,
+            read,
+            upgraded: None,
+            done,
+        };
+        if let Err(mpsc::error::SendError(p)) = self.tx.send(parcel) {
+            give_back(std::iter::once(p), &self.sent);
+        }
+        outcome
+    }
+
+    fn pass_upgraded(
+        &self,
+        io: TrackedIo,
+        read: Bytes,
+        state: Bytes,
+    ) -> oneshot::Receiver<PassOutcome> {
+        let (done, outcome) = oneshot::channel();
+        let parcel = Parcel {
+            io,
+            read,
+            upgraded: Some(state),
+            done,
+        };
+        if !self.accepts_upgraded
+            || self.sent.failed.is_cancelled()
+            || parcel.read.len() + parcel.upgraded.as_ref().map_or(0, Bytes::len)
+                > MAX_UPGRADED_BYTES
+        {
+            give_back(std::iter::once(parcel), &self.sent);
+            return outcome;
+        }
+        parcel.io.conn().mark_in_flight(true);
+        if let Err(mpsc::error::SendError(p)) = self.tx.send(parcel) {
             give_back(std::iter::once(p), &self.sent);
         }
         outcome
@@ -128,12 +189,18 @@ pub(crate) struct Sent {
 /// Starts passing connections to the successor over `channel`. Returns where to put them and
 /// the counters; the task ends once the outbox is dropped and everything sent was
 /// acknowledged (then it sends `DONE`), or the channel fails.
-pub(crate) fn send(channel: Connected, to_pid: u32) -> (Arc<Outbox>, Arc<Sent>) {
+/// `accepts_upgraded`: the successor also takes upgraded connections.
+pub(crate) fn send(
+    channel: Connected,
+    to_pid: u32,
+    accepts_upgraded: bool,
+) -> (Arc<Outbox>, Arc<Sent>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let sent = Arc::new(Sent::default());
     let outbox = Arc::new(Outbox {
         tx,
         sent: Arc::clone(&sent),
+        accepts_upgraded,
     });
     tokio::spawn(sender(channel, rx, Arc::clone(&sent), to_pid));
     (outbox, sent)
@@ -312,11 +379,18 @@ fn fill_batch(
     rx: &mut mpsc::UnboundedReceiver<Parcel>,
     next: &mut Option<Parcel>,
 ) -> Vec<Parcel> {
+    if first.upgraded.is_some() {
+        // An upgraded connection goes alone, in a message of its own kind.
+        return vec![first];
+    }
     let mut bytes = entry_size(&first.io, &first.read);
     let mut batch = vec![first];
     while batch.len() < MAX_BATCH {
         match rx.try_recv() {
-            Ok(p) if bytes + entry_size(&p.io, &p.read) <= MAX_BATCH_BYTES => {
+            Ok(p)
+                if p.upgraded.is_none()
+                    && bytes + entry_size(&p.io, &p.read) <= MAX_BATCH_BYTES =>
+            {
                 bytes += entry_size(&p.io, &p.read);
                 batch.push(p);
             }
@@ -375,6 +449,19 @@ fn give_back(parcels: impl IntoIterator<Item = Parcel>, sent: &Sent) {
 }
 
 async fn send_batch(channel: &AsyncFd<OwnedFd>, seq: u64, batch: &[Parcel]) -> std::io::Result<()> {
+    if let [
+        p @ Parcel {
+            upgraded: Some(state),
+            ..
+        },
+    ] = batch
+    {
+        let msg = upgraded_message(seq, p.io.conn().info.listener(), &p.read, state);
+        let fds = [p.io.as_fd()];
+        return channel
+            .async_io(Interest::WRITABLE, |fd| send_msg(fd, &msg, &fds))
+            .await;
+    }
     let mut msg = format!("CONNS {seq} {}\n", batch.len()).into_bytes();
     for p in batch {
         msg.extend_from_slice(p.io.conn().info.listener().as_bytes());
@@ -387,6 +474,19 @@ async fn send_batch(channel: &AsyncFd<OwnedFd>, seq: u64, batch: &[Parcel]) -> s
     channel
         .async_io(Interest::WRITABLE, |fd| send_msg(fd, &msg, &fds))
         .await
+}
+
+/// An `UPGRADED` message (its socket goes beside it).
+fn upgraded_message(seq: u64, listener: &str, read: &[u8], state: &[u8]) -> Vec<u8> {
+    let mut msg = format!(
+        "UPGRADED {seq}\n{listener}\n{}\n{}\n",
+        read.len(),
+        state.len()
+    )
+    .into_bytes();
+    msg.extend_from_slice(read);
+    msg.extend_from_slice(state);
+    msg
 }
 
 fn send_msg(fd: &OwnedFd, msg: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
@@ -442,10 +542,11 @@ pub(crate) async fn receive(
     channel: Arc<Connected>,
     services: Vec<(Arc<str>, Box<dyn ServeConn>)>,
     cx: ConnContext,
+    resume_upgraded: Option<ResumeHandler>,
 ) -> usize {
     let channel = channel.async_fd();
     let mut taken = 0;
-    let mut buf = vec![0u8; MAX_BATCH_BYTES + 4096];
+    let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
         let received = channel
             .async_io(Interest::READABLE, |fd| recv_batch(fd, &mut buf))
@@ -467,6 +568,30 @@ pub(crate) async fn receive(
         };
         if buf[..len] == *b"DONE\n" {
             break;
+        }
+        if buf[..len].starts_with(b"UPGRADED ") {
+            match adopt_upgraded(&buf[..len], fds, &services, &cx, resume_upgraded.as_ref()) {
+                Ok((seq, resumed, handler)) => {
+                    let ack = format!("ACK {seq}\n");
+                    if let Err(e) = channel
+                        .async_io(Interest::WRITABLE, |fd| send_msg(fd, ack.as_bytes(), &[]))
+                        .await
+                    {
+                        tracing::warn!(error = %e, "could not acknowledge a passed upgraded connection; the old process keeps it");
+                        break;
+                    }
+                    taken += 1;
+                    handler.spawn(resumed);
+                    continue;
+                }
+                Err(why) => {
+                    tracing::warn!(
+                        why,
+                        "refusing a passed upgraded connection (the old process keeps it, and its connections not acknowledged yet)"
+                    );
+                    break;
+                }
+            }
         }
         let Some(batch) = parse_batch(&buf[..len], fds) else {
             tracing::warn!(
@@ -521,6 +646,67 @@ pub(crate) async fn receive(
         "took over connections from the previous process"
     );
     taken
+}
+
+/// Settles everything about an `UPGRADED` message before it is acknowledged: its handler,
+/// its listener, its socket; or why it is refused (the old process then keeps it).
+fn adopt_upgraded<'h>(
+    msg: &[u8],
+    fds: Vec<OwnedFd>,
+    services: &[(Arc<str>, Box<dyn ServeConn>)],
+    cx: &ConnContext,
+    handler: Option<&'h ResumeHandler>,
+) -> Result<(u64, Resumed, &'h ResumeHandler), String> {
+    let Some(handler) = handler else {
+        return Err("this process has no resume_upgraded handler".to_string());
+    };
+    let up = parse_upgraded(msg, fds).ok_or("a malformed UPGRADED message")?;
+    let Some(index) = services
+        .iter()
+        .position(|(n, s)| **n == *up.listener && s.passable())
+    else {
+        return Err(format!(
+            "no plaintext listener named {:?} here",
+            up.listener
+        ));
+    };
+    let io = crate::accept::adopt_passed(up.fd, Arc::clone(&services[index].0), cx)
+        .map_err(|e| format!("a passed socket is unusable: {e}"))?;
+    // The application's from now on: no header-read timeout, no request boundary.
+    io.conn().set_phase(crate::conn::Phase::Upgraded);
+    Ok((up.seq, Resumed::new(io, up.read, up.state), handler))
+}
+
+/// An `UPGRADED` message, parsed.
+#[derive(Debug)]
+struct Upgraded {
+    seq: u64,
+    listener: String,
+    read: Bytes,
+    state: Bytes,
+    fd: OwnedFd,
+}
+
+/// Parses an `UPGRADED` message; `None` if it is malformed or has not exactly one socket.
+fn parse_upgraded(mut msg: &[u8], fds: Vec<OwnedFd>) -> Option<Upgraded> {
+    let seq = take_line(&mut msg)?
+        .strip_prefix("UPGRADED ")?
+        .parse()
+        .ok()?;
+    let listener = take_line(&mut msg)?.to_string();
+    let read_len: usize = take_line(&mut msg)?.parse().ok()?;
+    let state_len: usize = take_line(&mut msg)?.parse().ok()?;
+    if msg.len() != read_len.checked_add(state_len)? {
+        return None;
+    }
+    let [fd]: [OwnedFd; 1] = fds.try_into().ok()?;
+    Some(Upgraded {
+        seq,
+        listener,
+        read: Bytes::copy_from_slice(&msg[..read_len]),
+        state: Bytes::copy_from_slice(&msg[read_len..]),
+        fd,
+    })
 }
 
 /// What a read of the channel gave.
@@ -600,5 +786,52 @@ impl std::fmt::Debug for Parcel {
         f.debug_struct("Parcel")
             .field("read", &self.read.len())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a_socket() -> OwnedFd {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        a.into()
+    }
+
+    #[test]
+    fn an_upgraded_message_reads_back_as_written() {
+        let msg = upgraded_message(7, "web", b"\x81\x85half", b"session 42\nnick");
+        let up = parse_upgraded(&msg, vec![a_socket()]).expect("parsed");
+        assert_eq!((up.seq, up.listener.as_str()), (7, "web"));
+        assert_eq!(&up.read[..], b"\x81\x85half");
+        assert_eq!(&up.state[..], b"session 42\nnick");
+        let empty = upgraded_message(0, "web", b"", b"");
+        assert!(parse_upgraded(&empty, vec![a_socket()]).is_some());
+    }
+
+    #[test]
+    fn a_malformed_upgraded_message_is_refused() {
+        let msg = upgraded_message(1, "web", b"abc", b"state");
+        // Not exactly one socket.
+        assert!(parse_upgraded(&msg, vec![]).is_none());
+        assert!(parse_upgraded(&msg, vec![a_socket(), a_socket()]).is_none());
+        // Lengths that do not add up.
+        assert!(parse_upgraded(&msg[..msg.len() - 1], vec![a_socket()]).is_none());
+        let mut longer = msg.clone();
+        longer.push(b'!');
+        assert!(parse_upgraded(&longer, vec![a_socket()]).is_none());
+        assert!(parse_upgraded(b"UPGRADED x\nweb\n0\n0\n", vec![a_socket()]).is_none());
+        assert!(parse_upgraded(b"CONNS 1 1\nweb\n0\n", vec![a_socket()]).is_none());
+    }
+
+    #[test]
+    fn the_receive_buffer_holds_the_largest_upgraded_message() {
+        let msg = upgraded_message(
+            u64::MAX,
+            "a-listener-name",
+            &[0; crate::upgrade::MAX_UNREAD],
+            &[0; crate::upgrade::MAX_STATE],
+        );
+        assert!(msg.len() <= MAX_MESSAGE);
     }
 }

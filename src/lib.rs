@@ -94,6 +94,7 @@ mod startup;
 mod sys;
 #[cfg(feature = "rustls")]
 mod tls;
+pub mod upgrade;
 
 pub use accept::HttpService;
 pub use conn_info::{ConnectionInfo, Local, Peer, PeerCredentials};

@@ -23,8 +23,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -183,7 +183,8 @@ impl Lifecycle {
             http: Arc::new(http),
             connections: connections.clone(),
             handle: handle.clone(),
-            hand_off: Arc::new(OnceLock::new()),
+            // The handle's: an upgraded connection finds it through its handle (`upgrade`).
+            hand_off: Arc::clone(handle.hand_off_slot()),
         };
         let sweeper = AbortOnDrop(tokio::spawn(connections.sweeper()));
         let accepting = Accepting::start(&bound, acceptors, &cx);
@@ -192,6 +193,7 @@ impl Lifecycle {
             .map(|(l, s)| (Arc::from(l.name()), s.clone_box()))
             .collect();
         let cx_for_receiver = cx.clone();
+        let resume_upgraded = config.resume_upgraded.clone();
         let urls: Vec<String> = bound.iter().map(|(l, s)| s.url(l)).collect();
         for ((l, _), url) in bound.iter().zip(&urls) {
             tracing::info!(url = %url, listener = l.name(), pid = startup.pid, "accepting");
@@ -207,6 +209,9 @@ impl Lifecycle {
         }
         if config.connection_handoff && notifier.has_parent_channel() {
             notifier.offer_connections();
+            if config.resume_upgraded.is_some() {
+                notifier.offer_upgraded();
+            }
         }
         // Accepting already: what a request sees from now on.
         handle.set_state(State::Serving);
@@ -224,7 +229,9 @@ impl Lifecycle {
                 let notifier = Arc::clone(&notifier);
                 let listening = format!("Listening on {}", urls.join(", "));
                 Some(AbortOnDrop(tokio::spawn(async move {
-                    let taken = crate::handoff::receive(channel, by_name, cx_for_receiver).await;
+                    let taken =
+                        crate::handoff::receive(channel, by_name, cx_for_receiver, resume_upgraded)
+                            .await;
                     if taken > 0 {
                         // What `systemctl status` shows: this process serves the previous
                         // one's clients too.
@@ -528,7 +535,8 @@ impl Lifecycle {
         let pid = handed.pid;
         let sent = match handed.accepts_connections && self.config.connection_handoff {
             true => {
-                let (outbox, sent) = crate::handoff::send(handed.channel, pid);
+                let (outbox, sent) =
+                    crate::handoff::send(handed.channel, pid, handed.accepts_upgraded);
                 let _ = self.cx.hand_off.set(outbox);
                 tracing::info!(
                     pid,

@@ -72,6 +72,8 @@ pub(crate) struct HandedOver {
     /// The new process said, with its `READY=1`, that it takes connections
     /// ([`crate::handoff::ACCEPTS_CONNECTIONS`]).
     pub(crate) accepts_connections: bool,
+    /// And upgraded connections ([`crate::handoff::ACCEPTS_UPGRADED`]).
+    pub(crate) accepts_upgraded: bool,
     /// Started as our own child (as PID 1): the keeper, whose signal handlers run from the
     /// hand-off on, forwards close signals to it; forwarding here too would send one twice.
     pub(crate) keeper_forwards: bool,
@@ -384,6 +386,7 @@ async fn attempt(
     // is also waiting; a child that is ready is handed over to even if a close signal came at
     // the same moment (it is serving already; killing it would reset its connections).
     let mut accepts_connections = false;
+    let mut accepts_upgraded = false;
     let outcome = tokio::select! {
         biased;
         status = child.exited() => Err(match report.errno_now() {
@@ -391,8 +394,9 @@ async fn attempt(
             None => RestartFailure::Exited { pid, status },
         }),
         source = report.failed() => Err(RestartFailure::Spawn { exe: exe.clone(), source }),
-        ready = wait_ready(&channel, &handshake, pid) => ready.map(|(status, accepts)| {
+        ready = wait_ready(&channel, &handshake, pid) => ready.map(|(status, accepts, upgraded)| {
             accepts_connections = accepts;
+            accepts_upgraded = upgraded;
             status
         }),
         () = cancel.cancelled() => Err(RestartFailure::Cancelled { pid }),
@@ -459,6 +463,7 @@ async fn attempt(
                 pidfd: child_ref.pidfd,
                 channel,
                 accepts_connections,
+                accepts_upgraded,
                 keeper_forwards: placement == Placement::Child,
             })
         }
@@ -644,14 +649,14 @@ fn bind_handshake() -> Result<(tokio::net::UnixDatagram, OsString), RestartFailu
 
 /// Waits for `READY=1` from the child: on the channel, or in a datagram from `pid` on the
 /// hand-off socket. Returns the last `STATUS=` the process sent, if any, and whether it takes
-/// connections (said on the channel with its `READY=1`). Other messages are
+/// connections, and upgraded ones too (said on the channel with its `READY=1`). Other messages are
 /// logged (messages from other senders at debug level only after the first, so a local process
 /// cannot flood the log).
 async fn wait_ready(
     channel: &Connected,
     socket: &tokio::net::UnixDatagram,
     pid: u32,
-) -> Result<(Option<String>, bool), RestartFailure> {
+) -> Result<(Option<String>, bool, bool), RestartFailure> {
     let mut channel_buf = vec![0u8; 4096];
     let mut socket_buf = vec![0u8; 4096];
     let mut status = None;
@@ -703,7 +708,8 @@ async fn wait_ready(
                 && text
                     .lines()
                     .any(|l| l == crate::handoff::ACCEPTS_CONNECTIONS);
-            return Ok((status, accepts));
+            let upgraded = accepts && text.lines().any(|l| l == crate::handoff::ACCEPTS_UPGRADED);
+            return Ok((status, accepts, upgraded));
         }
     }
 }

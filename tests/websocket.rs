@@ -301,3 +301,231 @@ fn at_a_restart_websockets_get_close_1001_reconnect_to_the_new_process_and_the_o
     assert_eq!(wait_exit(new, DRAIN_TIMEOUT), Some(0));
     assert_none_left([old, new]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hand-off of WebSockets to the new process.
+
+/// The latest pid that answered each client (0: the client failed), awaited by the test.
+#[derive(Clone, Default)]
+struct Board(std::sync::Arc<(std::sync::Mutex<Vec<u32>>, std::sync::Condvar)>);
+
+impl Board {
+    fn new(clients: usize) -> Board {
+        let board = Board::default();
+        *board.0.0.lock().expect("board") = vec![u32::MAX; clients];
+        board
+    }
+
+    fn set(&self, client: usize, pid: u32) {
+        let mut latest = self.0.0.lock().expect("board");
+        if latest[client] != pid {
+            latest[client] = pid;
+            self.0.1.notify_all();
+        }
+    }
+
+    /// Waits until every client was answered by `pid`.
+    fn wait_all(&self, pid: u32, timeout: Duration) {
+        let latest = self.0.0.lock().expect("board");
+        let (latest, _) = self
+            .0
+            .1
+            .wait_timeout_while(latest, timeout, |l| {
+                !l.iter().all(|&p| p == pid) && !l.contains(&0)
+            })
+            .expect("board");
+        assert!(
+            !latest.contains(&0),
+            "a client failed (see its error at the end): {latest:?}"
+        );
+        assert!(
+            latest.iter().all(|&p| p == pid),
+            "not every client was answered by pid {pid} within {timeout:?}: {latest:?}"
+        );
+    }
+}
+
+/// A client that sends `m N` every 100 ms (N = 0, 1, ...) until told to stop, and checks each
+/// echo as it comes: in order, once each, counted on by the same session. Returns the echoes.
+async fn chatty_client(
+    addr: SocketAddr,
+    client: usize,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    board: Board,
+) -> Result<Vec<Echo>, String> {
+    let result = async {
+        let (mut ws, first) = ws_connect(addr, "/ws", &format!("c{client}")).await;
+        board.set(client, first.pid);
+        let mut echoes: Vec<Echo> = Vec::new();
+        let mut sent = 0u64;
+        let mut stopping = false;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        while !(stopping && echoes.len() as u64 == sent) {
+            tokio::select! {
+                _ = tick.tick(), if !stopping => {
+                    ws.send(Message::text(format!("m {sent}")))
+                        .await
+                        .map_err(|e| format!("send m {sent}: {e}"))?;
+                    sent += 1;
+                }
+                _ = stop.changed(), if !stopping => stopping = true,
+                msg = ws.next() => match msg {
+                    Some(Ok(Message::Text(t))) => {
+                        let echo = parse_echo(t.as_str());
+                        let n = echoes.len() as u64;
+                        if echo.text != format!("m {n}") || echo.count != n + 2 {
+                            return Err(format!("expected the echo of m {n} (count {}), got {echo:?}", n + 2));
+                        }
+                        if (echo.session, &echo.nick) != (first.session, &first.nick) {
+                            return Err(format!("the session changed: {first:?}, then {echo:?}"));
+                        }
+                        board.set(client, echo.pid);
+                        echoes.push(echo);
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    other => {
+                        return Err(format!("after {} echoes of {sent} sent: {other:?}", echoes.len()));
+                    }
+                },
+            }
+        }
+        let _ = ws.close(None).await;
+        Ok(echoes)
+    }
+    .await;
+    if result.is_err() {
+        board.set(client, 0);
+    }
+    result.map_err(|e| format!("client {client}: {e}"))
+}
+
+#[test]
+fn fifty_websockets_move_across_five_restarts_with_their_state_and_no_message_lost_duplicated_or_reordered()
+ {
+    const CLIENTS: usize = 50;
+    const RESTARTS: usize = 5;
+    let notify = NotifySocket::new();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let drain = format!("HANDOVER_DRAIN_TIMEOUT_MS={}", DRAIN_TIMEOUT.as_millis());
+    let mut server = socket_activate(&listen, None, &notify, &[&drain], "websocket", &listen);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    // The first connection starts the program.
+    assert_eq!(get(addr, "/").expect("activation request").pid, server.pid);
+    notify.wait_line("READY=1", SOON);
+
+    let rt = multi_thread_runtime();
+    let board = Board::new(CLIENTS);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| rt.spawn(chatty_client(addr, i, stopped.clone(), board.clone())))
+        .collect();
+    board.wait_all(server.pid, SOON);
+
+    let mut pids = vec![server.pid];
+    for i in 1..=RESTARTS {
+        let old = *pids.last().expect("a pid");
+        let began = Instant::now();
+        let new = if i % 2 == 1 {
+            restart_once(&notify, old, i)
+        } else {
+            let reply = request(addr, "POST", "/restart").expect("restart through the handle");
+            assert_eq!((reply.status, reply.pid), (200, old), "{reply:?}");
+            let new = mainpid(
+                &notify.wait_nth(i, SOON, |n| n.has("READY=1") && n.text.contains("MAINPID=")),
+            );
+            assert_eq!(
+                reply.body.trim(),
+                format!("restarted: pid {new} serves now")
+            );
+            new
+        };
+        // Every client is answered by the new process, on the same connection.
+        board.wait_all(new, SOON);
+        let code = match i {
+            1 => server.wait(DRAIN_TIMEOUT),
+            _ => wait_exit(old, DRAIN_TIMEOUT),
+        };
+        assert_eq!(code, Some(0), "old process {old} exit code");
+        let took = began.elapsed();
+        assert!(
+            took < PROMPTLY,
+            "restart {i}: the old process exited {took:?} after it (drain deadline {DRAIN_TIMEOUT:?})"
+        );
+        pids.push(new);
+    }
+
+    stop.send(true).expect("clients listening");
+    let mut total = 0;
+    for (i, client) in clients.into_iter().enumerate() {
+        let echoes = rt
+            .block_on(client)
+            .expect("client task")
+            .unwrap_or_else(|e| panic!("{e}"));
+        total += echoes.len();
+        // Answered by each process in turn, never by an older one again.
+        let mut seen: Vec<u32> = echoes.iter().map(|e| e.pid).collect();
+        seen.dedup();
+        let first = pids
+            .iter()
+            .position(|&p| p == seen[0])
+            .unwrap_or_else(|| panic!("client {i}: unknown pid {}", seen[0]));
+        assert_eq!(
+            seen,
+            pids[first..],
+            "client {i}: the pids that answered, in order"
+        );
+    }
+    assert!(total >= CLIENTS * RESTARTS, "{total} echoes in all");
+    let last = *pids.last().expect("a pid");
+    signal(last, Signal::TERM);
+    assert_eq!(wait_exit(last, DRAIN_TIMEOUT), Some(0));
+    assert_none_left(pids);
+}
+
+#[test]
+fn a_websocket_whose_state_is_over_the_bound_gets_close_1001_and_the_others_move_one_with_a_state_near_the_bound()
+ {
+    let notify = NotifySocket::new();
+    let (mut server, addr) = ready_websocket(&notify, &[]);
+    let old = server.pid;
+    let rt = multi_thread_runtime();
+    let (big, small) = rt.block_on(async {
+        let (mut big, _) = ws_connect(addr, "/ws", "big").await;
+        // 70,000 bytes of state: over handover::upgrade::MAX_STATE (64 KiB).
+        big.send(Message::text("pad 70000")).await.expect("send");
+        let echo = ws_roundtrip(&mut big, "after pad").await;
+        assert_eq!(echo.count, 2);
+        let (small, _) = ws_connect(addr, "/ws", "small").await;
+        let (mut medium, _) = ws_connect(addr, "/ws", "medium").await;
+        // 60,000 bytes: under the bound, so it moves (one message of ~60 KiB on the channel).
+        medium.send(Message::text("pad 60000")).await.expect("send");
+        assert_eq!(ws_roundtrip(&mut medium, "after pad").await.count, 2);
+        (tokio::spawn(ws_await_close(big)), (small, medium))
+    });
+    let (mut small, mut medium) = small;
+    let began = Instant::now();
+    let new = restart_once(&notify, old, 1);
+    rt.block_on(async {
+        let (code, reason) = big.await.expect("client task");
+        assert_eq!(code, CloseCode::Away, "Close 1001 ({reason})");
+        assert_eq!(reason, "server restarting; reconnect");
+        // The other one moved: same session, counted on, answered by the new process.
+        let echo = ws_roundtrip(&mut small, "still here").await;
+        assert_eq!(
+            (echo.pid, echo.nick.as_str(), echo.count),
+            (new, "small", 2)
+        );
+        let echo = ws_roundtrip(&mut medium, "still here").await;
+        assert_eq!(
+            (echo.pid, echo.nick.as_str(), echo.count),
+            (new, "medium", 3)
+        );
+    });
+    assert_eq!(server.wait(DRAIN_TIMEOUT), Some(0), "old process exit code");
+    assert!(began.elapsed() < PROMPTLY, "{:?}", began.elapsed());
+    drop((small, medium));
+    signal(new, Signal::TERM);
+    assert_eq!(wait_exit(new, DRAIN_TIMEOUT), Some(0));
+    assert_none_left([old, new]);
+}
