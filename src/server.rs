@@ -416,7 +416,8 @@ impl Server {
     /// closed. It takes effect only between two handover processes that both have it on; with
     /// a new binary that does not take connections (or when passing fails) connections drain
     /// as without it: `Connection: close`, then the keep-alive grace. HTTP/2 (GOAWAY), TLS
-    /// (`Connection: close`) and upgraded connections stay in the old process. On the new
+    /// (`Connection: close`) and upgraded connections stay in the old process, except
+    /// WebSockets the application hands over itself ([`crate::upgrade`]). On the new
     /// process's side, `false` refuses connections from the previous one.
     pub fn connection_handoff(mut self, enabled: bool) -> Self {
         self.config.connection_handoff = enabled;
