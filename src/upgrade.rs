@@ -241,14 +241,15 @@ impl AsyncRead for WebSocketIo {
                 buf.put_slice(&chunk);
                 return Poll::Ready(Ok(()));
             }
-            // More bytes needed: a frame header, or the rest of a frame.
-            let mut space = [0u8; READ_CHUNK];
-            let mut rb = ReadBuf::new(&mut space);
-            match &mut this.io {
-                Io::Own(io) => ready!(Pin::new(io).poll_read(cx, &mut rb))?,
-                Io::Other(io) => ready!(Pin::new(io).poll_read(cx, &mut rb))?,
-            }
-            if rb.filled().is_empty() {
+            // More bytes needed: a frame header, or the rest of a frame. Read straight into
+            // `pending`, as much as the socket has (up to a chunk).
+            this.frames.pending.reserve(READ_CHUNK);
+            let pending = &mut this.frames.pending;
+            let n = match &mut this.io {
+                Io::Own(io) => ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, pending))?,
+                Io::Other(io) => ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, pending))?,
+            };
+            if n == 0 {
                 // The end: what is left (a frame cut short) goes to the reader as it is, and
                 // the reader sees the end after it.
                 let rest = this.frames.pending.split().freeze();
@@ -261,7 +262,6 @@ impl AsyncRead for WebSocketIo {
                 this.frames.broken = true;
                 return Poll::Ready(Ok(()));
             }
-            this.frames.pending.extend_from_slice(rb.filled());
         }
     }
 }
