@@ -529,3 +529,52 @@ fn a_websocket_whose_state_is_over_the_bound_gets_close_1001_and_the_others_move
     assert_eq!(wait_exit(new, DRAIN_TIMEOUT), Some(0));
     assert_none_left([old, new]);
 }
+
+#[test]
+fn a_message_half_received_at_the_restart_moves_with_its_connection_and_is_answered_whole() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+    let notify = NotifySocket::new();
+    let (mut server, addr) = ready_websocket(&notify, &[]);
+    let old = server.pid;
+    let rt = multi_thread_runtime();
+    let mut ws = rt.block_on(async {
+        let (mut ws, _) = ws_connect(addr, "/ws", "frag").await;
+        // The first fragment of a text message, then a ping: its pong says the server has read
+        // the fragment (frames are read in order), which its tungstenite now holds, unfinished.
+        let first = Frame::message("first half, ", OpCode::Data(Data::Text), false);
+        ws.send(Message::Frame(first)).await.expect("send");
+        ws.send(Message::Ping("after the first half".into()))
+            .await
+            .expect("send");
+        match tokio::time::timeout(SOON, ws.next()).await {
+            Ok(Some(Ok(Message::Pong(p)))) => assert_eq!(&p[..], b"after the first half"),
+            other => panic!("expected the pong, got {other:?}"),
+        }
+        ws
+    });
+    let new = restart_once(&notify, old, 1);
+    assert_eq!(server.wait(DRAIN_TIMEOUT), Some(0), "old process exit code");
+    rt.block_on(async {
+        let last = Frame::message("second half", OpCode::Data(Data::Continue), true);
+        ws.send(Message::Frame(last)).await.expect("send");
+        loop {
+            match tokio::time::timeout(SOON, ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let echo = parse_echo(t.as_str());
+                    assert_eq!(echo.text, "first half, second half");
+                    assert_eq!((echo.pid, echo.nick.as_str(), echo.count), (new, "frag", 2));
+                    break;
+                }
+                // The new process reads the ping again, with the message it is inside.
+                Ok(Some(Ok(Message::Pong(_)))) => {}
+                other => panic!("expected the echo of the whole message, got {other:?}"),
+            }
+        }
+    });
+    drop(ws);
+    signal(new, Signal::TERM);
+    assert_eq!(wait_exit(new, DRAIN_TIMEOUT), Some(0));
+    assert_none_left([old, new]);
+}
