@@ -578,3 +578,97 @@ fn a_message_half_received_at_the_restart_moves_with_its_connection_and_is_answe
     assert_eq!(wait_exit(new, DRAIN_TIMEOUT), Some(0));
     assert_none_left([old, new]);
 }
+
+/// Raises this process's `RLIMIT_NOFILE` soft limit to `want` if it can (the servers it starts
+/// inherit it); returns the limit now.
+fn raise_nofile(want: u64) -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let now = getrlimit(Resource::Nofile);
+    let current = now.current.unwrap_or(u64::MAX);
+    if current >= want {
+        return current;
+    }
+    let wanted = Rlimit {
+        current: Some(want),
+        maximum: Some(now.maximum.map_or(want, |m| m.max(want))),
+    };
+    match setrlimit(Resource::Nofile, wanted) {
+        Ok(()) => want,
+        Err(_) => current,
+    }
+}
+
+#[test]
+fn ten_thousand_idle_websockets_move_in_one_restart_and_stay_usable() {
+    const N: usize = 10_000;
+    // This process holds the N client sockets, each server its N: with room for the rest.
+    let want = N as u64 + 5_000;
+    let limit = raise_nofile(want);
+    if limit < want {
+        eprintln!(
+            "SKIPPED: {N} connections need RLIMIT_NOFILE {want}, and it could only be raised to \
+             {limit} (raise the hard limit to run this test)"
+        );
+        return;
+    }
+    let started = Instant::now();
+    let notify = NotifySocket::new();
+    let (mut server, addr) = ready_websocket(&notify, &[]);
+    let old = server.pid;
+    let rt = multi_thread_runtime();
+    // In batches that fit in the listen backlog (128), each connection named and answered once.
+    const BATCH: usize = 100;
+    let mut clients: Vec<Ws> = Vec::with_capacity(N);
+    rt.block_on(async {
+        for batch in 0..N.div_ceil(BATCH) {
+            let mut set = tokio::task::JoinSet::new();
+            for i in batch * BATCH..((batch + 1) * BATCH).min(N) {
+                set.spawn(async move { ws_connect(addr, "/ws", &format!("w{i}")).await });
+            }
+            while let Some(joined) = set.join_next().await {
+                let (ws, echo) = joined.expect("client task");
+                assert_eq!(echo.pid, old);
+                clients.push(ws);
+            }
+        }
+    });
+    let opened = started.elapsed();
+
+    let signalled = Instant::now();
+    let new = restart_once(&notify, old, 1);
+    // The old process exits once every WebSocket was handed over and acknowledged.
+    assert_eq!(server.wait(DRAIN_TIMEOUT), Some(0), "old process exit code");
+    let moved = signalled.elapsed();
+
+    // Every one still open, the same connection, its session counted on by the new process.
+    rt.block_on(async {
+        let mut clients = clients.into_iter();
+        loop {
+            let batch: Vec<Ws> = clients.by_ref().take(BATCH).collect();
+            if batch.is_empty() {
+                break;
+            }
+            let mut set = tokio::task::JoinSet::new();
+            for mut ws in batch {
+                set.spawn(async move {
+                    let echo = ws_roundtrip(&mut ws, "after").await;
+                    (echo, ws)
+                });
+            }
+            while let Some(joined) = set.join_next().await {
+                let (echo, _ws) = joined.expect("client task");
+                assert_eq!((echo.pid, echo.count), (new, 2), "{echo:?}");
+            }
+        }
+    });
+    eprintln!(
+        "{N} idle WebSockets: opened in {:.1} s; SIGUSR1 -> old process exited, all handed over, \
+         in {:.2} s; each answered by the new process; test {:.1} s",
+        opened.as_secs_f64(),
+        moved.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    signal(new, Signal::TERM);
+    assert_eq!(wait_exit(new, DRAIN_TIMEOUT), Some(0));
+    assert_none_left([old, new]);
+}
