@@ -16,10 +16,12 @@
 //! [`ACCEPTS_CONNECTIONS`] line in its `READY=1` message. Messages, old → new:
 //! - `CONNS <seq> <n>\n`, then for each connection `<listener name>\n<byte count>\n<bytes>`,
 //!   with the `n` sockets attached (`SCM_RIGHTS`, in the same order);
-//! - `UPGRADED <seq>\n<listener name>\n<byte count>\n<state length>\n<bytes><state>`, with
-//!   one socket attached: an upgraded connection the application hands over (see `upgrade`),
-//!   sent only to a process that said it takes them ([`ACCEPTS_UPGRADED`]); acknowledged like
-//!   a batch (same sequence), and served by the successor's `resume_upgraded` handler;
+//! - `UPGRADED <seq> <n>\n`, then for each connection
+//!   `<listener name>\n<byte count>\n<state length>\n<bytes><state>`, with the `n` sockets
+//!   attached: upgraded connections the application hands over (see `upgrade`), sent only to
+//!   a process that said it takes them ([`ACCEPTS_UPGRADED`]); a batch of its own (the same
+//!   sequence and acknowledgement as `CONNS`), served by the successor's `resume_upgraded`
+//!   handler;
 //! - `DONE\n`: nothing more will come.
 //!
 //! New → old: `ACK <seq>\n`, sent as soon as a batch is received, **before** any of its
@@ -75,13 +77,16 @@ pub(crate) const ACCEPTS_UPGRADED: &str = "X_HANDOVER_UPGRADED=1";
 pub(crate) const MAX_BATCH: usize = 64;
 /// Most carried bytes in one message; a connection with more is not passed.
 pub(crate) const MAX_BATCH_BYTES: usize = 48 * 1024;
-/// Most bytes of an `UPGRADED` message besides its header lines.
+/// Most carried bytes of one upgraded connection (what it read and did not consume, its state).
 const MAX_UPGRADED_BYTES: usize = crate::upgrade::MAX_UNREAD + crate::upgrade::MAX_STATE;
+/// Most bytes of an `UPGRADED` message besides its first line: one connection at its largest
+/// fits (with its lines), or several smaller ones.
+const MAX_UPGRADED_BATCH_BYTES: usize = MAX_UPGRADED_BYTES + 1024;
 /// The receive buffer: the largest message of either kind, and its header lines.
-const MAX_MESSAGE: usize = if MAX_BATCH_BYTES > MAX_UPGRADED_BYTES {
+const MAX_MESSAGE: usize = if MAX_BATCH_BYTES > MAX_UPGRADED_BATCH_BYTES {
     MAX_BATCH_BYTES
 } else {
-    MAX_UPGRADED_BYTES
+    MAX_UPGRADED_BATCH_BYTES
 } + 4096;
 /// Most batches sent and not acknowledged.
 pub(crate) const WINDOW: usize = 8;
@@ -166,9 +171,14 @@ impl HandOff for Outbox {
     }
 }
 
-/// What a connection takes of a batch message: its listener's name, its byte count, the bytes.
+/// What a connection takes of a batch message: its listener's name, its byte count, the bytes
+/// (and for an upgraded one its state length and state).
 fn entry_size(io: &TrackedIo, read: &Bytes) -> usize {
     io.conn().info.listener().len() + 24 + read.len()
+}
+
+fn parcel_size(p: &Parcel) -> usize {
+    entry_size(&p.io, &p.read) + p.upgraded.as_ref().map_or(0, |s| 24 + s.len())
 }
 
 /// How the passing went, for the drain's report.
@@ -379,19 +389,18 @@ fn fill_batch(
     rx: &mut mpsc::UnboundedReceiver<Parcel>,
     next: &mut Option<Parcel>,
 ) -> Vec<Parcel> {
-    if first.upgraded.is_some() {
-        // An upgraded connection goes alone, in a message of its own kind.
-        return vec![first];
-    }
-    let mut bytes = entry_size(&first.io, &first.read);
+    // Upgraded connections go in batches of their own kind (`UPGRADED`).
+    let upgraded = first.upgraded.is_some();
+    let limit = match upgraded {
+        true => MAX_UPGRADED_BATCH_BYTES,
+        false => MAX_BATCH_BYTES,
+    };
+    let mut bytes = parcel_size(&first);
     let mut batch = vec![first];
     while batch.len() < MAX_BATCH {
         match rx.try_recv() {
-            Ok(p)
-                if p.upgraded.is_none()
-                    && bytes + entry_size(&p.io, &p.read) <= MAX_BATCH_BYTES =>
-            {
-                bytes += entry_size(&p.io, &p.read);
+            Ok(p) if p.upgraded.is_some() == upgraded && bytes + parcel_size(&p) <= limit => {
+                bytes += parcel_size(&p);
                 batch.push(p);
             }
             Ok(p) => {
@@ -449,15 +458,16 @@ fn give_back(parcels: impl IntoIterator<Item = Parcel>, sent: &Sent) {
 }
 
 async fn send_batch(channel: &AsyncFd<OwnedFd>, seq: u64, batch: &[Parcel]) -> std::io::Result<()> {
-    if let [
-        p @ Parcel {
-            upgraded: Some(state),
-            ..
-        },
-    ] = batch
-    {
-        let msg = upgraded_message(seq, p.io.conn().info.listener(), &p.read, state);
-        let fds = [p.io.as_fd()];
+    if batch.first().is_some_and(|p| p.upgraded.is_some()) {
+        let conns: Vec<_> = batch
+            .iter()
+            .map(|p| {
+                let state = p.upgraded.as_deref().unwrap_or_default();
+                (p.io.conn().info.listener(), &p.read[..], state)
+            })
+            .collect();
+        let msg = upgraded_message(seq, &conns);
+        let fds: Vec<BorrowedFd<'_>> = batch.iter().map(|p| p.io.as_fd()).collect();
         return channel
             .async_io(Interest::WRITABLE, |fd| send_msg(fd, &msg, &fds))
             .await;
@@ -476,16 +486,15 @@ async fn send_batch(channel: &AsyncFd<OwnedFd>, seq: u64, batch: &[Parcel]) -> s
         .await
 }
 
-/// An `UPGRADED` message (its socket goes beside it).
-fn upgraded_message(seq: u64, listener: &str, read: &[u8], state: &[u8]) -> Vec<u8> {
-    let mut msg = format!(
-        "UPGRADED {seq}\n{listener}\n{}\n{}\n",
-        read.len(),
-        state.len()
-    )
-    .into_bytes();
-    msg.extend_from_slice(read);
-    msg.extend_from_slice(state);
+/// An `UPGRADED` message of `(listener, read, state)` entries (their sockets go beside it, in
+/// the same order).
+fn upgraded_message(seq: u64, conns: &[(&str, &[u8], &[u8])]) -> Vec<u8> {
+    let mut msg = format!("UPGRADED {seq} {}\n", conns.len()).into_bytes();
+    for (listener, read, state) in conns {
+        msg.extend_from_slice(format!("{listener}\n{}\n{}\n", read.len(), state.len()).as_bytes());
+        msg.extend_from_slice(read);
+        msg.extend_from_slice(state);
+    }
     msg
 }
 
@@ -572,22 +581,25 @@ pub(crate) async fn receive(
         if buf[..len].starts_with(b"UPGRADED ") {
             match adopt_upgraded(&buf[..len], fds, &services, &cx, resume_upgraded.as_ref()) {
                 Ok((seq, resumed, handler)) => {
+                    let n = resumed.len();
                     let ack = format!("ACK {seq}\n");
                     if let Err(e) = channel
                         .async_io(Interest::WRITABLE, |fd| send_msg(fd, ack.as_bytes(), &[]))
                         .await
                     {
-                        tracing::warn!(error = %e, "could not acknowledge a passed upgraded connection; the old process keeps it");
+                        tracing::warn!(error = %e, "could not acknowledge passed upgraded connections; the old process keeps them");
                         break;
                     }
-                    taken += 1;
-                    handler.spawn(resumed);
+                    taken += n;
+                    for r in resumed {
+                        handler.spawn(r);
+                    }
                     continue;
                 }
                 Err(why) => {
                     tracing::warn!(
                         why,
-                        "refusing a passed upgraded connection (the old process keeps it, and its connections not acknowledged yet)"
+                        "refusing a batch of passed upgraded connections (the old process keeps them, and every connection not acknowledged yet)"
                     );
                     break;
                 }
@@ -648,65 +660,76 @@ pub(crate) async fn receive(
     taken
 }
 
-/// Settles everything about an `UPGRADED` message before it is acknowledged: its handler,
-/// its listener, its socket; or why it is refused (the old process then keeps it).
+/// Settles everything about an `UPGRADED` batch before it is acknowledged: its handler, the
+/// listener and socket of each connection; or why it is refused (the old process then keeps
+/// them).
 fn adopt_upgraded<'h>(
     msg: &[u8],
     fds: Vec<OwnedFd>,
     services: &[(Arc<str>, Box<dyn ServeConn>)],
     cx: &ConnContext,
     handler: Option<&'h ResumeHandler>,
-) -> Result<(u64, Resumed, &'h ResumeHandler), String> {
+) -> Result<(u64, Vec<Resumed>, &'h ResumeHandler), String> {
     let Some(handler) = handler else {
         return Err("this process has no resume_upgraded handler".to_string());
     };
-    let up = parse_upgraded(msg, fds).ok_or("a malformed UPGRADED message")?;
-    let Some(index) = services
-        .iter()
-        .position(|(n, s)| **n == *up.listener && s.passable())
-    else {
-        return Err(format!(
-            "no plaintext listener named {:?} here",
-            up.listener
-        ));
-    };
-    let io = crate::accept::adopt_passed(up.fd, Arc::clone(&services[index].0), cx)
-        .map_err(|e| format!("a passed socket is unusable: {e}"))?;
-    // The application's from now on: no header-read timeout, no request boundary.
-    io.conn().set_phase(crate::conn::Phase::Upgraded);
-    Ok((up.seq, Resumed::new(io, up.read, up.state), handler))
+    let (seq, conns) = parse_upgraded(msg, fds).ok_or("a malformed UPGRADED message")?;
+    let mut resumed = Vec::with_capacity(conns.len());
+    for up in conns {
+        let Some(index) = services
+            .iter()
+            .position(|(n, s)| **n == *up.listener && s.passable())
+        else {
+            return Err(format!(
+                "no plaintext listener named {:?} here",
+                up.listener
+            ));
+        };
+        let io = crate::accept::adopt_passed(up.fd, Arc::clone(&services[index].0), cx)
+            .map_err(|e| format!("a passed socket is unusable: {e}"))?;
+        // The application's from now on: no header-read timeout, no request boundary.
+        io.conn().set_phase(crate::conn::Phase::Upgraded);
+        resumed.push(Resumed::new(io, up.read, up.state));
+    }
+    Ok((seq, resumed, handler))
 }
 
-/// An `UPGRADED` message, parsed.
+/// One connection of an `UPGRADED` message, parsed.
 #[derive(Debug)]
 struct Upgraded {
-    seq: u64,
     listener: String,
     read: Bytes,
     state: Bytes,
     fd: OwnedFd,
 }
 
-/// Parses an `UPGRADED` message; `None` if it is malformed or has not exactly one socket.
-fn parse_upgraded(mut msg: &[u8], fds: Vec<OwnedFd>) -> Option<Upgraded> {
-    let seq = take_line(&mut msg)?
-        .strip_prefix("UPGRADED ")?
-        .parse()
-        .ok()?;
-    let listener = take_line(&mut msg)?.to_string();
-    let read_len: usize = take_line(&mut msg)?.parse().ok()?;
-    let state_len: usize = take_line(&mut msg)?.parse().ok()?;
-    if msg.len() != read_len.checked_add(state_len)? {
+/// Parses an `UPGRADED` message: its sequence and connections; `None` if it is malformed (the
+/// counts, the lengths or the sockets do not add up).
+fn parse_upgraded(mut msg: &[u8], fds: Vec<OwnedFd>) -> Option<(u64, Vec<Upgraded>)> {
+    let header = take_line(&mut msg)?;
+    let mut words = header.strip_prefix("UPGRADED ")?.split(' ');
+    let seq: u64 = words.next()?.parse().ok()?;
+    let n: usize = words.next()?.parse().ok()?;
+    if words.next().is_some() || n != fds.len() || n == 0 {
         return None;
     }
-    let [fd]: [OwnedFd; 1] = fds.try_into().ok()?;
-    Some(Upgraded {
-        seq,
-        listener,
-        read: Bytes::copy_from_slice(&msg[..read_len]),
-        state: Bytes::copy_from_slice(&msg[read_len..]),
-        fd,
-    })
+    let mut conns = Vec::with_capacity(n);
+    for fd in fds {
+        let listener = take_line(&mut msg)?.to_string();
+        let read_len: usize = take_line(&mut msg)?.parse().ok()?;
+        let state_len: usize = take_line(&mut msg)?.parse().ok()?;
+        let read = Bytes::copy_from_slice(msg.get(..read_len)?);
+        msg = &msg[read_len..];
+        let state = Bytes::copy_from_slice(msg.get(..state_len)?);
+        msg = &msg[state_len..];
+        conns.push(Upgraded {
+            listener,
+            read,
+            state,
+            fd,
+        });
+    }
+    msg.is_empty().then_some((seq, conns))
 }
 
 /// What a read of the channel gave.
@@ -800,19 +823,26 @@ mod tests {
 
     #[test]
     fn an_upgraded_message_reads_back_as_written() {
-        let msg = upgraded_message(7, "web", b"\x81\x85half", b"session 42\nnick");
-        let up = parse_upgraded(&msg, vec![a_socket()]).expect("parsed");
-        assert_eq!((up.seq, up.listener.as_str()), (7, "web"));
-        assert_eq!(&up.read[..], b"\x81\x85half");
-        assert_eq!(&up.state[..], b"session 42\nnick");
-        let empty = upgraded_message(0, "web", b"", b"");
-        assert!(parse_upgraded(&empty, vec![a_socket()]).is_some());
+        let conns: [(&str, &[u8], &[u8]); 3] = [
+            ("web", b"\x81\x85half", b"session 42\nnick"),
+            ("admin", b"", b""),
+            ("web", b"\n\n", b"3\n"),
+        ];
+        let msg = upgraded_message(7, &conns);
+        let (seq, up) =
+            parse_upgraded(&msg, vec![a_socket(), a_socket(), a_socket()]).expect("parsed");
+        assert_eq!(seq, 7);
+        let back: Vec<(&str, &[u8], &[u8])> = up
+            .iter()
+            .map(|u| (u.listener.as_str(), &u.read[..], &u.state[..]))
+            .collect();
+        assert_eq!(back, conns);
     }
 
     #[test]
     fn a_malformed_upgraded_message_is_refused() {
-        let msg = upgraded_message(1, "web", b"abc", b"state");
-        // Not exactly one socket.
+        let msg = upgraded_message(1, &[("web", b"abc", b"state")]);
+        // Not as many sockets as connections.
         assert!(parse_upgraded(&msg, vec![]).is_none());
         assert!(parse_upgraded(&msg, vec![a_socket(), a_socket()]).is_none());
         // Lengths that do not add up.
@@ -820,18 +850,21 @@ mod tests {
         let mut longer = msg.clone();
         longer.push(b'!');
         assert!(parse_upgraded(&longer, vec![a_socket()]).is_none());
-        assert!(parse_upgraded(b"UPGRADED x\nweb\n0\n0\n", vec![a_socket()]).is_none());
+        assert!(parse_upgraded(b"UPGRADED x 1\nweb\n0\n0\n", vec![a_socket()]).is_none());
+        assert!(parse_upgraded(b"UPGRADED 1\nweb\n0\n0\n", vec![a_socket()]).is_none());
+        assert!(parse_upgraded(b"UPGRADED 1 0\n", vec![]).is_none());
         assert!(parse_upgraded(b"CONNS 1 1\nweb\n0\n", vec![a_socket()]).is_none());
     }
 
     #[test]
-    fn the_receive_buffer_holds_the_largest_upgraded_message() {
-        let msg = upgraded_message(
-            u64::MAX,
-            "a-listener-name",
-            &[0; crate::upgrade::MAX_UNREAD],
-            &[0; crate::upgrade::MAX_STATE],
+    fn the_receive_buffer_holds_the_largest_upgraded_connection() {
+        let (read, state) = (
+            [0; crate::upgrade::MAX_UNREAD],
+            [0; crate::upgrade::MAX_STATE],
         );
+        let msg = upgraded_message(u64::MAX, &[("a-listener-name", &read, &state)]);
         assert!(msg.len() <= MAX_MESSAGE);
+        let first_line = "UPGRADED 18446744073709551615 1\n".len();
+        assert!(msg.len() - first_line <= MAX_UPGRADED_BATCH_BYTES);
     }
 }
