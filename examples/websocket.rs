@@ -57,7 +57,7 @@ use handover::upgrade::{Resumed, WebSocketIo};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 
 /// How long a goodbye waits for the client's Close in return.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -227,16 +227,22 @@ async fn resume_chat(resumed: Resumed) {
         None => {
             // Not ours to understand: say goodbye rather than guess.
             tracing::warn!("a WebSocket arrived with a state this build cannot read");
-            let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+            let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config())).await;
             goodbye(ws, &handover::State::Serving).await;
         }
     }
 }
 
+/// tungstenite's settings: a read buffer of 4 KiB instead of 128 KiB, as a service with many
+/// mostly idle connections wants (a message larger than the buffer is still read whole).
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(4096)
+}
+
 /// Echoes until the client closes, or this process goes away: then the connection moves to
 /// the new process with its session if it can, and gets Close 1001 if not.
 async fn serve_chat(io: WebSocketIo, mut session: Session, conn: ConnectionInfo) {
-    let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+    let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config())).await;
     let going_away = conn.going_away();
     tokio::pin!(going_away);
     loop {
@@ -277,7 +283,7 @@ async fn serve_chat(io: WebSocketIo, mut session: Session, conn: ConnectionInfo)
                         e.into_io()
                     }
                 };
-                let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+                let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config())).await;
                 return goodbye(ws, &state).await;
             }
         }
