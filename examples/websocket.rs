@@ -11,7 +11,11 @@
 //! process that serves now, and this one exits as soon as the last of them is closed instead of
 //! at the drain deadline.
 //!
-//! It listens on the socket it inherits, or binds ADDR (default `127.0.0.1:8879`).
+//! It listens on the socket it inherits (named `web`, or the one on ADDR), or binds ADDR
+//! (default `127.0.0.1:8879`). With the `rustls` feature and `WS_TLS_CERT`/`WS_TLS_KEY` (PEM
+//! files), the same routes are also served over TLS on the listener `wss` (bound on the second
+//! argument, default `127.0.0.1:8880`): a TLS WebSocket cannot move, and says goodbye at a
+//! restart.
 //!
 //! ```text
 //! GET /ws        WebSocket (tokio-tungstenite over handover's `WebSocketIo`): a text message
@@ -74,7 +78,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let listeners = match handover::Listeners::from_env_or_bind(addr) {
+    let tls = tls::from_env();
+    let listeners = match listeners(addr, tls.is_some()) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!("{e}");
@@ -82,7 +87,12 @@ fn main() -> ExitCode {
         }
     };
     for l in listeners.iter() {
-        println!("listen on: {}, pid: {}", l.url(), std::process::id());
+        println!(
+            "listen on: {} ({}), pid: {}",
+            l.url(),
+            l.name(),
+            std::process::id()
+        );
     }
     let app = Router::new()
         .route("/", get(common::hello::<Body>))
@@ -92,6 +102,14 @@ fn main() -> ExitCode {
         .route("/restart", axum::routing::post(restart))
         .layer(axum::middleware::map_response(with_pid));
     let mut server = handover::Server::new(listeners).default_service(app);
+    match tls {
+        Some(Ok(config)) => server = tls::serve(server, config),
+        Some(Err(e)) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+        None => {}
+    }
     if let Some(d) = common::env_ms("HANDOVER_DRAIN_TIMEOUT_MS") {
         server = server.drain_timeout(d);
     }
@@ -100,6 +118,86 @@ fn main() -> ExitCode {
         server = server.resume_upgraded(resume_chat);
     }
     common::run(server)
+}
+
+/// `web` (inherited by name, or on `addr`, or bound there), and with TLS `wss` (inherited, or
+/// bound on the second argument, default `127.0.0.1:8880`).
+fn listeners(addr: SocketAddr, tls: bool) -> Result<handover::Listeners, String> {
+    let mut inherited = handover::Listeners::from_env().map_err(|e| e.to_string())?;
+    let web = inherited
+        .take_or_bind("web", addr)
+        .map_err(|e| e.to_string())?;
+    if !tls {
+        return Ok([web].into());
+    }
+    let wss = std::env::args()
+        .nth(2)
+        .unwrap_or_else(|| "127.0.0.1:8880".to_string());
+    let wss: SocketAddr = wss
+        .parse()
+        .map_err(|e| format!("{wss:?} is not an address like 127.0.0.1:8880: {e}"))?;
+    let wss = inherited
+        .take_or_bind("wss", wss)
+        .map_err(|e| e.to_string())?;
+    Ok([web, wss].into())
+}
+
+/// WebSockets over TLS (with the `rustls` feature): the listener `wss`, when `WS_TLS_CERT` and
+/// `WS_TLS_KEY` name a PEM certificate chain and its key. A TLS connection cannot move to the
+/// new process (its session would have to move too): at a restart it says goodbye.
+#[cfg(feature = "rustls")]
+mod tls {
+    use std::sync::Arc;
+
+    use handover::rustls::{
+        self,
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    };
+
+    pub(crate) type Config = Arc<rustls::ServerConfig>;
+
+    pub(crate) fn from_env() -> Option<Result<Config, String>> {
+        let cert = std::env::var_os("WS_TLS_CERT")?;
+        let key = std::env::var_os("WS_TLS_KEY")?;
+        Some(load(cert.as_ref(), key.as_ref()))
+    }
+
+    fn load(cert: &std::path::Path, key: &std::path::Path) -> Result<Config, String> {
+        let certs = CertificateDer::pem_file_iter(cert)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("WS_TLS_CERT {}: {e}", cert.display()))?;
+        let key = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| format!("WS_TLS_KEY {}: {e}", key.display()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS protocol versions: {e}"))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| format!("WS_TLS_CERT with WS_TLS_KEY: {e}"))?;
+        // WebSockets are HTTP/1.1 upgrades.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    pub(crate) fn serve(server: handover::Server, config: Config) -> handover::Server {
+        server.tls("wss", config)
+    }
+}
+
+/// Without the `rustls` feature: no TLS listener.
+#[cfg(not(feature = "rustls"))]
+mod tls {
+    pub(crate) type Config = std::convert::Infallible;
+
+    pub(crate) fn from_env() -> Option<Result<Config, String>> {
+        std::env::var_os("WS_TLS_CERT")
+            .map(|_| Err("WS_TLS_CERT is set, but this build has no TLS (feature rustls)".into()))
+    }
+
+    pub(crate) fn serve(_: handover::Server, config: Config) -> handover::Server {
+        match config {}
+    }
 }
 
 /// What one WebSocket connection remembers.

@@ -672,3 +672,94 @@ fn ten_thousand_idle_websockets_move_in_one_restart_and_stay_usable() {
     assert_eq!(wait_exit(new, DRAIN_TIMEOUT), Some(0));
     assert_none_left([old, new]);
 }
+
+/// A TLS WebSocket cannot move (its session would have to move too): at a restart it gets
+/// Close 1001, while a plaintext one of the same process moves.
+#[cfg(feature = "rustls")]
+#[test]
+fn at_a_restart_a_tls_websocket_gets_close_1001_and_a_plaintext_one_moves() {
+    use std::sync::Arc;
+    use tokio_rustls::rustls::{self, ClientConfig, pki_types::ServerName};
+
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+        .expect("test certificate");
+    let dir = scratch_dir("websocket-tls");
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, key.cert.pem()).expect("write the certificate");
+    std::fs::write(&key_path, key.signing_key.serialize_pem()).expect("write the key");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(key.cert.der().clone()).expect("trust it");
+    let client_config = Arc::new(
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+
+    let notify = NotifySocket::new();
+    let wss_port = free_port();
+    let mut server = Spawn::new(example("websocket"))
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg(format!("127.0.0.1:{wss_port}"))
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env(
+            "HANDOVER_DRAIN_TIMEOUT_MS",
+            DRAIN_TIMEOUT.as_millis().to_string(),
+        )
+        .env("WS_TLS_CERT", &cert_path)
+        .env("WS_TLS_KEY", &key_path)
+        .start();
+    let addr = addr_in(&listen_line_of(&server.lines, "web"));
+    let wss = SocketAddr::from(([127, 0, 0, 1], wss_port));
+    notify.wait_line("READY=1", SOON);
+    let old = server.pid;
+    let rt = multi_thread_runtime();
+    let (tls_client, mut plain) = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(wss).await.expect("connect");
+        let tls = tokio_rustls::TlsConnector::from(client_config)
+            .connect(ServerName::try_from("localhost").expect("name"), tcp)
+            .await
+            .expect("TLS handshake");
+        let (mut ws, _) = tokio_tungstenite::client_async("wss://localhost/ws", tls)
+            .await
+            .expect("WebSocket handshake over TLS");
+        ws.send(Message::text("hello")).await.expect("send");
+        match tokio::time::timeout(SOON, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => assert_eq!(parse_echo(t.as_str()).pid, old),
+            other => panic!("expected an echo over TLS, got {other:?}"),
+        }
+        let tls_client = tokio::spawn(async move {
+            loop {
+                match tokio::time::timeout(DRAIN_TIMEOUT, ws.next()).await {
+                    Ok(Some(Ok(Message::Close(Some(frame))))) => {
+                        while let Ok(Some(Ok(_))) = tokio::time::timeout(SOON, ws.next()).await {}
+                        return (frame.code, frame.reason.to_string());
+                    }
+                    Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+                    other => panic!("expected a Close frame over TLS, got {other:?}"),
+                }
+            }
+        });
+        let (plain, _) = ws_connect(addr, "/ws", "plain").await;
+        (tls_client, plain)
+    });
+    let began = Instant::now();
+    let new = restart_once(&notify, old, 1);
+    rt.block_on(async {
+        let (code, reason) = tls_client.await.expect("client task");
+        assert_eq!(code, CloseCode::Away, "Close 1001 ({reason})");
+        assert_eq!(reason, "server restarting; reconnect");
+        let echo = ws_roundtrip(&mut plain, "moved").await;
+        assert_eq!(
+            (echo.pid, echo.nick.as_str(), echo.count),
+            (new, "plain", 2)
+        );
+    });
+    assert_eq!(server.wait(DRAIN_TIMEOUT), Some(0), "old process exit code");
+    assert!(began.elapsed() < PROMPTLY, "{:?}", began.elapsed());
+    drop(plain);
+    signal(new, Signal::TERM);
+    assert_eq!(wait_exit(new, DRAIN_TIMEOUT), Some(0));
+    assert_none_left([old, new]);
+}

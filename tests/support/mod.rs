@@ -60,7 +60,7 @@ fn features_of(example: &str) -> Option<&'static str> {
     match example {
         "axum" => Some("axum"),
         "tls" => Some("rustls"),
-        "websocket" => Some("axum"),
+        "websocket" => Some("axum rustls"),
         _ => None,
     }
 }
