@@ -182,25 +182,30 @@ impl WebSocketIo {
     pub async fn hand_off(self, state: impl Into<Bytes>) -> Result<(), HandOffError> {
         let state = state.into();
         let WebSocketIo { io, frames } = self;
+        // Whatever happens, the reader that held the message in progress is gone (the caller
+        // took this stream out of it): from here on, that message is read again from its start.
+        let unread = match frames.unread() {
+            Ok(unread) => unread,
+            // Not kept whole (over the bound, or not WebSocket frames): it cannot move, and
+            // cannot be read again either; what follows is handed out as it comes.
+            Err(frames) => {
+                let io = WebSocketIo { io, frames };
+                return Err(HandOffError::new(HandOffErrorKind::TooMuchUnread, io));
+            }
+        };
         let io = match io {
             Io::Own(io) if io.conn().passable => io,
             io => {
-                return Err(HandOffError::new(
-                    HandOffErrorKind::NotMovable,
-                    WebSocketIo { io, frames },
-                ));
+                let frames = Frames::new(BytesMut::from(&unread[..]));
+                let io = WebSocketIo { io, frames };
+                return Err(HandOffError::new(HandOffErrorKind::NotMovable, io));
             }
         };
-        let unread = frames.unread();
-        let refused = if state.len() > MAX_STATE {
-            Some(HandOffErrorKind::StateTooLarge)
-        } else if unread.len() > MAX_UNREAD {
-            Some(HandOffErrorKind::TooMuchUnread)
-        } else {
-            None
-        };
-        if let Some(kind) = refused {
-            return Err(HandOffError::new(kind, WebSocketIo::resumed(io, unread)));
+        if state.len() > MAX_STATE {
+            return Err(HandOffError::new(
+                HandOffErrorKind::StateTooLarge,
+                WebSocketIo::resumed(io, unread),
+            ));
         }
         let slot = Arc::clone(io.conn().info.handle().hand_off_slot());
         let Some(outbox) = slot.get() else {
@@ -420,14 +425,16 @@ impl Frames {
         chunk
     }
 
-    /// What the reader has not consumed: the message in progress, and what was not handed out.
-    /// (A message over the bound is reported as too long without being kept whole.)
-    fn unread(mut self) -> Bytes {
-        if self.broken || self.message.len() > MAX_UNREAD {
-            return Bytes::from(vec![0; MAX_UNREAD + 1]);
+    /// What the reader has not consumed: the message in progress, and what was not handed out;
+    /// at most [`MAX_UNREAD`] bytes. `Err`: more (a message over the bound was not kept whole),
+    /// or no frames to tell: the frames, from now on without boundaries.
+    fn unread(mut self) -> Result<Bytes, Frames> {
+        if self.broken || self.message.len() + self.pending.len() > MAX_UNREAD {
+            self.broken = true;
+            return Err(self);
         }
         self.message.extend_from_slice(&self.pending);
-        self.message.freeze()
+        Ok(self.message.freeze())
     }
 }
 
@@ -451,7 +458,8 @@ pub enum HandOffErrorKind {
     /// The state is larger than [`MAX_STATE`].
     StateTooLarge,
     /// More than [`MAX_UNREAD`] bytes were read and not consumed (a long message half
-    /// received), or the stream is not WebSocket frames.
+    /// received), or the stream is not WebSocket frames. The message in progress is not read
+    /// again (see [`HandOffError::into_io`]).
     TooMuchUnread,
     /// The successor did not take it: passing failed (the channel, or the successor died), or
     /// it refused the connection.
@@ -469,7 +477,9 @@ impl HandOffError {
     }
 
     /// The connection, still this process's: the bytes of a message half received are read
-    /// again from it.
+    /// again from it, so a new `WebSocketStream` over it reads that message whole (except after
+    /// [`HandOffErrorKind::TooMuchUnread`]: that message was not kept, and reading resumes in
+    /// its middle; say goodbye and end).
     pub fn into_io(self) -> WebSocketIo {
         self.io
     }
@@ -634,7 +644,7 @@ mod tests {
                 frames.message.is_empty(),
                 "a whole message is no longer kept"
             );
-            assert_eq!(frames.unread(), Bytes::new());
+            assert_eq!(frames.unread().ok(), Some(Bytes::new()));
         }
     }
 
@@ -647,7 +657,7 @@ mod tests {
         let all = [first.clone(), ping.clone(), last[..4].to_vec()].concat();
         let (_, frames) = read_all(&all, 5, 1 << 20);
         // The fragmented message so far, the ping inside it, the part of its last frame.
-        assert_eq!(frames.unread(), Bytes::from(all.clone()));
+        assert_eq!(frames.unread().ok(), Some(Bytes::from(all.clone())));
         // Once its last frame is read, nothing is unread; the next frame's bytes, read ahead
         // from the socket but not handed out, are.
         let more = [all, last[4..].to_vec(), next[..3].to_vec()].concat();
@@ -656,7 +666,7 @@ mod tests {
         while let Some(n) = frames.deliverable(1 << 20) {
             frames.take(n);
         }
-        assert_eq!(frames.unread(), Bytes::from(next[..3].to_vec()));
+        assert_eq!(frames.unread().ok(), Some(Bytes::from(next[..3].to_vec())));
     }
 
     /// A connection hyper upgraded that is not a plaintext connection of a handover server
@@ -734,6 +744,10 @@ mod tests {
     fn a_message_over_the_bound_is_reported_too_long() {
         let big = frame(true, 2, &[1; MAX_UNREAD + 10]);
         let (_, frames) = read_all(&big[..MAX_UNREAD + 5], 4096, 1 << 20);
-        assert!(frames.unread().len() > MAX_UNREAD);
+        let frames = frames.unread().expect_err("over the bound");
+        assert!(
+            frames.broken,
+            "from now on, bytes are handed out as they come"
+        );
     }
 }
