@@ -1,4 +1,4 @@
-//! Run with: `cargo run --example websocket [ADDR]`
+//! Run with: `cargo run --features axum --example websocket [ADDR] [WSS_ADDR]` (TLS: add `rustls`)
 //!
 //! Long-lived connections across restarts and shutdowns: a chat-like WebSocket echo with
 //! per-connection state, and a server-sent-events stream.
