@@ -763,3 +763,48 @@ fn at_a_restart_a_tls_websocket_gets_close_1001_and_a_plaintext_one_moves() {
     assert_eq!(wait_exit(new, DRAIN_TIMEOUT), Some(0));
     assert_none_left([old, new]);
 }
+
+/// The new process dies after its `READY=1` with the WebSocket sent to it but not acknowledged:
+/// the old process takes it back (the channel's end is the successor's proven death) and says
+/// goodbye on it; nothing the client sent is lost before the Close.
+#[test]
+fn a_new_process_that_dies_before_acknowledging_a_websocket_leaves_it_with_the_old_one() {
+    let notify = NotifySocket::new();
+    let (mut server, addr) = ready_websocket(&notify, &[]);
+    let old = server.pid;
+    let rt = multi_thread_runtime();
+    let ws = rt.block_on(async {
+        let (mut ws, _) = ws_connect(addr, "/ws", "orphan").await;
+        assert_eq!(ws_roundtrip(&mut ws, "before").await.count, 2);
+        ws
+    });
+    let client = rt.spawn(ws_await_close(ws));
+    // Hold the hand-off at its last step: the service manager's queue is full, so the old
+    // process waits to deliver MAINPID= (and only then passes connections).
+    notify.pause();
+    notify.fill();
+    signal(old, Signal::USR1);
+    let new = pid_in(&server.lines.wait_count("listen on:", 2, SOON));
+    // Ready (its READY=1 went to the old process on their channel); now it cannot answer.
+    server
+        .lines
+        .wait_for(&format!("handover::lifecycle: ready pid={new}"), SOON);
+    signal(new, Signal::STOP);
+    notify.resume();
+    // MAINPID= delivered: the old process passes the WebSocket to a process that cannot
+    // acknowledge it. It dies.
+    let handed = notify.wait_nth(1, SOON, |n| n.text.contains("MAINPID="));
+    assert_eq!(mainpid(&handed), new);
+    signal(new, Signal::KILL);
+    assert_eq!(wait_exit(new, SOON), None, "killed");
+    rt.block_on(async {
+        let (code, reason) = client.await.expect("client task");
+        assert_eq!(code, CloseCode::Away, "Close 1001 ({reason})");
+        assert_eq!(reason, "server restarting; reconnect");
+    });
+    assert!(
+        server.wait(DRAIN_TIMEOUT).is_some(),
+        "the old process exits once its WebSocket is closed"
+    );
+    assert_none_left([old, new]);
+}
