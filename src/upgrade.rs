@@ -740,6 +740,92 @@ mod tests {
         server.abort();
     }
 
+    /// One frame of a random stream: FIN, opcode (0 continuation, 1 text, 2 binary, 9 ping),
+    /// payload length.
+    fn frames_strategy() -> impl proptest::strategy::Strategy<Value = Vec<(bool, u8, usize)>> {
+        use proptest::prelude::*;
+        let len = prop_oneof![0usize..130, 120usize..300, 65_530usize..65_540];
+        proptest::collection::vec(
+            (
+                any::<bool>(),
+                prop_oneof![Just(0u8), Just(1), Just(2), Just(9)],
+                len,
+            ),
+            1..12,
+        )
+    }
+
+    proptest::proptest! {
+        /// Whatever the frames, the read sizes and the pieces the socket gives: the bytes come
+        /// out whole and in order, no read crosses the end of a frame, and what is unread at
+        /// any moment is exactly the message in progress (from its first frame on) and what was
+        /// not handed out.
+        #[test]
+        fn frames_are_handed_out_whole_and_never_across_a_frame_end(
+            spec in frames_strategy(),
+            split in 1usize..5000,
+            room in 1usize..70_000,
+        ) {
+            let mut bytes = Vec::new();
+            let mut ends = Vec::new();
+            // Where each message starts (the boundary before it), frame by frame.
+            let mut message_start = Vec::new();
+            let mut fragmented = false;
+            let mut start = 0;
+            for (fin, opcode, len) in &spec {
+                let control = *opcode >= 8;
+                // Control frames are never fragmented (RFC 6455 5.5).
+                let fin = control || *fin;
+                if !fragmented {
+                    start = bytes.len();
+                }
+                bytes.extend(frame(fin, *opcode, &vec![b'x'; *len]));
+                ends.push(bytes.len());
+                if !control {
+                    fragmented = !fin;
+                }
+                message_start.push(if fragmented { start } else { bytes.len() });
+            }
+            let mut frames = Frames::default();
+            let mut out = Vec::new();
+            let mut fed = 0;
+            loop {
+                match frames.deliverable(room) {
+                    Some(n) if n > 0 => {
+                        let at = out.len();
+                        out.extend_from_slice(&frames.take(n));
+                        // Not across a frame end: the next end at or after `at` bounds it.
+                        let next_end = ends.iter().copied().find(|&e| e > at).unwrap_or(usize::MAX);
+                        proptest::prop_assert!(out.len() <= next_end);
+                        if let Some(i) = ends.iter().position(|&e| e == out.len()) {
+                            // At a frame end: unread = the message in progress + not handed out.
+                            let mut expect = bytes[message_start[i]..out.len()].to_vec();
+                            expect.extend_from_slice(&frames.pending);
+                            let copy = Frames {
+                                pending: frames.pending.clone(),
+                                message: frames.message.clone(),
+                                fragmented: frames.fragmented,
+                                ..Frames::default()
+                            };
+                            if expect.len() <= MAX_UNREAD {
+                                proptest::prop_assert_eq!(copy.unread().ok(), Some(Bytes::from(expect)));
+                            } else {
+                                proptest::prop_assert!(copy.unread().is_err());
+                            }
+                        }
+                    }
+                    _ if fed < bytes.len() => {
+                        let end = (fed + split).min(bytes.len());
+                        frames.pending.extend_from_slice(&bytes[fed..end]);
+                        fed = end;
+                    }
+                    _ => break,
+                }
+            }
+            proptest::prop_assert_eq!(out, bytes);
+        }
+    }
+
     #[test]
     fn a_message_over_the_bound_is_reported_too_long() {
         let big = frame(true, 2, &[1; MAX_UNREAD + 10]);
