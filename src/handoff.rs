@@ -150,6 +150,10 @@ impl HandOff for Outbox {
         outcome
     }
 
+    fn takes_upgraded(&self) -> bool {
+        self.accepts_upgraded
+    }
+
     fn pass_upgraded(
         &self,
         io: TrackedIo,
@@ -215,6 +219,10 @@ impl HandOff for Switch {
             Some(outbox) => outbox.pass(io, read),
             None => kept(io, read),
         }
+    }
+
+    fn takes_upgraded(&self) -> bool {
+        self.current().is_some_and(|o| o.takes_upgraded())
     }
 
     fn pass_upgraded(

@@ -210,7 +210,9 @@ impl WebSocketIo {
             ));
         }
         let slot = Arc::clone(io.info().handle().hand_off_slot());
-        let Some(outbox) = slot.get() else {
+        // The server's hand-off switch is always there; whether it leads to a successor that
+        // takes upgraded connections is its current outbox's.
+        let Some(outbox) = slot.get().filter(|h| h.takes_upgraded()) else {
             return Err(HandOffError::new(
                 HandOffErrorKind::NoSuccessor,
                 WebSocketIo::resumed(io, unread),

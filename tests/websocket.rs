@@ -766,7 +766,8 @@ fn at_a_restart_a_tls_websocket_gets_close_1001_and_a_plaintext_one_moves() {
 
 /// The new process dies after its `READY=1` with the WebSocket sent to it but not acknowledged:
 /// the old process takes it back (the channel's end is the successor's proven death) and says
-/// goodbye on it; nothing the client sent is lost before the Close.
+/// goodbye on it; nothing the client sent is lost before the Close. Then it serves again (its
+/// successor died), and the client reconnects to it.
 #[test]
 fn a_new_process_that_dies_before_acknowledging_a_websocket_leaves_it_with_the_old_one() {
     let notify = NotifySocket::new();
@@ -802,9 +803,21 @@ fn a_new_process_that_dies_before_acknowledging_a_websocket_leaves_it_with_the_o
         assert_eq!(code, CloseCode::Away, "Close 1001 ({reason})");
         assert_eq!(reason, "server restarting; reconnect");
     });
-    assert!(
-        server.wait(DRAIN_TIMEOUT).is_some(),
-        "the old process exits once its WebSocket is closed"
+    // Its successor died while it drained: the old process serves again (issue 18), and the
+    // client that reconnects reaches it.
+    notify.wait_nth(1, SOON, |n| {
+        n.pid == old && n.has(&format!("MAINPID={old}")) && n.has("READY=1")
+    });
+    rt.block_on(async {
+        let (mut ws, echo) = ws_connect(addr, "/ws", "back").await;
+        assert_eq!(echo.pid, old, "{echo:?}");
+        let _ = ws.close(None).await;
+    });
+    signal(old, Signal::TERM);
+    assert_eq!(
+        server.wait(DRAIN_TIMEOUT),
+        Some(0),
+        "the old process exits in order"
     );
     assert_none_left([old, new]);
 }
