@@ -327,11 +327,12 @@ impl Lifecycle {
         // Accepting already: what a request sees from now on.
         life.publish();
         let listening = format!("Listening on {}", urls.join(", "));
+        // Recorded before READY=1 leaves, so that whoever hears it can already read it.
+        crate::metrics::ready();
         life.notifier
             .ready(&listening, life.config.ready_timeout)
             .await;
         tracing::info!(pid = startup.pid, "ready");
-        crate::metrics::ready();
         life.receive_connections(by_name, listening);
         life.start_watchdog();
         Ok(life)
@@ -668,15 +669,17 @@ impl Lifecycle {
         let began = Instant::now();
         self.extend_timeout(delay.saturating_add(self.config.drain_timeout));
         self.cx.connections.lame_duck();
-        tracing::info!(
-            ?delay,
-            "lame duck: still accepting and serving, with Connection: close and GOAWAY, until the delay is over"
-        );
         self.stage = Stage::LameDuck {
             reason,
             began,
             until: crate::instant_after(began, delay),
         };
+        // Readiness fails from now on: published before anything else can see the lame duck.
+        self.publish();
+        tracing::info!(
+            ?delay,
+            "lame duck: still accepting and serving, with Connection: close and GOAWAY, until the delay is over"
+        );
     }
 
     /// The lame duck is over (its delay, a further close signal, or every listener lost):
