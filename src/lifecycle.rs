@@ -595,7 +595,7 @@ impl Lifecycle {
         match &self.stage {
             Stage::Serving { .. } => match self.cancel_restart().await {
                 Some(handed) => self.hand_over(handed, false).await,
-                None => self.begin_drain(Reason::Requested, None, Some(e)).await,
+                None => self.begin_drain(Reason::ListenersLost, None, Some(e)).await,
             },
             Stage::LameDuck { .. } => self.end_lame_duck(false, Some(e)).await,
             Stage::HandedOver { .. } | Stage::Draining(_) => {}
