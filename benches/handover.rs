@@ -78,7 +78,10 @@
 //! model, `HANDOVER_BENCH_LOG` [info] the servers' `RUST_LOG`, `HANDOVER_BENCH_ONLY`
 //! (comma-separated subset of
 //! `instructions,throughput,throughput-close,restart,startstop,scale,handoff,registry`),
-//! `HANDOVER_BENCH_ECHO=1` to echo the servers' output.
+//! `HANDOVER_BENCH_ECHO=1` to echo the servers' output,
+//! `HANDOVER_BENCH_EXAMPLES_DIR` a folder of prebuilt examples (instead of building them with
+//! cargo), `HANDOVER_BENCH_SERVER_CPUS` CPUs to pin the servers to (`taskset -c` syntax; run
+//! the bench itself pinned to the others) for a many-core machine.
 //!
 //! Every loop is bounded in count and time; every process started (or taken over by restart)
 //! is tracked by pidfd, ended at the end of its scenario, and checked gone at the end.

@@ -332,11 +332,12 @@ impl Lifecycle {
         // Accepting already: what a request sees from now on.
         life.publish();
         let listening = format!("Listening on {}", urls.join(", "));
+        // Recorded before READY=1 leaves, so that whoever hears it can already read it.
+        crate::metrics::ready();
         life.notifier
             .ready(&listening, life.config.ready_timeout)
             .await;
         tracing::info!(pid = startup.pid, "ready");
-        crate::metrics::ready();
         life.receive_connections(by_name, listening);
         life.start_watchdog();
         Ok(life)
@@ -600,7 +601,7 @@ impl Lifecycle {
         match &self.stage {
             Stage::Serving { .. } => match self.cancel_restart().await {
                 Some(handed) => self.hand_over(handed, false).await,
-                None => self.begin_drain(Reason::Requested, None, Some(e)).await,
+                None => self.begin_drain(Reason::ListenersLost, None, Some(e)).await,
             },
             Stage::LameDuck { .. } => self.end_lame_duck(false, Some(e)).await,
             Stage::HandedOver { .. } | Stage::Draining(_) => {}
@@ -674,15 +675,17 @@ impl Lifecycle {
         let began = Instant::now();
         self.extend_timeout(delay.saturating_add(self.config.drain_timeout));
         self.cx.connections.lame_duck();
-        tracing::info!(
-            ?delay,
-            "lame duck: still accepting and serving, with Connection: close and GOAWAY, until the delay is over"
-        );
         self.stage = Stage::LameDuck {
             reason,
             began,
             until: crate::instant_after(began, delay),
         };
+        // Readiness fails from now on: published before anything else can see the lame duck.
+        self.publish();
+        tracing::info!(
+            ?delay,
+            "lame duck: still accepting and serving, with Connection: close and GOAWAY, until the delay is over"
+        );
     }
 
     /// The lame duck is over (its delay, a further close signal, or every listener lost):

@@ -91,6 +91,7 @@ pub(crate) fn ended(end: &Result<Shutdown, Error>) {
         let reason = match s.reason {
             Reason::Signal(_) => "signal",
             Reason::Requested => "requested",
+            Reason::ListenersLost => "listeners_lost",
             Reason::HandedOver { .. } => "handed_over",
         };
         metrics::histogram!(DRAIN_SECONDS, "reason" => reason).record(s.elapsed.as_secs_f64());

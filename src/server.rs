@@ -179,6 +179,10 @@ pub enum Reason {
         /// The pid of the new process, now serving.
         pid: u32,
     },
+    /// Every listener stopped accepting (closed or shut down under the server). `serve` then
+    /// returns an error after the drain, so that the service manager restarts the service;
+    /// this reason is what the drain's log line and metrics say.
+    ListenersLost,
 }
 
 /// A graceful end: what the Go original calls `ErrServerClosed`, with what happened.

@@ -24,6 +24,11 @@ pub(crate) const SOON: Duration = Duration::from_secs(15);
 /// and returns its path. Same profile and target directory as the bench: the dependencies
 /// `cargo bench` just built are reused.
 pub(crate) fn build_example(name: &str) -> PathBuf {
+    // Prebuilt examples (a machine without cargo: a many-core box the release binaries were
+    // copied to).
+    if let Some(dir) = std::env::var_os("HANDOVER_BENCH_EXAMPLES_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     let built = escargot::CargoBuild::new()
         .example(name)
         .current_release()
@@ -108,7 +113,15 @@ impl Registry {
         env: &[(&str, &OsStr)],
         log: &str,
     ) -> Result<Server, String> {
-        self.start_server_under(&[], program, env, log)
+        // `HANDOVER_BENCH_SERVER_CPUS=0-7`: servers pinned to those CPUs (with `taskset`, which
+        // execs the server in the same process), the load generator left to the others.
+        match std::env::var("HANDOVER_BENCH_SERVER_CPUS") {
+            Ok(cpus) if !cpus.is_empty() => {
+                let wrapper = [OsStr::new("taskset"), OsStr::new("-c"), OsStr::new(&cpus)];
+                self.start_server_under(&wrapper, program, env, log)
+            }
+            _ => self.start_server_under(&[], program, env, log),
+        }
     }
 
     /// Like [`Registry::start_server`], with `program` run by `wrapper` (a command and its
