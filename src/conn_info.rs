@@ -27,7 +27,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::handle::{Handle, State};
+use crate::handle::{Handle, State, StateReached};
 
 /// The connection a request came in on; in the extensions of every request.
 ///
@@ -153,6 +153,48 @@ impl ConnectionInfo {
     /// request handler, watch its state).
     pub fn handle(&self) -> &Handle {
         &self.inner.handle
+    }
+
+    /// Resolves once the process serving this connection is going away (handed over, or
+    /// draining): see [`Handle::going_away`]. What a WebSocket or server-sent-events handler
+    /// awaits to say goodbye; `Send + 'static`.
+    ///
+    /// # Example
+    /// A stream of events that ends when the process goes away, so that the client reconnects
+    /// (an `EventSource` does, with `Last-Event-ID`) to the process that serves now:
+    /// ```
+    /// use handover::ConnectionInfo;
+    ///
+    /// async fn events(conn: ConnectionInfo, mut next: tokio::sync::mpsc::Receiver<String>) {
+    ///     let going_away = conn.going_away();
+    ///     tokio::pin!(going_away);
+    ///     loop {
+    ///         tokio::select! {
+    ///             state = &mut going_away => {
+    ///                 println!("{state}: ending the stream");
+    ///                 break;
+    ///             }
+    ///             event = next.recv() => match event {
+    ///                 Some(event) => println!("data: {event}"),
+    ///                 None => break,
+    ///             },
+    ///         }
+    ///     }
+    /// }
+    /// ```
+    pub fn going_away(&self) -> StateReached {
+        self.inner.handle.going_away()
+    }
+
+    /// Resolves once the service is shutting down: see [`Handle::shutting_down`].
+    pub fn shutting_down(&self) -> StateReached {
+        self.inner.handle.shutting_down()
+    }
+
+    /// Resolves once this process has handed over to a successor: see
+    /// [`Handle::handed_over`].
+    pub fn handed_over(&self) -> StateReached {
+        self.inner.handle.handed_over()
     }
 }
 

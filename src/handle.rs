@@ -1,7 +1,10 @@
 //! Drive a server from code: restart it, shut it down, watch its lifecycle state.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -44,6 +47,20 @@ impl State {
     /// true after a hand-off: the service goes on in the new process.
     pub fn is_shutting_down(&self) -> bool {
         matches!(self, State::LameDuck | State::Draining | State::Stopped)
+    }
+
+    /// Whether this process is going away: it stopped accepting for good, because it handed
+    /// over to a successor ([`State::HandedOver`]) or the service is draining or stopped. The
+    /// moment for a long-lived connection (a WebSocket, a server-sent-events stream) to say
+    /// goodbye: a client that reconnects now reaches the process that serves from now on.
+    ///
+    /// Not true for a [`State::LameDuck`]: it still accepts, so a client told to go away would
+    /// likely reconnect to it, only to be told again when the drain begins.
+    pub fn is_going_away(&self) -> bool {
+        matches!(
+            self,
+            State::HandedOver { .. } | State::Draining | State::Stopped
+        )
     }
 
     /// Whether this process still accepts new connections.
@@ -238,6 +255,9 @@ pub struct Handle {
 struct Inner {
     commands: mpsc::UnboundedSender<Command>,
     state: watch::Sender<State>,
+    /// Where the server passes connections once it handed over to a successor that takes
+    /// them: here, so that an upgraded connection, which knows its handle, can find it.
+    hand_off: crate::conn::serve::HandOffSlot,
 }
 
 impl Handle {
@@ -249,6 +269,7 @@ impl Handle {
             inner: Arc::new(Inner {
                 commands,
                 state: watch::Sender::new(State::Starting),
+                hand_off: Arc::default(),
             }),
         };
         (handle, receiver)
@@ -286,10 +307,85 @@ impl Handle {
         *self.inner.state.borrow()
     }
 
-    /// A receiver that sees every state change, for a task that waits for one (for example
-    /// `watch.wait_for(|s| s.is_shutting_down())`).
+    /// A [`tokio::sync::watch::Receiver`] that sees every state change.
+    ///
+    /// To wait for a moment from a spawned task, prefer [`Handle::going_away`],
+    /// [`Handle::shutting_down`] or [`Handle::handed_over`]: their futures are `Send`. The
+    /// receiver's `wait_for` returns a [`tokio::sync::watch::Ref`], which is not `Send`: held
+    /// across an `.await` in a spawned task, it does not compile.
     pub fn watch(&self) -> watch::Receiver<State> {
         self.inner.state.subscribe()
+    }
+
+    /// Resolves once this process is going away ([`State::is_going_away`]: handed over, or
+    /// draining, or stopped), with the state that made it so; at once if it already is. What a
+    /// WebSocket or server-sent-events handler awaits to say goodbye (a WebSocket Close with
+    /// code 1001, "going away"), so that the client reconnects to the process that serves now,
+    /// and this one exits as soon as its last connection is closed instead of at the drain
+    /// deadline.
+    ///
+    /// The future is `Send + 'static`: it can be awaited in a spawned task, in a `select!`
+    /// with the connection's reads, or kept in a struct.
+    ///
+    /// # Example
+    /// ```
+    /// # async fn example(handle: handover::Handle) {
+    /// let going_away = handle.going_away();
+    /// let task = tokio::spawn(async move {
+    ///     let state = going_away.await;
+    ///     // e.g. send a WebSocket Close frame with code 1001 here.
+    ///     println!("saying goodbye: {state}");
+    /// });
+    /// # drop(task);
+    /// # }
+    /// ```
+    ///
+    /// # Cancel safety
+    /// Dropping it changes nothing; a new one sees the current state first.
+    pub fn going_away(&self) -> StateReached {
+        self.reached("going away", State::is_going_away)
+    }
+
+    /// Resolves once the service is shutting down ([`State::is_shutting_down`]: the lame duck,
+    /// draining, or stopped), with that state; at once if it already is. Not after a hand-off
+    /// (the service goes on in the new process): see [`Handle::going_away`] for both.
+    /// `Send + 'static`, like [`Handle::going_away`].
+    pub fn shutting_down(&self) -> StateReached {
+        self.reached("shutting down", State::is_shutting_down)
+    }
+
+    /// Resolves once this process has handed over to a successor ([`State::HandedOver`],
+    /// which carries its pid); at once if it already has. Stays pending if the service shuts
+    /// down instead: see [`Handle::going_away`] for both. `Send + 'static`, like
+    /// [`Handle::going_away`].
+    pub fn handed_over(&self) -> StateReached {
+        self.reached("handed over", |s| matches!(s, State::HandedOver { .. }))
+    }
+
+    fn reached(&self, what: &'static str, done: fn(&State) -> bool) -> StateReached {
+        let mut receiver = self.inner.state.subscribe();
+        StateReached {
+            what,
+            inner: Box::pin(async move {
+                loop {
+                    // Copied out at once: a `watch::Ref` held across the `.await` below would
+                    // make this future `!Send`.
+                    let state = *receiver.borrow_and_update();
+                    if done(&state) {
+                        return state;
+                    }
+                    if receiver.changed().await.is_err() {
+                        // Every handle is gone, so the state cannot change any more: the server
+                        // is gone with them. Report the last state rather than hang for ever.
+                        return *receiver.borrow();
+                    }
+                }
+            }),
+        }
+    }
+
+    pub(crate) fn hand_off_slot(&self) -> &crate::conn::serve::HandOffSlot {
+        &self.inner.hand_off
     }
 
     pub(crate) fn set_state(&self, state: State) {
@@ -305,6 +401,35 @@ impl fmt::Debug for Handle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Handle")
             .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A moment of a server's life, awaited: returned by [`Handle::going_away`],
+/// [`Handle::shutting_down`] and [`Handle::handed_over`] (and the same methods of
+/// [`crate::ConnectionInfo`]). Resolves to the [`State`] that reached it.
+///
+/// `Send + 'static`, unlike waiting on a [`tokio::sync::watch::Receiver`] with `wait_for`
+/// (whose `Ref` is not `Send`): it can be awaited in a spawned task. It also resolves, with the
+/// last state, if the server and every handle to it are gone, rather than hang for ever.
+#[must_use = "futures do nothing unless awaited"]
+pub struct StateReached {
+    what: &'static str,
+    inner: Pin<Box<dyn Future<Output = State> + Send + 'static>>,
+}
+
+impl Future for StateReached {
+    type Output = State;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<State> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl fmt::Debug for StateReached {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StateReached")
+            .field("waiting_for", &self.what)
             .finish_non_exhaustive()
     }
 }
@@ -374,5 +499,95 @@ mod tests {
         let err = handle.restart().await.expect_err("no server");
         assert_eq!(err.kind(), RestartErrorKind::NotServing);
         assert_eq!(handle.state(), State::Starting);
+    }
+
+    fn assert_send_static<T: Send + 'static>(_: &T) {}
+
+    /// Polls `fut` once, without a runtime's help.
+    fn poll_once(fut: &mut StateReached) -> Poll<State> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        Pin::new(fut).poll(&mut cx)
+    }
+
+    #[test]
+    fn going_away_means_no_longer_accepting_for_good() {
+        let going = [
+            State::HandedOver { pid: 7 },
+            State::Draining,
+            State::Stopped,
+        ];
+        let staying = [
+            State::Starting,
+            State::Serving,
+            State::Restarting,
+            State::LameDuck,
+        ];
+        assert!(going.iter().all(State::is_going_away));
+        assert!(!staying.iter().any(State::is_going_away));
+    }
+
+    #[tokio::test]
+    async fn each_moment_resolves_on_its_states_only_and_with_the_state() {
+        let (handle, _commands) = Handle::new();
+        let mut going = handle.going_away();
+        let mut shutting = handle.shutting_down();
+        let mut handed = handle.handed_over();
+        assert_send_static(&going);
+        for state in [State::Serving, State::Restarting, State::Serving] {
+            handle.set_state(state);
+            assert!(poll_once(&mut going).is_pending(), "{state}");
+            assert!(poll_once(&mut shutting).is_pending(), "{state}");
+            assert!(poll_once(&mut handed).is_pending(), "{state}");
+        }
+        handle.set_state(State::LameDuck);
+        assert_eq!(poll_once(&mut shutting), Poll::Ready(State::LameDuck));
+        assert!(
+            poll_once(&mut going).is_pending(),
+            "a lame duck still accepts"
+        );
+        handle.set_state(State::Draining);
+        assert_eq!(poll_once(&mut going), Poll::Ready(State::Draining));
+        assert!(poll_once(&mut handed).is_pending());
+    }
+
+    #[tokio::test]
+    async fn a_spawned_task_sees_the_hand_off_and_its_pid() {
+        let (handle, _commands) = Handle::new();
+        handle.set_state(State::Serving);
+        let handed = handle.handed_over();
+        let going = handle.going_away();
+        let task = tokio::spawn(async move { (handed.await, going.await) });
+        handle.set_state(State::Restarting);
+        handle.set_state(State::HandedOver { pid: 42 });
+        let (handed, going) = tokio::time::timeout(std::time::Duration::from_secs(10), task)
+            .await
+            .expect("resolved within 10 s")
+            .expect("task ran");
+        assert_eq!(handed, State::HandedOver { pid: 42 });
+        assert_eq!(going, State::HandedOver { pid: 42 });
+    }
+
+    #[tokio::test]
+    async fn a_moment_already_reached_resolves_at_once() {
+        let (handle, _commands) = Handle::new();
+        handle.set_state(State::Stopped);
+        assert_eq!(
+            poll_once(&mut handle.going_away()),
+            Poll::Ready(State::Stopped)
+        );
+        assert_eq!(
+            poll_once(&mut handle.shutting_down()),
+            Poll::Ready(State::Stopped)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_moment_of_a_server_gone_with_every_handle_resolves_with_the_last_state() {
+        let (handle, commands) = Handle::new();
+        handle.set_state(State::Serving);
+        let mut handed = handle.handed_over();
+        assert!(poll_once(&mut handed).is_pending());
+        drop((handle, commands));
+        assert_eq!(poll_once(&mut handed), Poll::Ready(State::Serving));
     }
 }

@@ -16,6 +16,12 @@
 //! [`ACCEPTS_CONNECTIONS`] line in its `READY=1` message. Messages, old → new:
 //! - `CONNS <seq> <n>\n`, then for each connection `<listener name>\n<byte count>\n<bytes>`,
 //!   with the `n` sockets attached (`SCM_RIGHTS`, in the same order);
+//! - `UPGRADED <seq> <n>\n`, then for each connection
+//!   `<listener name>\n<byte count>\n<state length>\n<bytes><state>`, with the `n` sockets
+//!   attached: upgraded connections the application hands over (see `upgrade`), sent only to
+//!   a process that said it takes them ([`ACCEPTS_UPGRADED`]); a batch of its own (the same
+//!   sequence, acknowledgement and ownership as `CONNS`), served by the successor's
+//!   `resume_upgraded` handler;
 //! - `DONE\n`: nothing more will come.
 //!
 //! New → old: `ACK <seq>\n`, sent as soon as a batch is received, **before** any of its
@@ -67,18 +73,34 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::accept::{ConnContext, ServeConn};
-use crate::conn::control::Directive;
+use crate::conn::control::{Directive, Phase};
 use crate::conn::{HandOff, PassOutcome, TrackedIo};
 use crate::notify::Connected;
 use crate::sys;
+use crate::upgrade::{ResumeHandler, Resumed};
 
 /// The line a new process adds to its `READY=1` when it takes connections.
 pub(crate) const ACCEPTS_CONNECTIONS: &str = "X_HANDOVER_CONNECTIONS=1";
+
+/// The line a new process adds to its `READY=1` when it also takes upgraded connections (it
+/// has a `resume_upgraded` handler).
+pub(crate) const ACCEPTS_UPGRADED: &str = "X_HANDOVER_UPGRADED=1";
 
 /// Most sockets in one message (the kernel allows 253).
 pub(crate) const MAX_BATCH: usize = 64;
 /// Most carried bytes in one message; a connection with more is not passed.
 pub(crate) const MAX_BATCH_BYTES: usize = 48 * 1024;
+/// Most carried bytes of one upgraded connection (what it read and did not consume, its state).
+const MAX_UPGRADED_BYTES: usize = crate::upgrade::MAX_UNREAD + crate::upgrade::MAX_STATE;
+/// Most bytes of an `UPGRADED` message besides its first line: one connection at its largest
+/// fits (with its lines), or several smaller ones.
+const MAX_UPGRADED_BATCH_BYTES: usize = MAX_UPGRADED_BYTES + 1024;
+/// The receive buffer: the largest message of either kind, and its header lines.
+const MAX_MESSAGE: usize = if MAX_BATCH_BYTES > MAX_UPGRADED_BATCH_BYTES {
+    MAX_BATCH_BYTES
+} else {
+    MAX_UPGRADED_BATCH_BYTES
+} + 4096;
 /// Most batches sent and not acknowledged.
 pub(crate) const WINDOW: usize = 8;
 /// How long the successor has to acknowledge a batch (it does on receipt: a healthy process
@@ -92,6 +114,9 @@ const ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 struct Parcel {
     io: TrackedIo,
     read: Bytes,
+    /// The application's state, for an upgraded connection (sent in batches of their own, as
+    /// `UPGRADED`).
+    upgraded: Option<Bytes>,
     done: oneshot::Sender<PassOutcome>,
 }
 
@@ -101,17 +126,57 @@ pub(crate) struct Outbox {
     tx: mpsc::UnboundedSender<Parcel>,
     /// The counters (a connection refused here is kept, like one given back) and the failure.
     sent: Arc<Sent>,
+    /// The successor takes upgraded connections too.
+    accepts_upgraded: bool,
 }
 
 impl HandOff for Outbox {
     fn pass(&self, io: TrackedIo, read: Bytes) -> oneshot::Receiver<PassOutcome> {
         let (done, outcome) = oneshot::channel();
-        if self.sent.failed.is_cancelled() || entry_size(&io, &read) > MAX_BATCH_BYTES {
-            give_back(std::iter::once(Parcel { io, read, done }), &self.sent);
+        let parcel = Parcel {
+            io,
+            read,
+            upgraded: None,
+            done,
+        };
+        if self.sent.failed.is_cancelled() || parcel_size(&parcel) > MAX_BATCH_BYTES {
+            give_back(std::iter::once(parcel), &self.sent);
             return outcome;
         }
-        io.control().mark_in_flight(true);
-        if let Err(mpsc::error::SendError(p)) = self.tx.send(Parcel { io, read, done }) {
+        parcel.io.control().mark_in_flight(true);
+        if let Err(mpsc::error::SendError(p)) = self.tx.send(parcel) {
+            give_back(std::iter::once(p), &self.sent);
+        }
+        outcome
+    }
+
+    fn takes_upgraded(&self) -> bool {
+        self.accepts_upgraded
+    }
+
+    fn pass_upgraded(
+        &self,
+        io: TrackedIo,
+        read: Bytes,
+        state: Bytes,
+    ) -> oneshot::Receiver<PassOutcome> {
+        let (done, outcome) = oneshot::channel();
+        let parcel = Parcel {
+            io,
+            read,
+            upgraded: Some(state),
+            done,
+        };
+        if !self.accepts_upgraded
+            || self.sent.failed.is_cancelled()
+            || parcel.read.len() + parcel.upgraded.as_ref().map_or(0, Bytes::len)
+                > MAX_UPGRADED_BYTES
+        {
+            give_back(std::iter::once(parcel), &self.sent);
+            return outcome;
+        }
+        parcel.io.control().mark_in_flight(true);
+        if let Err(mpsc::error::SendError(p)) = self.tx.send(parcel) {
             give_back(std::iter::once(p), &self.sent);
         }
         outcome
@@ -132,28 +197,54 @@ impl Switch {
     }
 }
 
-impl HandOff for Switch {
-    fn pass(&self, io: TrackedIo, read: Bytes) -> oneshot::Receiver<PassOutcome> {
-        let current = self
-            .current
+impl Switch {
+    fn current(&self) -> Option<Arc<Outbox>> {
+        self.current
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        match current {
+            .clone()
+    }
+}
+
+/// No successor takes connections (any more): served here.
+fn kept(io: TrackedIo, read: Bytes) -> oneshot::Receiver<PassOutcome> {
+    let (done, outcome) = oneshot::channel();
+    let _ = done.send(PassOutcome::Kept(io, read));
+    outcome
+}
+
+impl HandOff for Switch {
+    fn pass(&self, io: TrackedIo, read: Bytes) -> oneshot::Receiver<PassOutcome> {
+        match self.current() {
             Some(outbox) => outbox.pass(io, read),
-            None => {
-                // No successor takes connections (any more): served here.
-                let (done, outcome) = oneshot::channel();
-                let _ = done.send(PassOutcome::Kept(io, read));
-                outcome
-            }
+            None => kept(io, read),
+        }
+    }
+
+    fn takes_upgraded(&self) -> bool {
+        self.current().is_some_and(|o| o.takes_upgraded())
+    }
+
+    fn pass_upgraded(
+        &self,
+        io: TrackedIo,
+        read: Bytes,
+        state: Bytes,
+    ) -> oneshot::Receiver<PassOutcome> {
+        match self.current() {
+            Some(outbox) => outbox.pass_upgraded(io, read, state),
+            None => kept(io, read),
         }
     }
 }
 
-/// What a connection takes of a batch message: its listener's name, its byte count, the bytes.
-fn entry_size(io: &TrackedIo, read: &Bytes) -> usize {
-    io.info().listener().len() + 24 + read.len()
+/// What a connection takes of a batch message: its listener's name, its byte count, the bytes
+/// (and for an upgraded one its state length and state).
+fn parcel_size(p: &Parcel) -> usize {
+    p.io.info().listener().len()
+        + 24
+        + p.read.len()
+        + p.upgraded.as_ref().map_or(0, |s| 24 + s.len())
 }
 
 /// How the passing went, for the drain's report.
@@ -171,17 +262,20 @@ pub(crate) struct Sent {
 /// Starts passing connections to the successor `to_pid` over `channel`, watching it through
 /// `pidfd`. Returns where to put them and the counters; the task ends once the outbox is
 /// dropped and everything sent was acknowledged (then it sends `DONE`), or the successor
-/// refused or died (then what it had not acknowledged is given back).
+/// refused or died (then what it had not acknowledged is given back). `accepts_upgraded`: the
+/// successor also takes upgraded connections.
 pub(crate) fn send(
     channel: Connected,
     to_pid: u32,
     pidfd: Arc<OwnedFd>,
+    accepts_upgraded: bool,
 ) -> (Arc<Outbox>, Arc<Sent>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let sent = Arc::new(Sent::default());
     let outbox = Arc::new(Outbox {
         tx,
         sent: Arc::clone(&sent),
+        accepts_upgraded,
     });
     tokio::spawn(sender(channel, rx, Arc::clone(&sent), to_pid, pidfd));
     (outbox, sent)
@@ -394,12 +488,18 @@ fn fill_batch(
     rx: &mut mpsc::UnboundedReceiver<Parcel>,
     next: &mut Option<Parcel>,
 ) -> Vec<Parcel> {
-    let mut bytes = entry_size(&first.io, &first.read);
+    // Upgraded connections go in batches of their own kind (`UPGRADED`).
+    let upgraded = first.upgraded.is_some();
+    let limit = match upgraded {
+        true => MAX_UPGRADED_BATCH_BYTES,
+        false => MAX_BATCH_BYTES,
+    };
+    let mut bytes = parcel_size(&first);
     let mut batch = vec![first];
     while batch.len() < MAX_BATCH {
         match rx.try_recv() {
-            Ok(p) if bytes + entry_size(&p.io, &p.read) <= MAX_BATCH_BYTES => {
-                bytes += entry_size(&p.io, &p.read);
+            Ok(p) if p.upgraded.is_some() == upgraded && bytes + parcel_size(&p) <= limit => {
+                bytes += parcel_size(&p);
                 batch.push(p);
             }
             Ok(p) => {
@@ -457,6 +557,20 @@ fn give_back(parcels: impl IntoIterator<Item = Parcel>, sent: &Sent) {
 }
 
 async fn send_batch(channel: &AsyncFd<OwnedFd>, seq: u64, batch: &[Parcel]) -> std::io::Result<()> {
+    if batch.first().is_some_and(|p| p.upgraded.is_some()) {
+        let conns: Vec<_> = batch
+            .iter()
+            .map(|p| {
+                let state = p.upgraded.as_deref().unwrap_or_default();
+                (p.io.info().listener(), &p.read[..], state)
+            })
+            .collect();
+        let msg = upgraded_message(seq, &conns);
+        let fds: Vec<BorrowedFd<'_>> = batch.iter().map(|p| p.io.as_fd()).collect();
+        return channel
+            .async_io(Interest::WRITABLE, |fd| send_msg(fd, &msg, &fds))
+            .await;
+    }
     let mut msg = format!("CONNS {seq} {}\n", batch.len()).into_bytes();
     for p in batch {
         msg.extend_from_slice(p.io.info().listener().as_bytes());
@@ -469,6 +583,18 @@ async fn send_batch(channel: &AsyncFd<OwnedFd>, seq: u64, batch: &[Parcel]) -> s
     channel
         .async_io(Interest::WRITABLE, |fd| send_msg(fd, &msg, &fds))
         .await
+}
+
+/// An `UPGRADED` message of `(listener, read, state)` entries (their sockets go beside it, in
+/// the same order).
+fn upgraded_message(seq: u64, conns: &[(&str, &[u8], &[u8])]) -> Vec<u8> {
+    let mut msg = format!("UPGRADED {seq} {}\n", conns.len()).into_bytes();
+    for (listener, read, state) in conns {
+        msg.extend_from_slice(format!("{listener}\n{}\n{}\n", read.len(), state.len()).as_bytes());
+        msg.extend_from_slice(read);
+        msg.extend_from_slice(state);
+    }
+    msg
 }
 
 fn send_msg(fd: &OwnedFd, msg: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
@@ -536,10 +662,11 @@ pub(crate) async fn receive(
     channel: Arc<Connected>,
     services: Vec<(Arc<str>, Box<dyn ServeConn>)>,
     cx: ConnContext,
+    resume_upgraded: Option<ResumeHandler>,
 ) -> usize {
     let channel = channel.async_fd();
     let mut taken = 0;
-    let mut buf = vec![0u8; MAX_BATCH_BYTES + 4096];
+    let mut buf = vec![0u8; MAX_MESSAGE];
     let mut hold_open = false;
     loop {
         let received = channel
@@ -563,56 +690,56 @@ pub(crate) async fn receive(
         if buf[..len] == *b"DONE\n" {
             break;
         }
-        if !buf[..len].starts_with(b"CONNS ") {
-            // A kind of message this version does not know (see the module docs): not ours to
-            // answer.
-            tracing::debug!(len, "ignoring a message on the connection channel");
-            continue;
-        }
-        let Some(batch) = parse_batch(&buf[..len], fds) else {
-            tracing::warn!(
-                "unexpected message on the connection channel; refusing it (the old process keeps its connections)"
-            );
-            break;
-        };
+        let msg = &buf[..len];
         // Everything about each connection is settled before any is acknowledged: until the
         // acknowledgement, they are the old process's, which gets them back if we refuse
         // (closing the channel unacknowledged) — also for a name this process has no
         // plaintext service for (a deploy that renamed a listener, or put TLS on it).
-        let mut adopted = Vec::with_capacity(batch.conns.len());
-        let mut refused = None;
-        for (name, read, fd) in batch.conns {
-            let Some(index) = services
-                .iter()
-                .position(|(n, s)| **n == *name && s.passable())
-            else {
-                refused = Some(format!("no plaintext listener named {name:?} here"));
+        let adopted = if msg.starts_with(b"CONNS ") {
+            let Some(batch) = parse_batch(msg, fds) else {
+                tracing::warn!(
+                    "unexpected message on the connection channel; refusing it (the old process keeps its connections)"
+                );
                 break;
             };
-            match crate::accept::adopt_passed(fd, Arc::clone(&services[index].0), &cx) {
-                Ok(io) => adopted.push((index, io, read)),
-                Err(e) => {
-                    refused = Some(format!("a passed socket is unusable: {e}"));
-                    break;
-                }
+            adopt_batch(batch, &services, &cx)
+        } else if msg.starts_with(b"UPGRADED ") {
+            adopt_upgraded(msg, fds, &services, &cx, resume_upgraded.as_ref())
+        } else {
+            // A kind of message this version does not know (see the module docs): not ours to
+            // answer.
+            tracing::debug!(len, "ignoring a message on the connection channel");
+            continue;
+        };
+        let (seq, adopted) = match adopted {
+            Ok(adopted) => adopted,
+            Err(why) => {
+                tracing::warn!(
+                    why,
+                    "refusing a batch of passed connections (the old process keeps them, and every connection not acknowledged yet)"
+                );
+                break;
             }
-        }
-        if let Some(why) = refused {
-            tracing::warn!(
-                why,
-                "refusing a batch of passed connections (the old process keeps them)"
-            );
-            break;
-        }
+        };
         // Ours from here on, whether the acknowledgement arrives or not: the old process gives
         // a batch back only once we are provably gone (our end closed), never on silence.
-        let ack = format!("ACK {}\n", batch.seq);
+        let ack = format!("ACK {seq}\n");
         let acked = channel
             .async_io(Interest::WRITABLE, |fd| send_msg(fd, ack.as_bytes(), &[]))
             .await;
-        for (index, io, read) in adopted {
-            taken += 1;
-            tokio::spawn(services[index].1.serve(io, read, &cx));
+        match adopted {
+            Adopted::Conns(conns) => {
+                for (index, io, read) in conns {
+                    taken += 1;
+                    tokio::spawn(services[index].1.serve(io, read, &cx));
+                }
+            }
+            Adopted::Upgraded(resumed, handler) => {
+                for r in resumed {
+                    taken += 1;
+                    handler.spawn(r);
+                }
+            }
         }
         match acked {
             Ok(()) => {}
@@ -620,7 +747,7 @@ pub(crate) async fn receive(
                 // The old process exited with the batch in flight: it closed its copies without
                 // serving them, so they are ours alone. What else it sent is queued: read on.
                 tracing::info!(
-                    seq = batch.seq,
+                    seq,
                     "the previous process is gone; serving the connections it passed"
                 );
             }
@@ -643,6 +770,106 @@ pub(crate) async fn receive(
         std::future::pending::<()>().await;
     }
     taken
+}
+
+/// A batch settled, to be acknowledged and served.
+enum Adopted<'h> {
+    /// HTTP/1 connections: each with the index of its listener's service, and the bytes read.
+    Conns(Vec<(usize, TrackedIo, Bytes)>),
+    /// Upgraded connections, for the application's handler.
+    Upgraded(Vec<Resumed>, &'h ResumeHandler),
+}
+
+/// Settles everything about a `CONNS` batch before it is acknowledged: the listener and socket
+/// of each connection; or why it is refused (the old process then keeps them).
+fn adopt_batch<'h>(
+    batch: Batch,
+    services: &[(Arc<str>, Box<dyn ServeConn>)],
+    cx: &ConnContext,
+) -> Result<(u64, Adopted<'h>), String> {
+    let mut adopted = Vec::with_capacity(batch.conns.len());
+    for (name, read, fd) in batch.conns {
+        let index = passable_service(services, &name)?;
+        let io = crate::accept::adopt_passed(fd, Arc::clone(&services[index].0), cx)
+            .map_err(|e| format!("a passed socket is unusable: {e}"))?;
+        adopted.push((index, io, read));
+    }
+    Ok((batch.seq, Adopted::Conns(adopted)))
+}
+
+/// The index of the plaintext service of the listener `name`.
+fn passable_service(
+    services: &[(Arc<str>, Box<dyn ServeConn>)],
+    name: &str,
+) -> Result<usize, String> {
+    services
+        .iter()
+        .position(|(n, s)| **n == *name && s.passable())
+        .ok_or_else(|| format!("no plaintext listener named {name:?} here"))
+}
+
+/// Settles everything about an `UPGRADED` batch before it is acknowledged: its handler, the
+/// listener and socket of each connection; or why it is refused (the old process then keeps
+/// them).
+fn adopt_upgraded<'h>(
+    msg: &[u8],
+    fds: Vec<OwnedFd>,
+    services: &[(Arc<str>, Box<dyn ServeConn>)],
+    cx: &ConnContext,
+    handler: Option<&'h ResumeHandler>,
+) -> Result<(u64, Adopted<'h>), String> {
+    let Some(handler) = handler else {
+        return Err("this process has no resume_upgraded handler".to_string());
+    };
+    let (seq, conns) = parse_upgraded(msg, fds).ok_or("a malformed UPGRADED message")?;
+    let mut resumed = Vec::with_capacity(conns.len());
+    for up in conns {
+        let index = passable_service(services, &up.listener)?;
+        let io = crate::accept::adopt_passed(up.fd, Arc::clone(&services[index].0), cx)
+            .map_err(|e| format!("a passed socket is unusable: {e}"))?;
+        // The application's from now on: no header-read timeout, no request boundary.
+        io.control().set_phase(Phase::Upgraded);
+        resumed.push(Resumed::new(io, up.read, up.state));
+    }
+    Ok((seq, Adopted::Upgraded(resumed, handler)))
+}
+
+/// One connection of an `UPGRADED` message, parsed.
+#[derive(Debug)]
+struct Upgraded {
+    listener: String,
+    read: Bytes,
+    state: Bytes,
+    fd: OwnedFd,
+}
+
+/// Parses an `UPGRADED` message: its sequence and connections; `None` if it is malformed (the
+/// counts, the lengths or the sockets do not add up).
+fn parse_upgraded(mut msg: &[u8], fds: Vec<OwnedFd>) -> Option<(u64, Vec<Upgraded>)> {
+    let header = take_line(&mut msg)?;
+    let mut words = header.strip_prefix("UPGRADED ")?.split(' ');
+    let seq: u64 = words.next()?.parse().ok()?;
+    let n: usize = words.next()?.parse().ok()?;
+    if words.next().is_some() || n != fds.len() || n == 0 {
+        return None;
+    }
+    let mut conns = Vec::with_capacity(n);
+    for fd in fds {
+        let listener = take_line(&mut msg)?.to_string();
+        let read_len: usize = take_line(&mut msg)?.parse().ok()?;
+        let state_len: usize = take_line(&mut msg)?.parse().ok()?;
+        let read = Bytes::copy_from_slice(msg.get(..read_len)?);
+        msg = &msg[read_len..];
+        let state = Bytes::copy_from_slice(msg.get(..state_len)?);
+        msg = &msg[state_len..];
+        conns.push(Upgraded {
+            listener,
+            read,
+            state,
+            fd,
+        });
+    }
+    msg.is_empty().then_some((seq, conns))
 }
 
 /// Whether a send failed because the other process is gone.
@@ -747,5 +974,57 @@ mod tests {
             Word::Other("REASON exit 3".into())
         );
         assert_eq!(parse_word(b"ACK x\n"), Word::Other("ACK x".into()));
+    }
+
+    fn a_socket() -> OwnedFd {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        a.into()
+    }
+
+    #[test]
+    fn an_upgraded_message_reads_back_as_written() {
+        let conns: [(&str, &[u8], &[u8]); 3] = [
+            ("web", b"\x81\x85half", b"session 42\nnick"),
+            ("admin", b"", b""),
+            ("web", b"\n\n", b"3\n"),
+        ];
+        let msg = upgraded_message(7, &conns);
+        let (seq, up) =
+            parse_upgraded(&msg, vec![a_socket(), a_socket(), a_socket()]).expect("parsed");
+        assert_eq!(seq, 7);
+        let back: Vec<(&str, &[u8], &[u8])> = up
+            .iter()
+            .map(|u| (u.listener.as_str(), &u.read[..], &u.state[..]))
+            .collect();
+        assert_eq!(back, conns);
+    }
+
+    #[test]
+    fn a_malformed_upgraded_message_is_refused() {
+        let msg = upgraded_message(1, &[("web", b"abc", b"state")]);
+        // Not as many sockets as connections.
+        assert!(parse_upgraded(&msg, vec![]).is_none());
+        assert!(parse_upgraded(&msg, vec![a_socket(), a_socket()]).is_none());
+        // Lengths that do not add up.
+        assert!(parse_upgraded(&msg[..msg.len() - 1], vec![a_socket()]).is_none());
+        let mut longer = msg.clone();
+        longer.push(b'!');
+        assert!(parse_upgraded(&longer, vec![a_socket()]).is_none());
+        assert!(parse_upgraded(b"UPGRADED x 1\nweb\n0\n0\n", vec![a_socket()]).is_none());
+        assert!(parse_upgraded(b"UPGRADED 1\nweb\n0\n0\n", vec![a_socket()]).is_none());
+        assert!(parse_upgraded(b"UPGRADED 1 0\n", vec![]).is_none());
+        assert!(parse_upgraded(b"CONNS 1 1\nweb\n0\n", vec![a_socket()]).is_none());
+    }
+
+    #[test]
+    fn the_receive_buffer_holds_the_largest_upgraded_connection() {
+        let (read, state) = (
+            [0; crate::upgrade::MAX_UNREAD],
+            [0; crate::upgrade::MAX_STATE],
+        );
+        let msg = upgraded_message(u64::MAX, &[("a-listener-name", &read, &state)]);
+        assert!(msg.len() <= MAX_MESSAGE);
+        let first_line = "UPGRADED 18446744073709551615 1\n".len();
+        assert!(msg.len() - first_line <= MAX_UPGRADED_BATCH_BYTES);
     }
 }

@@ -121,6 +121,7 @@ mod sys;
 mod tickets;
 #[cfg(feature = "rustls")]
 mod tls;
+pub mod upgrade;
 
 pub use accept::HttpService;
 #[cfg(feature = "rustls")]
@@ -131,7 +132,7 @@ pub use certs::{CertificateError, CertificateErrorKind, TlsCertificate};
 pub use conn_info::TlsInfo;
 pub use conn_info::{ConnectionInfo, Local, Peer, PeerCredentials};
 pub use error::{Error, ErrorKind};
-pub use handle::{Handle, RestartError, RestartErrorKind, Restarted, State};
+pub use handle::{Handle, RestartError, RestartErrorKind, Restarted, State, StateReached};
 pub use hooks::HooksReport;
 pub use listen::{Listener, Listeners, Origin};
 pub use reason::report_start_failure;

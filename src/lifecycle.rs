@@ -34,8 +34,8 @@
 use std::future::Future;
 use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::io::Interest;
@@ -262,7 +262,9 @@ impl Lifecycle {
             .collect::<Result<Vec<_>, _>>()?;
 
         let switch = Arc::new(handoff::Switch::default());
-        let slot = Arc::new(OnceLock::new());
+        // The handle's slot: an upgraded connection finds the switch through its handle
+        // (`upgrade`).
+        let slot = Arc::clone(handle.hand_off_slot());
         let _ = slot.set(Arc::clone(&switch) as Arc<dyn crate::conn::HandOff>);
         let cx = ConnContext::new(http, connections.clone(), handle.clone(), slot);
         let mut tasks = vec![AbortOnDropHandle::new(tokio::spawn(connections.sweeper()))];
@@ -294,6 +296,9 @@ impl Lifecycle {
         }
         if config.connection_handoff && notifier.has_parent_channel() {
             notifier.offer_connections();
+            if config.resume_upgraded.is_some() {
+                notifier.offer_upgraded();
+            }
         }
         let by_name: Vec<(Arc<str>, Box<dyn ServeConn>)> = listeners
             .iter()
@@ -353,9 +358,10 @@ impl Lifecycle {
         }
         let notifier = Arc::clone(&self.notifier);
         let cx = self.cx.clone();
+        let resume_upgraded = self.config.resume_upgraded.clone();
         self._tasks
             .push(AbortOnDropHandle::new(tokio::spawn(async move {
-                let taken = handoff::receive(channel, by_name, cx).await;
+                let taken = handoff::receive(channel, by_name, cx, resume_upgraded).await;
                 if taken > 0 {
                     // What `systemctl status` shows: this process serves the previous one's
                     // clients too.
@@ -718,7 +724,12 @@ impl Lifecycle {
         self.watchdog = None;
         let sent = match handed.accepts_connections && self.config.connection_handoff {
             true => {
-                let (outbox, sent) = handoff::send(handed.channel, pid, Arc::clone(&handed.pidfd));
+                let (outbox, sent) = handoff::send(
+                    handed.channel,
+                    pid,
+                    Arc::clone(&handed.pidfd),
+                    handed.accepts_upgraded,
+                );
                 self.switch.set(Some(outbox));
                 tracing::info!(
                     pid,

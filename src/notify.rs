@@ -55,6 +55,8 @@ pub(crate) struct Notifier {
     channel: Mutex<Option<Arc<Connected>>>,
     /// Whether our `READY=1` to a parent says we take its connections.
     offers_connections: AtomicBool,
+    /// Whether it also takes upgraded connections (`upgrade`).
+    offers_upgraded: AtomicBool,
 }
 
 /// How to reach a handover parent.
@@ -115,12 +117,14 @@ impl Notifier {
                 }),
                 channel: Mutex::new(None),
                 offers_connections: AtomicBool::new(false),
+                offers_upgraded: AtomicBool::new(false),
             },
             None => Notifier {
                 upstream: open("NOTIFY_SOCKET", &startup.notify_socket),
                 parent: Mutex::new(None),
                 channel: Mutex::new(None),
                 offers_connections: AtomicBool::new(false),
+                offers_upgraded: AtomicBool::new(false),
             },
         }
     }
@@ -219,6 +223,10 @@ impl Notifier {
                     msg.push_str(crate::handoff::ACCEPTS_CONNECTIONS);
                     msg.push('\n');
                 }
+                if self.offers_upgraded.load(Ordering::Relaxed) {
+                    msg.push_str(crate::handoff::ACCEPTS_UPGRADED);
+                    msg.push('\n');
+                }
                 let delivered = channel.deliver(msg.as_bytes(), deadline).await;
                 *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = Some(channel);
                 (delivered, "the parent process")
@@ -251,6 +259,11 @@ impl Notifier {
     /// connections the parent has (`handoff`).
     pub(crate) fn offer_connections(&self) {
         self.offers_connections.store(true, Ordering::Relaxed);
+    }
+
+    /// Says, with the same `READY=1`, that this process also takes upgraded connections.
+    pub(crate) fn offer_upgraded(&self) {
+        self.offers_upgraded.store(true, Ordering::Relaxed);
     }
 
     /// Whether a parent waits for our `READY=1` on its channel.

@@ -72,6 +72,8 @@ pub(crate) struct HandedOver {
     /// The new process said, with its `READY=1`, that it takes connections
     /// ([`crate::handoff::ACCEPTS_CONNECTIONS`]).
     pub(crate) accepts_connections: bool,
+    /// And upgraded connections ([`crate::handoff::ACCEPTS_UPGRADED`]).
+    pub(crate) accepts_upgraded: bool,
     /// Started as our own child (as PID 1): the keeper, whose signal handlers run from the
     /// hand-off on, forwards close signals to it; forwarding here too would send one twice.
     pub(crate) keeper_forwards: bool,
@@ -438,6 +440,7 @@ async fn attempt(
     // is also waiting; a child that is ready is handed over to even if a close signal came at
     // the same moment (it is serving already; killing it would reset its connections).
     let mut accepts_connections = false;
+    let mut accepts_upgraded = false;
     // The child's own word on why it fails, if it says it before it exits (`reason`).
     let said = Mutex::new(None);
     let exited = |status| RestartFailure::Exited {
@@ -453,8 +456,9 @@ async fn attempt(
             None => exited(status),
         }),
         source = report.failed() => Err(RestartFailure::Spawn { exe: exe.clone(), source }),
-        ready = wait_ready(&channel, &handshake, pid, &said) => ready.map(|(status, accepts)| {
+        ready = wait_ready(&channel, &handshake, pid, &said) => ready.map(|(status, accepts, upgraded)| {
             accepts_connections = accepts;
+            accepts_upgraded = upgraded;
             status
         }),
         () = cancel.cancelled() => Err(RestartFailure::Cancelled { pid }),
@@ -521,6 +525,7 @@ async fn attempt(
                 pidfd: child_ref.pidfd,
                 channel,
                 accepts_connections,
+                accepts_upgraded,
                 keeper_forwards: placement == Placement::Child,
             })
         }
@@ -707,7 +712,7 @@ fn bind_handshake() -> Result<(tokio::net::UnixDatagram, OsString), RestartFailu
 
 /// Waits for `READY=1` from the child: on the channel, or in a datagram from `pid` on the
 /// hand-off socket. Returns the last `STATUS=` the process sent, if any, and whether it takes
-/// connections (said on the channel with its `READY=1`). Other messages are
+/// connections, and upgraded ones too (said on the channel with its `READY=1`). Other messages are
 /// logged (messages from other senders at debug level only after the first, so a local process
 /// cannot flood the log).
 async fn wait_ready(
@@ -715,7 +720,7 @@ async fn wait_ready(
     socket: &tokio::net::UnixDatagram,
     pid: u32,
     said: &Mutex<Option<String>>,
-) -> Result<(Option<String>, bool), RestartFailure> {
+) -> Result<(Option<String>, bool, bool), RestartFailure> {
     let mut channel_buf = vec![0u8; 4096];
     let mut socket_buf = vec![0u8; 4096];
     let mut status = None;
@@ -773,7 +778,8 @@ async fn wait_ready(
                 && text
                     .lines()
                     .any(|l| l == crate::handoff::ACCEPTS_CONNECTIONS);
-            return Ok((status, accepts));
+            let upgraded = accepts && text.lines().any(|l| l == crate::handoff::ACCEPTS_UPGRADED);
+            return Ok((status, accepts, upgraded));
         }
     }
 }

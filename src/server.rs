@@ -108,6 +108,8 @@ pub(crate) struct Config {
     pub(crate) fd_store: bool,
     pub(crate) connection_handoff: bool,
     pub(crate) connection_info: bool,
+    /// Takes the upgraded connections a previous process hands over (`upgrade`).
+    pub(crate) resume_upgraded: Option<crate::upgrade::ResumeHandler>,
 }
 
 impl Default for Http {
@@ -141,6 +143,7 @@ impl Default for Config {
             fd_store: false,
             connection_handoff: true,
             connection_info: true,
+            resume_upgraded: None,
         }
     }
 }
@@ -444,10 +447,26 @@ impl Server {
     /// closed. It takes effect only between two handover processes that both have it on; with
     /// a new binary that does not take connections (or when passing fails) connections drain
     /// as without it: `Connection: close`, then the keep-alive grace. HTTP/2 (GOAWAY), TLS
-    /// (`Connection: close`) and upgraded connections stay in the old process. On the new
+    /// (`Connection: close`) and upgraded connections stay in the old process, except
+    /// WebSockets the application hands over itself ([`crate::upgrade`]). On the new
     /// process's side, `false` refuses connections from the previous one.
     pub fn connection_handoff(mut self, enabled: bool) -> Self {
         self.config.connection_handoff = enabled;
+        self
+    }
+
+    /// Takes the upgraded connections (WebSockets) the previous process hands over after a
+    /// restart ([`crate::upgrade::WebSocketIo::hand_off`]): `handler` is called, on a task of
+    /// its own, with each one (its stream, the bytes read and not consumed, the application's
+    /// state) and resumes serving it. Without a handler, this process tells the previous one
+    /// that it takes none, and they stay there (to say goodbye). Needs
+    /// [`Server::connection_handoff`] on (the default). See [`crate::upgrade`].
+    pub fn resume_upgraded<F, Fut>(mut self, handler: F) -> Self
+    where
+        F: Fn(crate::upgrade::Resumed) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.config.resume_upgraded = Some(crate::upgrade::ResumeHandler::new(handler));
         self
     }
 

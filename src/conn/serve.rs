@@ -35,6 +35,26 @@ pub(crate) trait HandOff: Send + Sync + 'static {
     /// Takes the connection on its way to the successor; the outcome comes once the successor
     /// acknowledged it (`Passed`), or it is given back (`Kept`: serve it here).
     fn pass(&self, io: TrackedIo, read: Bytes) -> tokio::sync::oneshot::Receiver<PassOutcome>;
+
+    /// Whether a successor that takes upgraded connections is there now (see `upgrade`).
+    fn takes_upgraded(&self) -> bool {
+        false
+    }
+
+    /// Takes an upgraded connection on its way to the successor, with the bytes read and not
+    /// consumed and the application's `state` (see `upgrade`); the outcome as for
+    /// [`HandOff::pass`]. By default, given back at once.
+    fn pass_upgraded(
+        &self,
+        io: TrackedIo,
+        read: Bytes,
+        state: Bytes,
+    ) -> tokio::sync::oneshot::Receiver<PassOutcome> {
+        let _ = state;
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let _ = done.send(PassOutcome::Kept(io, read));
+        outcome
+    }
 }
 
 /// How passing a connection ended.

@@ -61,6 +61,7 @@ fn features_of(example: &str) -> Option<&'static str> {
         // The metrics feature too: tests/metrics.rs reads the example's /metrics.
         "axum" => Some("axum metrics"),
         "tls" => Some("rustls"),
+        "websocket" => Some("axum rustls"),
         _ => None,
     }
 }
