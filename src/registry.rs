@@ -317,14 +317,28 @@ impl Connections {
             .initial
             .store(pack(state.passable, state.other), Ordering::Release);
         drop(state);
-        // The clients of the drain given up move on (as in a lame duck): their next response
-        // says `Connection: close`, HTTP/2 gets GOAWAY.
+        // The clients of the drain given up move on, as that drain would have had them do:
+        // their next response says `Connection: close`, HTTP/2 gets GOAWAY, and the ones still
+        // idle a grace later are closed (the drain's own timer stopped with it).
         let bits = Directives::NONE
             .with(Directive::CloseResponses)
             .with(Directive::Drain);
-        self.shared.for_each(|control, _| {
-            control.raise(bits);
-        });
+        let mut given_up = Vec::new();
+        for i in 0..SHARDS {
+            for (_, (control, _)) in self.shared.shard(i).conns.iter() {
+                control.raise(bits);
+                given_up.push(Arc::clone(control));
+            }
+        }
+        if !given_up.is_empty() {
+            let grace = self.shared.fallback_grace();
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                for control in given_up {
+                    control.raise(Directive::CloseIdle);
+                }
+            });
+        }
         self.shared.tracker.reopen();
     }
 
