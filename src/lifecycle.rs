@@ -162,8 +162,19 @@ struct Drain {
     /// Why serving failed, if every listener was lost.
     failure: Option<std::io::Error>,
     work: Pin<Box<dyn Future<Output = (HooksReport, Drained)> + Send>>,
+    /// The hooks' report as soon as they are over (before the connections are): what a drain
+    /// given up for serving again leaves to the final report.
+    hooks_done: Arc<std::sync::Mutex<Option<HooksReport>>>,
     /// The work's outcome, once done.
     done: Option<(HooksReport, Drained)>,
+}
+
+/// What drains given up for serving again did: counted into the final report.
+#[derive(Debug, Default)]
+struct GivenUp {
+    hooks: HooksReport,
+    passed: usize,
+    kept: usize,
 }
 
 /// The process a hand-off went to, watched while this one drains.
@@ -205,6 +216,7 @@ struct Lifecycle {
     stopping_sent: bool,
     /// Children of failed restarts, finishing their requests before they stop.
     rollbacks: JoinSet<()>,
+    given_up: GivenUp,
     stage: Stage,
     // Dropped last, in this order: tasks first, then what they use.
     _tasks: Vec<AbortOnDropHandle<()>>,
@@ -324,6 +336,7 @@ impl Lifecycle {
             watchdog: None,
             stopping_sent: false,
             rollbacks: JoinSet::new(),
+            given_up: GivenUp::default(),
             stage: Stage::Serving { restart: None },
             _tasks: tasks,
             _cut_on_drop: CutOnDrop(connections),
@@ -808,9 +821,19 @@ impl Lifecycle {
         };
         // The drain's remaining work stops here (its hooks have run); its connections stay.
         let given_up = std::mem::replace(&mut self.stage, Stage::Serving { restart: None });
-        let Stage::HandedOver { successor, .. } = given_up else {
+        let Stage::HandedOver { successor, drain } = given_up else {
             unreachable!("BUG: serving again from a stage other than handed over");
         };
+        // What it did stays in the final report: the hooks it ran (they do not run again) and
+        // the connections it passed or kept.
+        let hooks_done = *drain.hooks_done.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = hooks_done {
+            self.given_up.hooks = add_hooks(self.given_up.hooks, h);
+        }
+        if let Some(sent) = &drain.sent {
+            self.given_up.passed += sent.passed.load(Ordering::Relaxed);
+            self.given_up.kept += sent.kept.load(Ordering::Relaxed);
+        }
         let ours = successor.ours;
         if ours {
             // Our own child: no keeper any more, so it is ours to reap.
@@ -872,6 +895,9 @@ impl Lifecycle {
                 s.kept.load(Ordering::Relaxed),
             )
         });
+        // Drains given up for serving again count too.
+        let hooks = add_hooks(hooks, self.given_up.hooks);
+        let (passed, kept) = (passed + self.given_up.passed, kept + self.given_up.kept);
         // Losing every listener is not a reason anybody asked for: named as what it is.
         let reason = match &d.failure {
             Some(_) => "every listener lost".to_string(),
@@ -951,8 +977,11 @@ impl Lifecycle {
         let hooks = std::mem::take(&mut self.hooks);
         let notifier = Arc::clone(&self.notifier);
         let failed = sent.as_ref().map(|s| s.failed.clone());
+        let hooks_done = Arc::new(std::sync::Mutex::new(None));
+        let hooks_slot = Arc::clone(&hooks_done);
         let work = async move {
             let hooks = hooks::run(hooks, deadline, connections.force()).await;
+            *hooks_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(hooks);
             let progress = |open| {
                 tracing::info!(open, "draining");
                 if !handed_over {
@@ -983,6 +1012,7 @@ impl Lifecycle {
             sent,
             failure,
             work: Box::pin(work),
+            hooks_done,
             done: None,
         }
     }
@@ -1332,6 +1362,16 @@ impl Drop for RestartClaim {
     }
 }
 
+/// Two hooks reports as one.
+fn add_hooks(a: HooksReport, b: HooksReport) -> HooksReport {
+    let mut sum = a;
+    sum.completed += b.completed;
+    sum.panicked += b.panicked;
+    sum.abandoned += b.abandoned;
+    sum.skipped += b.skipped;
+    sum
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1347,6 +1387,7 @@ mod tests {
             sent: None,
             failure: None,
             work: Box::pin(work),
+            hooks_done: Default::default(),
             done: None,
         }
     }
