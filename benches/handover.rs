@@ -46,6 +46,12 @@
 //!    deregistering connections in a model of the connection registry (its parts as in
 //!    `drain.rs`: one `Mutex<Slab>`, a `TaskTracker` token each), on-CPU ns per connection for
 //!    each N, against a model with one lock per thread.
+//! 9. **WebSockets moved** (issue 20): N idle WebSockets (`examples/websocket.rs`'s `/ws`, a
+//!    tokio-tungstenite client each, named and answered once) moved in one restart: SIGUSR1 →
+//!    the old process exited (it exits once every one was handed over and acknowledged), median
+//!    over rounds; then one message on each, which must be answered by the new pid on the same
+//!    connection with the state it carried (its name, its message count going on): failures
+//!    counted (target: 0).
 //!
 //! Sizes come from the environment (defaults in brackets, quick mode in braces):
 //! `HANDOVER_BENCH_CG_BASE` [5000] {100} and `HANDOVER_BENCH_CG_REQUESTS` [20000] {200}
@@ -75,9 +81,10 @@
 //! set here and inherited by the servers), `HANDOVER_BENCH_CLIENT_THREADS` [2] load generator
 //! threads, `HANDOVER_BENCH_REGISTRY_THREADS` [1,2,4,8,16] {1,4} and
 //! `HANDOVER_BENCH_REGISTRY_OPS` [200000] {2000} connections per thread for the registry
-//! model, `HANDOVER_BENCH_LOG` [info] the servers' `RUST_LOG`, `HANDOVER_BENCH_ONLY`
+//! model, `HANDOVER_BENCH_WEBSOCKET_MOVE` [10000] {200} idle WebSockets moved,
+//! `HANDOVER_BENCH_WEBSOCKET_ROUNDS` [3] {1} times (median reported), `HANDOVER_BENCH_LOG` [info] the servers' `RUST_LOG`, `HANDOVER_BENCH_ONLY`
 //! (comma-separated subset of
-//! `instructions,throughput,throughput-close,restart,startstop,scale,handoff,registry`),
+//! `instructions,throughput,throughput-close,restart,startstop,scale,handoff,registry,websocket`),
 //! `HANDOVER_BENCH_ECHO=1` to echo the servers' output,
 //! `HANDOVER_BENCH_EXAMPLES_DIR` a folder of prebuilt examples (instead of building them with
 //! cargo), `HANDOVER_BENCH_SERVER_CPUS` CPUs to pin the servers to (`taskset -c` syntax; run
@@ -94,6 +101,8 @@ mod load;
 mod procs;
 #[path = "handover/registry.rs"]
 mod registry;
+#[path = "handover/ws.rs"]
+mod ws;
 // The tests' idle keep-alive workload and delaying proxy (self-contained for this use).
 #[allow(dead_code, unreachable_pub)]
 #[path = "../tests/support/idle.rs"]
@@ -136,6 +145,8 @@ pub(crate) struct Config {
     handoff_restarts: usize,
     handoff_moves: Vec<usize>,
     handoff_rounds: usize,
+    websocket_move: usize,
+    websocket_rounds: usize,
     nofile: u64,
     client_threads: usize,
     log: String,
@@ -194,6 +205,8 @@ impl Config {
                 })
                 .collect(),
             handoff_rounds: env_or("HANDOVER_BENCH_HANDOFF_ROUNDS", q(3, 1) as usize).max(1),
+            websocket_move: env_or("HANDOVER_BENCH_WEBSOCKET_MOVE", q(10_000, 200) as usize).max(1),
+            websocket_rounds: env_or("HANDOVER_BENCH_WEBSOCKET_ROUNDS", q(3, 1) as usize).max(1),
             nofile: env_or("HANDOVER_BENCH_NOFILE", 30_000),
             client_threads: env_or("HANDOVER_BENCH_CLIENT_THREADS", 2),
             log: std::env::var("HANDOVER_BENCH_LOG").unwrap_or_else(|_| "info".into()),
@@ -267,6 +280,8 @@ struct Ctx {
     cfg: Config,
     hello: PathBuf,
     plain: PathBuf,
+    /// `examples/websocket.rs`, built only if the `websocket` scenario runs.
+    websocket: Option<PathBuf>,
     procs: Registry,
     notify: NotifySocket,
     nofile: u64,
@@ -1147,6 +1162,102 @@ fn handoff_rows(ctx: &Ctx) -> Result<Vec<Row>, String> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 9. WebSockets moved.
+
+/// One move of idle WebSockets: SIGUSR1 → the old process's exit, and the connections the new
+/// process did not answer as it should have.
+struct WsMoved {
+    exit: f64,
+    failures: Vec<String>,
+}
+
+/// `n` idle WebSockets to a fresh `websocket` example, one restart, then one message on each,
+/// which the new process must answer on the same connection, counting on.
+fn move_websockets(ctx: &Ctx, program: &Path, n: usize) -> Result<WsMoved, String> {
+    // This process holds the n client sockets, each server its n.
+    let needed = n as u64 + 200;
+    if ctx.nofile < needed {
+        return Err(format!(
+            "RLIMIT_NOFILE is {} but {n} WebSockets need about {needed}; lower \
+             HANDOVER_BENCH_WEBSOCKET_MOVE or raise the hard limit",
+            ctx.nofile
+        ));
+    }
+    let since = Instant::now();
+    let server = ctx.start(program, true)?;
+    let pid = server.proc.pid;
+    ctx.ready(&server, since)?;
+    let mut clients = match ws::Clients::open(server.addr, n, &loopback_sources(n), pid) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = terminate(&server.proc);
+            return Err(format!("{e}; the server said:\n{}", server.lines.tail(20)));
+        }
+    };
+    let sent = Instant::now();
+    server.proc.signal(Signal::USR1)?;
+    let handed = ctx.handed_over(pid, sent)?;
+    let new = ctx.procs.track(handed.mainpid().unwrap_or(0))?;
+    // It exits once every WebSocket was handed over and acknowledged (or at its drain deadline).
+    let exit = server.proc.wait_exit(SOON * 4)?;
+    expect_exit_0("the old websocket server", pid, exit.code)?;
+    let failures = clients.answered_by(new.pid);
+    // The clients close first, then the new process is stopped.
+    drop(clients);
+    let (_, code) = terminate(&new)?;
+    expect_exit_0("the new websocket server", new.pid, code)?;
+    Ok(WsMoved {
+        exit: ms(exit.at.saturating_duration_since(sent)),
+        failures,
+    })
+}
+
+fn websocket_rows(ctx: &Ctx) -> Result<Vec<Row>, String> {
+    let cfg = &ctx.cfg;
+    let program = ctx
+        .websocket
+        .as_deref()
+        .ok_or("the websocket example was not built")?;
+    let (n, rounds) = (cfg.websocket_move, cfg.websocket_rounds);
+    let mut exits = Vec::new();
+    let mut failed = 0;
+    for round in 0..rounds {
+        let m = move_websockets(ctx, program, n)?;
+        eprintln!(
+            "  moving {n} idle WebSockets, round {}/{rounds}: SIGUSR1 → old process exited \
+             {:.1} ms; {} of {n} not answered as they should have been by the new process",
+            round + 1,
+            m.exit,
+            m.failures.len()
+        );
+        for f in m.failures.iter().take(5) {
+            eprintln!("    {f}");
+        }
+        failed += m.failures.len();
+        exits.push(m.exit);
+    }
+    let values = exits
+        .iter()
+        .map(|x| format!("{x:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok(vec![row(
+        format!(
+            "9. moving {n} idle WebSockets in one restart: SIGUSR1 → old pid exited, ms, \
+             median of {rounds}"
+        ),
+        format!("{:.1} ({values})", median(&exits)),
+        format!(
+            "then answered by the new pid on the same connection: {} of {} failed",
+            failed,
+            n * rounds
+        ),
+        "0 failed (time: info)",
+        Some(failed == 0),
+    )])
+}
+
+// ---------------------------------------------------------------------------------------------
 
 fn main() -> ExitCode {
     if run(Config::from_env(false)) {
@@ -1175,10 +1286,15 @@ pub(crate) fn run(cfg: Config) -> bool {
     eprintln!("building the examples...");
     let hello = procs::build_example("hello");
     let plain = procs::build_example("plain");
+    // The features tests/support builds it with (`features_of`), so that the build is shared.
+    let websocket = cfg
+        .enabled("websocket")
+        .then(|| procs::build_example_with("websocket", "axum rustls"));
     let ctx = Ctx {
         cfg,
         hello,
         plain,
+        websocket,
         procs: Registry::default(),
         notify: NotifySocket::new(),
         nofile,
@@ -1337,6 +1453,14 @@ pub(crate) fn run(cfg: Config) -> bool {
                 }
             }
             Err(e) => fail("registry", e),
+        }
+    }
+
+    if ctx.cfg.enabled("websocket") {
+        eprintln!("9. idle WebSockets moved in one restart");
+        match websocket_rows(&ctx) {
+            Ok(r) => rows.extend(r),
+            Err(e) => fail("websocket", e),
         }
     }
 

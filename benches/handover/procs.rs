@@ -37,6 +37,29 @@ pub(crate) fn build_example(name: &str) -> PathBuf {
     built.path().to_path_buf()
 }
 
+/// Like [`build_example`], for an example that needs cargo `features` (space-separated: its
+/// `required-features` and what it is used with).
+pub(crate) fn build_example_with(name: &str, features: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("HANDOVER_BENCH_EXAMPLES_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    let mut build = escargot::CargoBuild::new()
+        .example(name)
+        .current_release()
+        .features(features);
+    // Under `cargo test` (`tests/bench_smoke.rs`), built as `tests/support` builds it (for the
+    // current target, with the same features), so that the build `tests/websocket.rs` made is
+    // reused instead of compiling the crate once more; under `cargo bench`, in the release tree
+    // the other examples were built in (a `--target` build would compile every dependency again).
+    if cfg!(debug_assertions) {
+        build = build.current_target();
+    }
+    let built = build
+        .run()
+        .unwrap_or_else(|e| panic!("building example {name} with features {features:?}: {e}"));
+    built.path().to_path_buf()
+}
+
 /// Makes this process a child subreaper: a server that restarts hands over to its child and
 /// exits, and the child is re-parented to us, so we can wait for it and reap it.
 pub(crate) fn become_subreaper() {
@@ -422,7 +445,8 @@ fn addr_in(line: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("no address in {line:?}"))?
         + "http://".len();
     let rest = &line[start..];
-    let end = rest.find(',').unwrap_or(rest.len());
+    // `http://IP:PORT, pid: N`, or `http://IP:PORT (NAME), pid: N`.
+    let end = rest.find([',', ' ']).unwrap_or(rest.len());
     rest[..end]
         .parse()
         .map_err(|e| format!("bad address in {line:?}: {e}"))
