@@ -397,7 +397,7 @@ fn a_close_signal_during_a_restart_leaves_the_child_its_drain_and_the_old_proces
 fn the_old_process_serves_again_when_its_successor_dies_after_ready() {
     let dir = scratch_dir("dies-after-ready");
     let notify = NotifySocket::new();
-    let (mut server, addr, exe) = deployed_faults(&dir, &notify, &[]);
+    let (mut server, addr, exe) = deployed_faults(&dir, &notify, &[("HOOKS", "ok")]);
     let old = server.pid;
     let slow = get_in_background(addr, "/?sleep_ms=3000", false);
     server.lines.wait_for("slow request: sleeping", SOON);
@@ -428,6 +428,18 @@ fn the_old_process_serves_again_when_its_successor_dies_after_ready() {
     // The third datagram with MAINPID= and READY=1: the first hand-off, serving again, this.
     let third = restart_once(&notify, old, 3);
     assert_eq!(server.wait(SOON), Some(0), "old process {old} exit code");
+    // Its report counts the hook that ran in the drain it gave up (hooks run once).
+    let closed = server
+        .lines
+        .all()
+        .into_iter()
+        .find(|l| {
+            l.contains(&format!("[{old}]"))
+                && l.contains("server closed")
+                && l.contains("hooks_completed=")
+        })
+        .unwrap_or_else(|| panic!("pid {old} logged no report"));
+    assert!(closed.contains("hooks_completed=1"), "{closed}");
     assert_eq!(get(addr, "/").expect("served").pid, third);
     signal(third, Signal::TERM);
     assert_eq!(wait_exit(third, SOON), Some(0));
