@@ -152,15 +152,7 @@ pub(crate) enum StreamFamily {
 ///
 /// The caller must own the fd number, as for [`adopt_inherited`].
 pub(crate) fn adopt_inherited_file(fd: RawFd) -> Result<OwnedFd, String> {
-    set_cloexec_raw(fd).map_err(|e| match e.raw_os_error() {
-        Some(libc::EBADF) => "is not open".to_string(),
-        _ => format!("cannot be inspected: {e}"),
-    })?;
-    // SAFETY: open (F_GETFD just succeeded) and ours alone: the inherited range belongs to
-    // this one caller ([`crate::startup::Startup::take_fds`]).
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    let stat = rustix::fs::fstat(borrowed).map_err(|e| format!("cannot be inspected: {e}"))?;
-    let file_type = FileType::from_raw_mode(stat.st_mode);
+    let (_, file_type) = inspect_inherited(fd)?;
     if file_type != FileType::RegularFile {
         return Err(format!(
             "is a {}; expected a memfd (regular file)",
@@ -177,16 +169,25 @@ pub(crate) fn adopt_inherited_file(fd: RawFd) -> Result<OwnedFd, String> {
 ///
 /// The caller must own the fd number: [`crate::startup::Startup::take_fds`] guarantees that
 /// only one caller per process adopts the `LISTEN_FDS` range.
-pub(crate) fn adopt_inherited(fd: RawFd) -> Result<(OwnedFd, StreamFamily), String> {
+/// The first step of adopting an inherited fd: close-on-exec set, and what kind of file it is.
+///
+/// The caller must own the fd number, as for [`adopt_inherited`], for as long as it uses the
+/// borrow (`'fd`).
+fn inspect_inherited<'fd>(fd: RawFd) -> Result<(BorrowedFd<'fd>, FileType), String> {
     set_cloexec_raw(fd).map_err(|e| match e.raw_os_error() {
         Some(libc::EBADF) => "is not open".to_string(),
         _ => format!("cannot be inspected: {e}"),
     })?;
     // SAFETY: the fd is open (F_GETFD just succeeded) and stays open for the lifetime of this
-    // borrow: the inherited range belongs to this one caller, and nothing else closes it.
+    // borrow: the inherited range belongs to this one caller
+    // ([`crate::startup::Startup::take_fds`]), and nothing else closes it.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     let stat = rustix::fs::fstat(borrowed).map_err(|e| format!("cannot be inspected: {e}"))?;
-    let file_type = FileType::from_raw_mode(stat.st_mode);
+    Ok((borrowed, FileType::from_raw_mode(stat.st_mode)))
+}
+
+pub(crate) fn adopt_inherited(fd: RawFd) -> Result<(OwnedFd, StreamFamily), String> {
+    let (borrowed, file_type) = inspect_inherited(fd)?;
     if file_type != FileType::Socket {
         return Err(format!(
             "is a {}, not a socket; expected a listening TCP or Unix stream socket",
