@@ -980,34 +980,6 @@ fn a_new_process_that_dies_while_connections_are_passed_leaves_them_with_the_old
 // ---------------------------------------------------------------------------------------------
 // Scale.
 
-/// Raises `RLIMIT_NOFILE` to `want` for this process and the servers it starts from now on
-/// (they inherit it), or as far as the hard limit allows; returns the soft limit in force. The
-/// same as the bench's `HANDOVER_BENCH_NOFILE`.
-fn raise_nofile(want: u64) -> u64 {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let now = getrlimit(Resource::Nofile);
-    let current = now.current.unwrap_or(u64::MAX);
-    if current >= want {
-        return current;
-    }
-    let wanted = Rlimit {
-        current: Some(want),
-        maximum: Some(now.maximum.map_or(want, |m| m.max(want))),
-    };
-    if setrlimit(Resource::Nofile, wanted).is_ok() {
-        return want;
-    }
-    // Not allowed to raise the hard limit: go up to it.
-    let capped = Rlimit {
-        current: now.maximum,
-        maximum: now.maximum,
-    };
-    match setrlimit(Resource::Nofile, capped) {
-        Ok(()) => now.maximum.unwrap_or(u64::MAX),
-        Err(_) => current,
-    }
-}
-
 /// Sends one request (tagged with its index) on each of `conns`, a batch at a time, and
 /// returns the answers in order.
 fn one_request_each(conns: &mut [Raw], tag: &str) -> Vec<Answer> {

@@ -368,32 +368,6 @@ fn wait_accepted(pid: u32, port: u16, client_ports: &BTreeSet<u16>) {
     }
 }
 
-/// Raises `RLIMIT_NOFILE` for this process and the servers it starts from now on, as far as
-/// the hard limit allows; returns the soft limit in force.
-fn raise_nofile(want: u64) -> u64 {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let now = getrlimit(Resource::Nofile);
-    let current = now.current.unwrap_or(u64::MAX);
-    if current >= want {
-        return current;
-    }
-    let wanted = Rlimit {
-        current: Some(want),
-        maximum: Some(now.maximum.map_or(want, |m| m.max(want))),
-    };
-    if setrlimit(Resource::Nofile, wanted).is_ok() {
-        return want;
-    }
-    let capped = Rlimit {
-        current: now.maximum,
-        maximum: now.maximum,
-    };
-    match setrlimit(Resource::Nofile, capped) {
-        Ok(()) => now.maximum.unwrap_or(u64::MAX),
-        Err(_) => current,
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // 1. A pipelined request with the first bytes of the next head, then a drain.
 

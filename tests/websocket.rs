@@ -593,25 +593,6 @@ fn a_message_half_received_at_the_restart_moves_with_its_connection_and_is_answe
     assert_none_left([old, new]);
 }
 
-/// Raises this process's `RLIMIT_NOFILE` soft limit to `want` if it can (the servers it starts
-/// inherit it); returns the limit now.
-fn raise_nofile(want: u64) -> u64 {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let now = getrlimit(Resource::Nofile);
-    let current = now.current.unwrap_or(u64::MAX);
-    if current >= want {
-        return current;
-    }
-    let wanted = Rlimit {
-        current: Some(want),
-        maximum: Some(now.maximum.map_or(want, |m| m.max(want))),
-    };
-    match setrlimit(Resource::Nofile, wanted) {
-        Ok(()) => want,
-        Err(_) => current,
-    }
-}
-
 #[test]
 fn ten_thousand_idle_websockets_move_in_one_restart_and_stay_usable() {
     let _heavy = HEAVY.write().unwrap_or_else(|p| p.into_inner());

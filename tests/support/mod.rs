@@ -1355,3 +1355,31 @@ pub use never_dark::*;
 mod openssl;
 #[allow(unused_imports)] // not every test file uses them
 pub use openssl::*;
+
+/// Raises `RLIMIT_NOFILE` to `want` for this process and the servers it starts from now on
+/// (they inherit it), or as far as the hard limit allows; returns the soft limit in force. The
+/// same as the bench's `HANDOVER_BENCH_NOFILE`.
+pub fn raise_nofile(want: u64) -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let now = getrlimit(Resource::Nofile);
+    let current = now.current.unwrap_or(u64::MAX);
+    if current >= want {
+        return current;
+    }
+    let wanted = Rlimit {
+        current: Some(want),
+        maximum: Some(now.maximum.map_or(want, |m| m.max(want))),
+    };
+    if setrlimit(Resource::Nofile, wanted).is_ok() {
+        return want;
+    }
+    // Not allowed to raise the hard limit: go up to it.
+    let capped = Rlimit {
+        current: now.maximum,
+        maximum: now.maximum,
+    };
+    match setrlimit(Resource::Nofile, capped) {
+        Ok(()) => now.maximum.unwrap_or(u64::MAX),
+        Err(_) => current,
+    }
+}
