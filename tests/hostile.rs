@@ -580,7 +580,13 @@ fn early_answer_then(trigger: impl FnOnce(&NotifySocket, u32) -> Vec<u32>) {
     assert_eq!(answers.len(), 1, "{answers:?}");
     drop(c);
     for pid in pids.iter().rev() {
-        if alive(*pid) {
+        if *pid == old {
+            // Already shutting down (the SIGTERM, or handed over): it ends by itself. Another
+            // SIGTERM could arrive after serving ended, when the signal has its default action
+            // again, and kill it.
+            let code = exits_calmly(old, Instant::now(), DRAIN + MARGIN, "draining");
+            assert_eq!(code, Some(0), "exit code of {old}");
+        } else if alive(*pid) {
             stop(*pid);
         }
     }
