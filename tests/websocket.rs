@@ -769,7 +769,11 @@ fn at_a_restart_a_tls_websocket_gets_close_1001_and_a_plaintext_one_moves() {
 fn a_new_process_that_dies_before_acknowledging_a_websocket_leaves_it_with_the_old_one() {
     let _light = light();
     let notify = NotifySocket::new();
-    let (mut server, addr) = ready_websocket(&notify, &[]);
+    // The hand-off's own record of each batch it sent: the successor must be killed after the
+    // WebSocket went to it, not before (then it would never leave, which is the old process
+    // serving on, not the take-back this test is about).
+    let (mut server, addr) =
+        ready_websocket(&notify, &[("RUST_LOG", "info,handover::handoff=debug")]);
     let old = server.pid;
     let rt = multi_thread_runtime();
     let ws = rt.block_on(async {
@@ -794,6 +798,13 @@ fn a_new_process_that_dies_before_acknowledging_a_websocket_leaves_it_with_the_o
     // acknowledge it. It dies.
     let handed = notify.wait_nth(1, SOON, |n| n.text.contains("MAINPID="));
     assert_eq!(mainpid(&handed), new);
+    let sent = server
+        .lines
+        .wait_for("passing connections to the new process", SOON);
+    assert!(
+        sent.contains("connections=1") && sent.contains(&format!("to_pid={new}")),
+        "{sent}"
+    );
     signal(new, Signal::KILL);
     assert_eq!(wait_exit(new, SOON), None, "killed");
     rt.block_on(async {
