@@ -12,9 +12,23 @@
 //! it, after those clients sent their request. So a loop told to stop first accepts what is
 //! queued, until the queue is empty (`EAGAIN`), and serves each of those connections like the
 //! others of the drain (its request answered with `Connection: close`); the lifecycle closes
-//! the listener right after. A connection that enters the queue in the moment between the
-//! last `accept` and the close is still reset: the window is that of one task switch, not a
-//! whole backlog.
+//! the listener right after.
+//!
+//! That alone leaves a window: a client whose handshake completes between the last `accept`
+//! and the close is reset. So when the service stops for good, a TCP listener that only this
+//! service's handover processes hold (one a handover process bound, and never gave to the
+//! service manager's fd store) first has its *door* shut ([`Stopped::shut_door`]): a socket
+//! filter drops every new client's SYN, so no new connection enters its queues (the client
+//! retries a second later and is refused, or reaches whoever listens then), while handshakes
+//! already answered still complete. The listener then accepts for [`HANDSHAKE_GRACE`], a
+//! round trip's worth, and closes ([`Stopped::last_handshakes`]).
+//!
+//! The door is a property of the socket, not of this process's fd: it would outlive this
+//! process in any other holder. So a socket someone else may hold (a socket unit's, one
+//! systemfd or the fd store keeps, one inherited from any service manager) never gets one:
+//! there, closing our copy resets nothing (the other copy keeps the queue for the next
+//! start), or, under `systemd-socket-activate`, the window of one task switch remains. A
+//! process that serves again on a listener whose door a successor shut opens it again.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -224,6 +238,8 @@ pub(crate) enum Acceptor {
         /// The listener's address, when it is the local address of every connection (not a
         /// wildcard address).
         local: Option<SocketAddr>,
+        /// Only this service's handover processes hold the socket: its door may be shut.
+        exclusive: bool,
     },
     Unix {
         listener: tokio::net::UnixListener,
@@ -243,6 +259,7 @@ impl Acceptor {
                 Acceptor::Tcp {
                     listener: tokio::net::TcpListener::from_std(dup).map_err(register)?,
                     local,
+                    exclusive: listener.is_exclusive(),
                 }
             }
             Socket::Unix(l) => {
@@ -261,7 +278,9 @@ impl Acceptor {
 
     async fn accept(&self) -> std::io::Result<(Sock, Peer, Local)> {
         match self {
-            Acceptor::Tcp { listener, local } => {
+            Acceptor::Tcp {
+                listener, local, ..
+            } => {
                 let (s, peer) = listener.accept().await?;
                 let _ = s.set_nodelay(true);
                 let local = match local {
@@ -353,6 +372,73 @@ impl Stopped {
         }
         queued
     }
+}
+
+/// How long a listener whose door is shut still accepts before it closes: a handshake
+/// answered (SYN-ACK) before the door shut completes one round trip later, and should be
+/// accepted, not reset. A tenth of a second covers any client in the same region; a client
+/// further away whose handshake is that moment in flight is the one still reset.
+pub(crate) const HANDSHAKE_GRACE: Duration = Duration::from_millis(100);
+
+impl Stopped {
+    /// Shuts the listener's door (see the module's docs) if it is a TCP listener only this
+    /// service's handover processes hold; returns whether it did. For a service that stops
+    /// for good: a successor would inherit the shut door.
+    pub(crate) fn shut_door(&self) -> bool {
+        let Acceptor::Tcp {
+            listener,
+            exclusive: true,
+            ..
+        } = &self.acceptor
+        else {
+            return false;
+        };
+        use std::os::fd::AsFd;
+        match crate::sys::shut_door(listener.as_fd()) {
+            Ok(()) => true,
+            Err(e) => {
+                // Seccomp, most likely: the window of one task switch stays.
+                tracing::warn!(listener = %self.name, error = %e, "could not keep new clients out of the listener before closing it (SO_ATTACH_FILTER); a client that connects at the moment it closes may be reset");
+                false
+            }
+        }
+    }
+
+    /// After [`Stopped::shut_door`]: accepts the handshakes that complete within
+    /// [`HANDSHAKE_GRACE`] (or until `deadline`, if sooner), then what is queued, then closes
+    /// the listener (this copy; the caller has closed the others).
+    pub(crate) async fn last_handshakes(self, deadline: tokio::time::Instant) {
+        let until = deadline.min(tokio::time::Instant::now() + HANDSHAKE_GRACE);
+        let passable = self.service.passable();
+        loop {
+            let accepted = tokio::select! {
+                () = tokio::time::sleep_until(until) => break,
+                accepted = self.acceptor.accept() => accepted,
+            };
+            match accepted {
+                Ok(accepted) => serve_accepted(
+                    &*self.service,
+                    passable,
+                    true,
+                    &self.name,
+                    &self.cx,
+                    accepted,
+                ),
+                Err(e) if is_per_connection(&e) => {}
+                Err(_) => break,
+            }
+        }
+        self.accept_queued();
+    }
+}
+
+/// [`Stopped::last_handshakes`] for each of `doors`, at the same time.
+pub(crate) async fn last_handshakes(doors: Vec<Stopped>, deadline: tokio::time::Instant) {
+    let mut all: tokio::task::JoinSet<()> = doors
+        .into_iter()
+        .map(|d| d.last_handshakes(deadline))
+        .collect();
+    while all.join_next().await.is_some() {}
 }
 
 // A plain function, not a closure kept across the loop's awaits: `service` is `Send`, not

@@ -265,8 +265,17 @@ impl Lifecycle {
         }
         let connections =
             crate::registry::Connections::new(config.header_read_timeout, config.connection_info);
-        let (listeners, services): (Vec<Listener>, Vec<Box<dyn ServeConn>>) =
+        let (mut listeners, services): (Vec<Listener>, Vec<Box<dyn ServeConn>>) =
             bound.into_iter().unzip();
+        if config.fd_store {
+            // Stored below: the service manager holds them too from then on.
+            for l in listeners
+                .iter_mut()
+                .filter(|l| l.origin() == crate::Origin::Bound)
+            {
+                l.share();
+            }
+        }
         // Registered before any loop starts, so an error here leaves nothing running.
         let acceptors = listeners
             .iter()
@@ -760,7 +769,7 @@ impl Lifecycle {
                 None
             }
         };
-        let drain = self.drain(Reason::HandedOver { pid }, None, sent, None);
+        let drain = self.drain(Reason::HandedOver { pid }, None, sent, None, Vec::new());
         self.stage = Stage::HandedOver {
             drain,
             successor: Successor {
@@ -783,21 +792,26 @@ impl Lifecycle {
         failure: Option<std::io::Error>,
     ) {
         let stopped = self.stop_accepting().await;
+        // A listener only this service holds gets its door shut first: no new client enters
+        // its queue, and those whose handshake is under way are still accepted, for a round
+        // trip, before it closes (`accept`). The others close now.
+        let (doors, others): (Vec<_>, Vec<_>) = stopped.into_iter().partition(|s| s.shut_door());
         // What entered the listeners' queues meanwhile is taken now, right before they close
         // (closing the only copy of a listener resets what is queued on it).
-        for s in &stopped {
+        for s in doors.iter().chain(&others) {
             s.accept_queued();
         }
-        // Both copies closed now: the originals and the accept loops' duplicates.
+        // Closed now: the originals, and the accept loops' duplicates of the listeners without
+        // a door (those with one close at the end of the drain's first step).
         self.listeners = None;
-        drop(stopped);
+        drop(others);
         tracing::info!("stopped accepting");
         let status = format!(
             "Stopping: draining {}",
             plural_connections(self.cx.connections.open())
         );
         self.send_stopping(&status);
-        let drain = self.drain(reason, after, None, failure);
+        let drain = self.drain(reason, after, None, failure, doors);
         self.stage = Stage::Draining(drain);
     }
 
@@ -808,6 +822,19 @@ impl Lifecycle {
         let Some(listeners) = &self.listeners else {
             return;
         };
+        for l in listeners {
+            // The successor may have shut the door of a listener it stopped on (`accept`).
+            match crate::sys::open_door(l.as_fd()) {
+                Ok(true) => tracing::info!(
+                    listener = l.name(),
+                    "opened the door the new process had shut"
+                ),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(listener = l.name(), error = %e, "cannot tell whether the new process shut the listener's door (SO_GET_FILTER); new clients may not get in")
+                }
+            }
+        }
         let acceptors = match listeners
             .iter()
             .map(Acceptor::new)
@@ -957,6 +984,7 @@ impl Lifecycle {
         after: Option<LameDuckOver>,
         sent: Option<Arc<Sent>>,
         failure: Option<std::io::Error>,
+        doors: Vec<accept::Stopped>,
     ) -> Drain {
         let handed_over = matches!(reason, Reason::HandedOver { .. });
         let (began, lame_duck, close_seen) = match after {
@@ -980,7 +1008,13 @@ impl Lifecycle {
         let hooks_done = Arc::new(std::sync::Mutex::new(None));
         let hooks_slot = Arc::clone(&hooks_done);
         let work = async move {
-            let hooks = hooks::run(hooks, deadline, connections.force()).await;
+            // The listeners with a shut door take their last handshakes while the hooks run,
+            // and close before the connections drain (so that every one they accepted is
+            // waited for).
+            let (hooks, ()) = tokio::join!(
+                hooks::run(hooks, deadline, connections.force()),
+                accept::last_handshakes(doors, deadline),
+            );
             *hooks_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(hooks);
             let progress = |open| {
                 tracing::info!(open, "draining");

@@ -40,6 +40,10 @@ pub struct Listener {
     pub(crate) socket: Socket,
     name: String,
     origin: Origin,
+    /// No process outside this service's handover processes holds the socket: bound by one
+    /// of them, and never given to a service manager's fd store. Its door may be shut when
+    /// the service stops (see `accept`).
+    exclusive: bool,
 }
 
 pub(crate) enum Socket {
@@ -100,6 +104,16 @@ impl Listener {
         }
     }
 
+    /// Whether only this service's handover processes hold the socket (see the field).
+    pub(crate) fn is_exclusive(&self) -> bool {
+        self.exclusive
+    }
+
+    /// The socket is given to someone else too (the service manager's fd store).
+    pub(crate) fn share(&mut self) {
+        self.exclusive = false;
+    }
+
     /// The local TCP address, if this is a TCP listener.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         match &self.socket {
@@ -120,6 +134,7 @@ impl Listener {
             socket: Socket::Tcp(listener),
             name,
             origin,
+            exclusive: origin == Origin::Bound,
         })
     }
 
@@ -136,6 +151,7 @@ impl Listener {
             socket: Socket::Unix(listener),
             name,
             origin,
+            exclusive: origin == Origin::Bound,
         })
     }
 }
@@ -253,10 +269,11 @@ impl Listeners {
                 })
             })?;
             let origin = Origin::Inherited { fd };
-            let listener = match family {
+            let mut listener = match family {
                 StreamFamily::Inet => Listener::from_tcp(TcpListener::from(owned), origin)?,
                 StreamFamily::Unix => Listener::from_unix(UnixListener::from(owned), origin)?,
             };
+            listener.exclusive = startup.exclusive_fds.contains(&fd);
             tracing::info!(fd, name = %name, url = %listener.url(), "inherited listener");
             list.push(listener.with_name(name));
         }
@@ -675,10 +692,24 @@ fn parse_decimal(raw: &OsStr) -> Option<u32> {
 
 /// Duplicates of the listeners' fds, with their names, for a hand-off: the restart owns its
 /// copies, so nothing the server does meanwhile can close (or reuse) the fd numbers it passes.
-pub(crate) fn dup_fds(listeners: &[Listener]) -> std::io::Result<Vec<(OwnedFd, String)>> {
+/// A listener as a restart passes it on: a copy of its fd, its name, and whether it is
+/// [exclusive](Listener::is_exclusive).
+pub(crate) struct PassedListener {
+    pub(crate) fd: OwnedFd,
+    pub(crate) name: String,
+    pub(crate) exclusive: bool,
+}
+
+pub(crate) fn dup_fds(listeners: &[Listener]) -> std::io::Result<Vec<PassedListener>> {
     listeners
         .iter()
-        .map(|l| Ok((l.as_fd().try_clone_to_owned()?, l.name.clone())))
+        .map(|l| {
+            Ok(PassedListener {
+                fd: l.as_fd().try_clone_to_owned()?,
+                name: l.name.clone(),
+                exclusive: l.exclusive,
+            })
+        })
         .collect()
 }
 

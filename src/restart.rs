@@ -55,8 +55,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{ChildExit, RestartFailure};
 use crate::keeper;
+use crate::listen::PassedListener;
 use crate::notify::{self, Connected, MIN_PATIENCE, Notifier, NotifyState};
-use crate::startup::{self, CHANNEL_VAR, PROTOCOL_VARS, UPSTREAM_NOTIFY_VAR};
+use crate::startup::{self, CHANNEL_VAR, EXCLUSIVE_VAR, PROTOCOL_VARS, UPSTREAM_NOTIFY_VAR};
 use crate::sys::{self, ExecPlan, Placement};
 
 /// A successful hand-off: the new process is ready and the service manager has been told.
@@ -155,10 +156,10 @@ impl Rollback {
 }
 
 impl Restarting {
-    /// Starts a restart that hands over `listeners` (fd and name). The fds are the restart's
+    /// Starts a restart that hands over `listeners` (fd, name, exclusive). The fds are the restart's
     /// own (duplicates), closed once the child has them.
     pub(crate) fn start(
-        listeners: Vec<(OwnedFd, String)>,
+        listeners: Vec<PassedListener>,
         notifier: Arc<Notifier>,
         ready_timeout: Duration,
         watchdog_usec: Option<u64>,
@@ -276,7 +277,7 @@ static HANDSHAKE_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// What a restart hands over, and how long it waits.
 struct Plan {
-    listeners: Vec<(OwnedFd, String)>,
+    listeners: Vec<PassedListener>,
     notifier: Arc<Notifier>,
     ready_timeout: Duration,
     /// The watchdog duty passes to the child with the listeners.
@@ -364,7 +365,7 @@ async fn attempt(
     let channel = Connected::new(channel)
         .map_err(io_err("could not register the channel to the new process"))?;
 
-    let names: Vec<String> = listeners.iter().map(|(_, n)| n.clone()).collect();
+    let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| !PROTOCOL_VARS.iter().any(|v| k.as_bytes() == v.as_bytes()))
         .collect();
@@ -381,11 +382,18 @@ async fn attempt(
     env.push((UPSTREAM_NOTIFY_VAR.into(), upstream));
     // The channel goes right after the listeners, outside the LISTEN_FDS range.
     env.push((CHANNEL_VAR.into(), (3 + listeners.len()).to_string().into()));
+    // Which of them are the service's alone (at 3, 4, ... in the child).
+    let exclusive: Vec<String> = (3..)
+        .zip(&listeners)
+        .filter(|(_, l)| l.exclusive)
+        .map(|(fd, _)| fd.to_string())
+        .collect();
+    env.push((EXCLUSIVE_VAR.into(), exclusive.join(",").into()));
     // No WATCHDOG_PID: the interval is for whoever reads it, the child.
     if let Some(usec) = watchdog_usec {
         env.push(("WATCHDOG_USEC".into(), usec.to_string().into()));
     }
-    let mut fds: Vec<OwnedFd> = listeners.into_iter().map(|(fd, _)| fd).collect();
+    let mut fds: Vec<OwnedFd> = listeners.into_iter().map(|l| l.fd).collect();
     fds.push(child_end);
     let plan = ExecPlan::new(
         &exe,

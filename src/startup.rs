@@ -36,6 +36,7 @@ pub(crate) const PROTOCOL_VARS: &[&str] = &[
     "NOTIFY_SOCKET",
     UPSTREAM_NOTIFY_VAR,
     CHANNEL_VAR,
+    EXCLUSIVE_VAR,
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
 ];
@@ -49,6 +50,13 @@ pub(crate) const UPSTREAM_NOTIFY_VAR: &str = "HANDOVER_NOTIFY_SOCKET";
 /// reports `READY=1` on it. Set close-on-exec at start-up, so programs the child runs do not
 /// inherit it.
 pub(crate) const CHANNEL_VAR: &str = "HANDOVER_CHANNEL_FD";
+
+/// Set by a handover parent for its restart child: the fd numbers (comma-separated) of the
+/// listeners that no process outside the service's own handover processes holds, because a
+/// handover process bound them and never gave them to a service manager. Only those may have
+/// their door shut when the service stops (see `accept`): a socket a service manager also
+/// holds keeps queueing for the next start, and a door would outlive us there.
+pub(crate) const EXCLUSIVE_VAR: &str = "HANDOVER_EXCLUSIVE_FDS";
 
 /// Everything captured at start-up.
 #[derive(Debug)]
@@ -69,6 +77,9 @@ pub(crate) struct Startup {
     /// The channel to a handover parent, if one passed it (`HANDOVER_CHANNEL_FD`): the fd
     /// number, or why the value is unusable.
     pub(crate) channel_fd: Option<Result<RawFd, String>>,
+    /// The inherited listeners only this service's handover processes hold
+    /// (`HANDOVER_EXCLUSIVE_FDS`), by fd number.
+    pub(crate) exclusive_fds: Vec<RawFd>,
     /// Whether the protocol variables were removed from the process environment.
     pub(crate) scrubbed: bool,
     /// The signals ignored and the signal mask as given, before handover's handlers: what a
@@ -150,6 +161,9 @@ fn capture() -> Startup {
         watchdog_usec: var("WATCHDOG_USEC"),
         watchdog_pid: var("WATCHDOG_PID"),
         channel_fd,
+        exclusive_fds: handover_var(EXCLUSIVE_VAR)
+            .map(|raw| parse_exclusive_fds(&raw))
+            .unwrap_or_default(),
         scrubbed: sys::remove_vars_if_single_threaded(PROTOCOL_VARS),
         signals,
         fds_taken: AtomicBool::new(false),
@@ -198,6 +212,24 @@ fn parse_channel_fd(raw: &OsStr) -> Result<RawFd, String> {
         .ok_or_else(|| {
             format!("{CHANNEL_VAR}={raw:?} is malformed: expected an fd number (decimal, >= 3)")
         })
+}
+
+/// `HANDOVER_EXCLUSIVE_FDS`: fd numbers, comma-separated (empty: none). Anything malformed
+/// counts as none: a door is only ever shut on a socket known to be ours alone.
+fn parse_exclusive_fds(raw: &OsStr) -> Vec<RawFd> {
+    let parsed: Option<Vec<RawFd>> = raw.to_str().and_then(|t| {
+        t.split(',')
+            .filter(|f| !f.is_empty())
+            .map(|f| f.parse::<RawFd>().ok().filter(|&fd| fd >= 3))
+            .collect()
+    });
+    parsed.unwrap_or_else(|| {
+        tracing::warn!(
+            "{EXCLUSIVE_VAR}={raw:?} is malformed (expected fd numbers >= 3, comma-separated); \
+             every inherited listener counts as shared"
+        );
+        Vec::new()
+    })
 }
 
 /// The working directory as the shell names it (`$PWD`, which keeps symlinks, so a

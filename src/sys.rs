@@ -129,6 +129,118 @@ pub(crate) unsafe fn shutdown_registered(fd: RawFd) {
     let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Both);
 }
 
+/// The door of a listening TCP socket: a classic BPF socket filter that drops every segment
+/// with SYN set and ACK clear (a new client's first segment) and lets everything else through.
+///
+/// Shut, no new connection enters the socket's queues (the client's SYN is dropped, so it
+/// retries a second later and is refused once the socket is gone), while a handshake already
+/// answered with SYN-ACK still completes into the accept queue: its final ACK passes. The
+/// kernel runs a TCP socket's filter on each segment with the data at the TCP header (after
+/// the IP header), so byte 13 is the flags byte, for IPv4 and IPv6 alike.
+const SYN_DOOR: [libc::sock_filter; 5] = {
+    const LD_B_ABS: u16 = 0x30; // BPF_LD | BPF_B | BPF_ABS
+    const AND_K: u16 = 0x54; // BPF_ALU | BPF_AND | BPF_K
+    const JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const SYN: u32 = 0x02;
+    const ACK: u32 = 0x10;
+    const fn op(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+        libc::sock_filter { code, jt, jf, k }
+    }
+    [
+        op(LD_B_ABS, 0, 0, 13),
+        op(AND_K, 0, 0, SYN | ACK),
+        op(JEQ_K, 0, 1, SYN),
+        op(RET_K, 0, 0, 0),        // SYN without ACK: dropped
+        op(RET_K, 0, 0, u32::MAX), // anything else: kept whole
+    ]
+};
+
+/// Shuts the door of a listening TCP socket ([`SYN_DOOR`]). The filter belongs to the socket,
+/// not to this fd: every process holding the socket is affected, and it stays after this
+/// process closes its copy if another process holds one. So only for a socket no process
+/// outside this service's own handover processes holds; those reopen it ([`open_door`]) if
+/// they serve on it again.
+pub(crate) fn shut_door(listener: BorrowedFd<'_>) -> io::Result<()> {
+    let program = libc::sock_fprog {
+        len: SYN_DOOR.len() as u16,
+        // The kernel copies the program during the call and never writes through the pointer.
+        filter: SYN_DOOR.as_ptr().cast_mut(),
+    };
+    // SAFETY: SO_ATTACH_FILTER reads a `sock_fprog` of the given size, and the `len`
+    // instructions it points to, during the call only; both live on this stack frame / in a
+    // constant.
+    let r = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&raw const program).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    match r {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// Opens the door of a listening socket if [`shut_door`] shut it (its filter is exactly
+/// [`SYN_DOOR`]); a filter of anyone else is left alone. Returns whether it was shut.
+pub(crate) fn open_door(listener: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut attached = [libc::sock_filter {
+        code: 0,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }; 8];
+    // SO_GET_FILTER counts in instructions, not bytes: room for 8, and it says how many.
+    let mut len = attached.len() as libc::socklen_t;
+    // SAFETY: SO_GET_FILTER writes at most `len` instructions into `attached` (it fails with
+    // EINVAL if the program is longer) and the count into `len`, both ours for the call.
+    let r = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_GET_FILTER,
+            attached.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        // Longer than 8 instructions: not ours.
+        return match e.raw_os_error() {
+            Some(libc::EINVAL) => Ok(false),
+            _ => Err(e),
+        };
+    }
+    let ours = len as usize == SYN_DOOR.len()
+        && attached
+            .iter()
+            .zip(&SYN_DOOR)
+            .all(|(a, b)| (a.code, a.jt, a.jf, a.k) == (b.code, b.jt, b.jf, b.k));
+    if !ours {
+        return Ok(false);
+    }
+    // SO_DETACH_FILTER ignores its value, but the kernel wants one of at least an int's size.
+    let unused: c_int = 0;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `unused`, ours for the call.
+    let r = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DETACH_FILTER,
+            (&raw const unused).cast(),
+            std::mem::size_of::<c_int>() as libc::socklen_t,
+        )
+    };
+    match r {
+        0 => Ok(true),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
 /// Whether `sig` has its default disposition (not ignored, no handler installed).
 pub(crate) fn has_default_disposition(sig: i32) -> bool {
     // SAFETY: sigaction with a null new action only reads the current one into `current`,
@@ -1037,6 +1149,77 @@ unsafe fn write_decimal(out: *mut u8, mut n: u32) {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    /// A connect that does not complete within `wait`: its SYN was dropped.
+    fn connect_blocked(addr: std::net::SocketAddr, wait: std::time::Duration) -> bool {
+        match std::net::TcpStream::connect_timeout(&addr, wait) {
+            Err(e) => e.kind() == io::ErrorKind::TimedOut,
+            Ok(_) => false,
+        }
+    }
+
+    #[test]
+    fn a_shut_door_keeps_new_clients_out_and_lets_queued_ones_be_accepted() {
+        let wait = std::time::Duration::from_millis(300);
+        for any in ["127.0.0.1:0", "[::1]:0"] {
+            let Ok(listener) = std::net::TcpListener::bind(any) else {
+                continue; // no IPv6 loopback here
+            };
+            let addr = listener.local_addr().expect("address");
+            let queued = std::net::TcpStream::connect(addr).expect("queued before the door");
+            assert!(!open_door(listener.as_fd()).expect("no filter yet"));
+            shut_door(listener.as_fd()).expect("door shut");
+            assert!(connect_blocked(addr, wait), "{addr}: a new client got in");
+            // The one queued before is still there, whole.
+            let (accepted, peer) = listener.accept().expect("the queued connection");
+            assert_eq!(peer, queued.local_addr().expect("client address"));
+            drop(accepted);
+            assert!(open_door(listener.as_fd()).expect("ours, detached"));
+            let late = std::net::TcpStream::connect_timeout(&addr, wait).expect("open again");
+            let (_, peer) = listener.accept().expect("accepted after reopening");
+            assert_eq!(peer, late.local_addr().expect("client address"));
+        }
+    }
+
+    #[test]
+    fn open_door_leaves_a_filter_of_someone_else_alone() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        // Accept everything: one instruction, not the door.
+        let accept_all = [libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: u32::MAX,
+        }];
+        let program = libc::sock_fprog {
+            len: 1,
+            filter: accept_all.as_ptr().cast_mut(),
+        };
+        // SAFETY: as in `shut_door`.
+        let r = unsafe {
+            libc::setsockopt(
+                listener.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ATTACH_FILTER,
+                (&raw const program).cast(),
+                std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        assert!(!open_door(listener.as_fd()).expect("not ours"));
+        let mut len: libc::socklen_t = 0;
+        // SAFETY: with a length of 0, SO_GET_FILTER writes only the count into `len`.
+        let r = unsafe {
+            libc::getsockopt(
+                listener.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_GET_FILTER,
+                std::ptr::null_mut(),
+                &mut len,
+            )
+        };
+        assert_eq!((r, len), (0, 1), "still attached");
+    }
 
     #[test]
     fn decimal_digits() {
