@@ -27,8 +27,11 @@
 //! process in any other holder. So a socket someone else may hold (a socket unit's, one
 //! systemfd or the fd store keeps, one inherited from any service manager) never gets one:
 //! there, closing our copy resets nothing (the other copy keeps the queue for the next
-//! start), or, under `systemd-socket-activate`, the window of one task switch remains. A
-//! process that serves again on a listener whose door a successor shut opens it again.
+//! start), or, under `systemd-socket-activate`, the window of one task switch remains. Nor
+//! does a process whose handover parent still lives (it holds the socket too, and serves on it
+//! if this process was a restart being rolled back); if that parent drains instead, it closes
+//! its own copies the same way once this process is gone and the service stops. A process
+//! that serves again on a listener whose door a successor shut opens it again.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -353,6 +356,22 @@ pub(crate) struct Stopped {
 }
 
 impl Stopped {
+    /// A listener that no loop accepts on, to be closed as a stopped loop's is: for a process
+    /// that kept its copies while it drained, and now holds the last ones.
+    pub(crate) fn idle(
+        acceptor: Acceptor,
+        name: Arc<str>,
+        service: Box<dyn ServeConn>,
+        cx: ConnContext,
+    ) -> Stopped {
+        Stopped {
+            acceptor,
+            name,
+            service,
+            cx,
+        }
+    }
+
     /// Accepts and serves every connection queued on the listener now (see the module's docs):
     /// call it right before closing the listener. Returns how many.
     pub(crate) fn accept_queued(&self) -> usize {
@@ -393,6 +412,12 @@ impl Stopped {
         else {
             return false;
         };
+        if crate::startup::get().predecessor_may_live() {
+            // It holds the socket too, and may be serving on it (this process was a restart
+            // that is being rolled back): a door would shut its clients out. If it is draining
+            // instead, it closes the socket itself once this process is gone.
+            return false;
+        }
         use std::os::fd::AsFd;
         match crate::sys::shut_door(listener.as_fd()) {
             Ok(()) => true,

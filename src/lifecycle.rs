@@ -289,6 +289,9 @@ impl Lifecycle {
         let _ = slot.set(Arc::clone(&switch) as Arc<dyn crate::conn::HandOff>);
         let cx = ConnContext::new(http, connections.clone(), handle.clone(), slot);
         let mut tasks = vec![AbortOnDropHandle::new(tokio::spawn(connections.sweeper()))];
+        if let Some(exit) = startup.predecessor_exit() {
+            tasks.push(AbortOnDropHandle::new(tokio::spawn(exit)));
+        }
         // `with_graceful_shutdown`: each future, once complete, asks as the handle would.
         for signal in shutdown_signals {
             let handle = handle.clone();
@@ -641,40 +644,41 @@ impl Lifecycle {
         };
         successor.watch = None;
         let pid = successor.pid;
-        // Read while it is a zombie: our own child is reaped by the keeper, with its status,
-        // unless this process serves again.
-        let exit = crate::sys::exit_description(pid).unwrap_or(crate::error::ChildExit::Unknown);
+        // From the pidfd (recent kernels keep it there after the reaping), else read while it
+        // is a zombie (our own child is reaped by the keeper, with its status, unless this
+        // process serves again); the pidfd again, in case its parent reaped it in between.
+        let pidfd = successor.pidfd.as_fd();
+        let exit = crate::sys::pidfd_exit(pidfd)
+            .or_else(|| crate::sys::exit_description(pid))
+            .or_else(|| crate::sys::pidfd_exit(pidfd))
+            .unwrap_or(crate::error::ChildExit::Unknown);
         let how = exit.to_string();
-        if successor.stopping {
-            tracing::info!(
-                pid,
-                %how,
-                "the new process ended while this one drains, after the service was asked to stop: not serving again"
-            );
-            return;
-        }
-        if exit == crate::error::ChildExit::Code(0) {
-            // An orderly end: it was asked to stop (a stop that reached only the main process,
-            // `KillMode=mixed`), or its application decided to. Not a death to make up for.
-            tracing::info!(
-                pid,
-                %how,
-                "the new process stopped in order while this one drains: not serving again"
-            );
-            return;
-        }
-        if let Some(listeners) = &self.listeners {
+        let stopping = successor.stopping;
+        let holder = self.listeners.as_ref().and_then(|listeners| {
             let fds: Vec<_> = listeners.iter().map(|l| l.as_fd()).collect();
-            if let Some(holder) = crate::sys::held_elsewhere(&fds) {
-                // It had handed over in its turn: a later process serves.
-                tracing::info!(
-                    pid,
-                    %how,
-                    holder,
-                    "the new process ended while this one drains, but another process holds the listeners (it had handed over in its turn): not serving again"
-                );
-                return;
-            }
+            crate::sys::held_elsewhere(&fds)
+        });
+        if let Some(holder) = holder {
+            // It had handed over in its turn: a later process serves.
+            tracing::info!(
+                pid,
+                %how,
+                holder,
+                "the new process ended while this one drains, but another process holds the listeners (it had handed over in its turn): not serving again"
+            );
+            return;
+        }
+        if stopping || exit == crate::error::ChildExit::Code(0) {
+            // Asked to stop (here, or, for an exit 0, a stop that reached only the main
+            // process, `KillMode=mixed`; or its application decided to): not a death to make
+            // up for. This process holds the last copies of the listeners now.
+            self.close_last_copies();
+            tracing::info!(
+                pid,
+                %how,
+                "the new process ended in order while this one drains (the service stops): not serving again; closed the listeners"
+            );
+            return;
         }
         tracing::warn!(
             pid,
@@ -682,6 +686,41 @@ impl Lifecycle {
             "the new process died while this one drains: serving again"
         );
         self.serve_again(pid, &how);
+    }
+
+    /// This process holds the last copies of the listeners (its successor ended, the service
+    /// stops, and no other process holds them): they are closed as a stopping server closes
+    /// its own (`accept`), so that no client queued on them since the successor closed its
+    /// copies is reset: what is queued is accepted and answered, and a TCP listener only the
+    /// service holds has its door shut first.
+    fn close_last_copies(&mut self) {
+        let Some(listeners) = self.listeners.take() else {
+            return;
+        };
+        let stopped: Vec<accept::Stopped> = listeners
+            .iter()
+            .zip(&self.services)
+            .filter_map(|(l, service)| match Acceptor::new(l) {
+                Ok(acceptor) => Some(accept::Stopped::idle(
+                    acceptor,
+                    Arc::from(l.name()),
+                    service.clone_box(),
+                    self.cx.clone(),
+                )),
+                Err(e) => {
+                    tracing::warn!(listener = l.name(), error = %e, "cannot accept what is queued on the listener before closing it");
+                    None
+                }
+            })
+            .collect();
+        let (doors, others): (Vec<_>, Vec<_>) = stopped.into_iter().partition(|s| s.shut_door());
+        for s in doors.iter().chain(&others) {
+            s.accept_queued();
+        }
+        drop(listeners);
+        drop(others);
+        let deadline = crate::instant_after(Instant::now(), self.config.drain_timeout);
+        tokio::spawn(accept::last_handshakes(doors, deadline));
     }
 
     /// Shutting down: a lame duck first if there is a delay, else straight to the drain.

@@ -857,7 +857,8 @@ impl Child {
     }
 
     /// How it ended: our own child is reaped (its real status); a sibling's status is read from
-    /// /proc while it is a zombie, best effort (its parent may have reaped it already).
+    /// its pidfd (Linux 6.15 and later keep it there after the reaping), else from /proc while
+    /// it is a zombie, best effort (its parent may have reaped it already).
     fn describe(&self) -> ChildExit {
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = status.as_ref() {
@@ -865,6 +866,9 @@ impl Child {
         }
         let found = match (self.placement, &self.pidfd) {
             (Placement::Child, Some(pidfd)) => sys::reap(pidfd.get_ref().as_fd()),
+            (_, Some(pidfd)) => sys::pidfd_exit(pidfd.get_ref().as_fd())
+                .or_else(|| sys::exit_description(self.pid))
+                .or_else(|| sys::pidfd_exit(pidfd.get_ref().as_fd())),
             _ => sys::exit_description(self.pid),
         };
         let exit = found.unwrap_or(ChildExit::Unknown);

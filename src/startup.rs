@@ -17,11 +17,11 @@
 //! explicitly built environment anyway.
 
 use std::ffi::{OsStr, OsString};
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use crate::sys;
 
@@ -58,6 +58,19 @@ pub(crate) const CHANNEL_VAR: &str = "HANDOVER_CHANNEL_FD";
 /// holds keeps queueing for the next start, and a door would outlive us there.
 pub(crate) const EXCLUSIVE_VAR: &str = "HANDOVER_EXCLUSIVE_FDS";
 
+/// What is known of the handover parent that started this process.
+#[derive(Debug)]
+enum Predecessor {
+    /// Started by no handover parent.
+    None,
+    /// Started by one, whose pidfd could not be had: it may live.
+    Unknown,
+    /// Its pidfd, taken at start-up while it waited for our `READY=1`.
+    Alive(OwnedFd),
+    /// It exited.
+    Gone,
+}
+
 /// Everything captured at start-up.
 #[derive(Debug)]
 pub(crate) struct Startup {
@@ -80,6 +93,9 @@ pub(crate) struct Startup {
     /// The inherited listeners only this service's handover processes hold
     /// (`HANDOVER_EXCLUSIVE_FDS`), by fd number.
     pub(crate) exclusive_fds: Vec<RawFd>,
+    /// The handover parent (the other end of the channel): while it lives, it holds the
+    /// listeners too, and may serve on them (a restart rolled back) or serve again.
+    predecessor: Mutex<Predecessor>,
     /// Whether the protocol variables were removed from the process environment.
     pub(crate) scrubbed: bool,
     /// The signals ignored and the signal mask as given, before handover's handlers: what a
@@ -102,6 +118,39 @@ impl Startup {
     /// Returns `true` exactly once per process: the caller now owns the inherited fds.
     pub(crate) fn take_fds(&self) -> bool {
         !self.fds_taken.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether the handover parent that started this process may still live: then it holds
+    /// the listeners too (and may serve on them), and no door may be shut on them (`accept`).
+    /// `true` when it is not known.
+    pub(crate) fn predecessor_may_live(&self) -> bool {
+        let mut p = self.predecessor.lock().unwrap_or_else(|p| p.into_inner());
+        match &*p {
+            Predecessor::None | Predecessor::Gone => false,
+            Predecessor::Unknown => true,
+            Predecessor::Alive(pidfd) if sys::has_exited(pidfd.as_fd()) => {
+                *p = Predecessor::Gone;
+                false
+            }
+            Predecessor::Alive(_) => true,
+        }
+    }
+
+    /// Resolves once the handover parent exited, then lets its pidfd go (a server holds no fd
+    /// of the restart that started it for longer than that); `None` if there is none to watch.
+    pub(crate) fn predecessor_exit(
+        &'static self,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let watched = match &*self.predecessor.lock().unwrap_or_else(|p| p.into_inner()) {
+            Predecessor::Alive(pidfd) => pidfd.try_clone().ok()?,
+            _ => return None,
+        };
+        let watched = sys::register(watched, tokio::io::Interest::READABLE).ok()?;
+        Some(async move {
+            let _ = watched.readable().await;
+            drop(watched);
+            self.predecessor_may_live();
+        })
     }
 
     /// Returns the channel fd number exactly once per process (the caller then owns it), if
@@ -160,6 +209,14 @@ fn capture() -> Startup {
         upstream_notify_socket: handover_var(UPSTREAM_NOTIFY_VAR),
         watchdog_usec: var("WATCHDOG_USEC"),
         watchdog_pid: var("WATCHDOG_PID"),
+        predecessor: Mutex::new(match &channel_fd {
+            Some(Ok(fd)) => sys::dup_raw(*fd)
+                .ok()
+                .and_then(|dup| sys::peer_pidfd(dup.as_fd()))
+                .map_or(Predecessor::Unknown, Predecessor::Alive),
+            Some(Err(_)) => Predecessor::Unknown,
+            None => Predecessor::None,
+        }),
         channel_fd,
         exclusive_fds: handover_var(EXCLUSIVE_VAR)
             .map(|raw| parse_exclusive_fds(&raw))

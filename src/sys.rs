@@ -906,6 +906,84 @@ pub(crate) fn recv_with_credentials(
     Ok((n as usize, credentials))
 }
 
+/// A pidfd of the process at the other end of a Unix socket (`SO_PEERCRED`: for a socketpair,
+/// the process that made it), taken while that process is known to live; `None` if it cannot
+/// be had (gone already, another PID namespace, no pidfd support).
+pub(crate) fn peer_pidfd(socket: BorrowedFd<'_>) -> Option<OwnedFd> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes at most `len` bytes, a `ucred`, into `cred`, ours for the call.
+    let r = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return None;
+    }
+    // Pid 0: the peer is in a PID namespace we cannot see.
+    let pid = rustix::process::Pid::from_raw(cred.pid)?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+}
+
+/// Whether the process behind `pidfd` has exited (its pidfd polls readable).
+pub(crate) fn has_exited(pidfd: BorrowedFd<'_>) -> bool {
+    use rustix::event::{PollFd, PollFlags};
+    let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+    matches!(rustix::event::poll(&mut fds, Some(&rustix::event::Timespec::default())), Ok(n) if n > 0)
+}
+
+/// How the process behind `pidfd` ended, from the pidfd itself (`PIDFD_GET_INFO` with
+/// `PIDFD_INFO_EXIT`, Linux 6.15 and later): unlike `/proc/PID/stat`, it is still there after
+/// whoever is its parent reaped it (systemd, at once), for as long as the pidfd is held. `None`
+/// while it runs, and on an older kernel.
+pub(crate) fn pidfd_exit(pidfd: BorrowedFd<'_>) -> Option<crate::error::ChildExit> {
+    use crate::error::ChildExit;
+    /// `struct pidfd_info` as of its first version (64 bytes, `PIDFD_INFO_SIZE_VER0`).
+    #[repr(C)]
+    #[derive(Default)]
+    struct PidfdInfo {
+        mask: u64,
+        cgroupid: u64,
+        ids: [u32; 11], // pid, tgid, ppid, ruid, rgid, euid, egid, suid, sgid, fsuid, fsgid
+        exit_code: i32,
+    }
+    const _: () = assert!(std::mem::size_of::<PidfdInfo>() == 64);
+    const PIDFD_INFO_EXIT: u64 = 1 << 3;
+    // _IOWR(PIDFS_IOCTL_MAGIC 0xFF, 11, struct pidfd_info): the size is part of the request.
+    const PIDFD_GET_INFO: u32 = (3 << 30) | (64 << 16) | (0xFF << 8) | 11;
+    let mut info = PidfdInfo {
+        mask: PIDFD_INFO_EXIT,
+        ..PidfdInfo::default()
+    };
+    // SAFETY: PIDFD_GET_INFO reads and writes at most the 64 bytes its request number encodes,
+    // the size of `info`, which is ours for the call. Kernels without it fail (ENOTTY, EINVAL).
+    let r = unsafe {
+        libc::ioctl(
+            pidfd.as_raw_fd(),
+            PIDFD_GET_INFO as _,
+            (&raw mut info).cast::<libc::c_void>(),
+        )
+    };
+    if r != 0 || info.mask & PIDFD_INFO_EXIT == 0 {
+        return None;
+    }
+    let status = info.exit_code;
+    Some(if status & 0x7f == 0 {
+        ChildExit::Code((status >> 8) & 0xff)
+    } else {
+        ChildExit::Signal(status & 0x7f)
+    })
+}
+
 /// How a process that is not our child ended, if it is still a zombie: `/proc/PID/stat`
 /// field 52 holds its wait status until its parent reaps it. Best effort: a parent that reaps
 /// at once (systemd does) leaves nothing to read.
@@ -1179,6 +1257,27 @@ mod tests {
             let (_, peer) = listener.accept().expect("accepted after reopening");
             assert_eq!(peer, late.local_addr().expect("client address"));
         }
+    }
+
+    #[test]
+    fn a_pidfd_tells_how_its_process_ended_even_after_the_reaping() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "read _; exit 3"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh");
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+        let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+            .expect("pidfd_open");
+        assert_eq!(pidfd_exit(pidfd.as_fd()), None, "still running");
+        drop(child.stdin.take());
+        assert_eq!(child.wait().expect("reaped").code(), Some(3));
+        let Some(exit) = pidfd_exit(pidfd.as_fd()) else {
+            // Before Linux 6.15: nothing to read once reaped.
+            eprintln!("PIDFD_INFO_EXIT not supported by this kernel");
+            return;
+        };
+        assert_eq!(exit, crate::error::ChildExit::Code(3));
     }
 
     #[test]

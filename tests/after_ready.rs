@@ -460,9 +460,8 @@ fn a_successor_that_stops_in_order_is_not_replaced() {
     server.lines.wait_for("slow request: sleeping", SOON);
     successor_with(&exe, "DIE_AFTER_READY_MS=300 DIE_WITH=0");
     let new = restart_once(&notify, old, 1);
-    // Not reaped before the old process has read its status.
     server.lines.wait_for(
-        "the new process stopped in order while this one drains: not serving again",
+        "the new process ended in order while this one drains (the service stops): not serving again",
         SOON,
     );
     assert_eq!(wait_exit(new, SOON), Some(0));

@@ -829,13 +829,18 @@ struct Probes {
 }
 
 /// Probe clients from `threads` threads, each in a loop until its connection is refused (or
-/// `until`): connect, send a whole request with `Connection: close`, read the whole answer.
+/// `until`): connect, send a whole request with `Connection: close`, and go on to the next
+/// without waiting (open loop: as many connections as possible arrive around the moment the
+/// listener closes); the answers are read once every thread is done.
 fn probe_until_refused(addr: SocketAddr, threads: usize, until: Instant) -> Probes {
+    /// Connections per thread, at most: a bound on the fds and the work of one test.
+    const MAX_PER_THREAD: usize = 20_000;
     let handles: Vec<_> = (0..threads)
         .map(|t| {
             std::thread::spawn(move || {
                 let mut seen = Probes::default();
-                for i in 0u64.. {
+                let mut sent = Vec::new();
+                for i in 0..MAX_PER_THREAD {
                     if Instant::now() > until {
                         break;
                     }
@@ -857,14 +862,21 @@ fn probe_until_refused(addr: SocketAddr, threads: usize, until: Instant) -> Prob
                         buf: Vec::new(),
                         label,
                     };
-                    let got = c
+                    match c
                         .write(b"GET /?tag=probe HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-                        .and_then(|()| c.answer());
-                    match got {
-                        Ok(a) if a.status == 200 && a.tag == "probe" => seen.answered += 1,
-                        Ok(a) => seen.failed.push(format!("{}: {a:?}", c.label)),
+                    {
+                        Ok(()) => sent.push(c),
                         Err(e) => seen.failed.push(e),
                     }
+                    // Keep the fds bounded: the oldest are answered by now, most likely.
+                    if sent.len() >= 64 {
+                        for mut c in sent.drain(..32) {
+                            seen.read_answer(&mut c);
+                        }
+                    }
+                }
+                for mut c in sent {
+                    seen.read_answer(&mut c);
                 }
                 seen
             })
@@ -878,6 +890,16 @@ fn probe_until_refused(addr: SocketAddr, threads: usize, until: Instant) -> Prob
         all.failed.extend(p.failed);
     }
     all
+}
+
+impl Probes {
+    fn read_answer(&mut self, c: &mut Raw<TcpStream>) {
+        match c.answer() {
+            Ok(a) if a.status == 200 && a.tag == "probe" => self.answered += 1,
+            Ok(a) => self.failed.push(format!("{}: {a:?}", c.label)),
+            Err(e) => self.failed.push(e),
+        }
+    }
 }
 
 /// SIGTERM to `pid` (serving `addr`, with a lame duck of `delay`), then probes from a little
@@ -911,6 +933,70 @@ fn lame_duck_end_loses_no_queued_client(pid: u32, addr: SocketAddr, notify: &Not
         exits_calmly(pid, Instant::now(), DRAIN + MARGIN, "after the lame duck"),
         Some(0)
     );
+}
+
+/// The service is stopped right after a restart, while the old process still drains a slow
+/// request: the new process stops for good and closes its copy of the listener, and the old
+/// one holds the last copy, accepting no more. A client that connects then must not be left
+/// queued on a copy nobody accepts from (it would send its request and be reset when the old
+/// process exits). The old process learns at once that its successor ended in order (its
+/// pidfd, and its exit status 0, read from the pidfd even after the test reaped it), and
+/// closes the listener as a stopping server does: what is queued is answered, and the door is
+/// shut first (the socket is the service's alone: the old process bound it), so a client that
+/// connects afterwards is kept out (its SYN dropped, its connect unanswered), then refused.
+#[test]
+fn a_client_arriving_after_the_last_accepting_process_stopped_is_answered_or_kept_out_not_reset() {
+    let notify = NotifySocket::new();
+    let (server, addr) = hello(&notify, &[("HANDOVER_DRAIN_TIMEOUT_MS", "30000")]);
+    let old = server.pid;
+    let mut slow = Raw::connect(addr);
+    slow.write(b"GET /?tag=slow&sleep_ms=4000 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("the slow request");
+    server.lines.wait_for("slow request: sleeping", SOON);
+    let new = restart_once(&notify, old, 1);
+    signal(new, Signal::TERM);
+    // Meanwhile, clients: each is answered (by the old process, which accepts what was queued
+    // on its copy before it closed it) or kept out; none is reset.
+    let early = probe_until_refused(addr, 2, Instant::now() + Duration::from_millis(300));
+    assert!(early.failed.is_empty(), "{:#?}", early.failed);
+    assert_eq!(wait_exit(new, SOON), Some(0), "the new process stopped");
+    server.lines.wait_for(
+        "the new process ended in order while this one drains (the service stops): not serving again; closed the listeners",
+        SOON,
+    );
+    assert!(
+        std::fs::metadata(format!("/proc/{old}")).is_ok(),
+        "the old process still drains its slow request"
+    );
+    // Kept out by the door while the old process takes its last handshakes, then refused.
+    match TcpStream::connect_timeout(&addr, Duration::from_millis(700)) {
+        Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::ConnectionRefused) => {}
+        Err(e) => panic!("expected the connect to be kept out or refused, got {e}"),
+        Ok(s) => panic!(
+            "a client got into a listener nobody accepts from (port {}); it would be reset",
+            s.local_addr().map(|a| a.port()).unwrap_or(0)
+        ),
+    }
+    let a = slow
+        .answer()
+        .expect("the slow request, answered by the old process");
+    assert_eq!(
+        (a.status, a.pid, a.tag.as_str()),
+        (200, old, "slow"),
+        "{a:?}"
+    );
+    drop(slow);
+    assert_eq!(
+        exits_calmly(old, Instant::now(), MARGIN, "after its drain"),
+        Some(0)
+    );
+    // Nobody holds the socket any more: refused at once.
+    let refused = TcpStream::connect_timeout(&addr, SOON).map(|_| ());
+    assert_eq!(
+        refused.map_err(|e| e.kind()),
+        Err(ErrorKind::ConnectionRefused)
+    );
+    assert_none_left([old, new]);
 }
 
 const LAME_DUCK_MS: u64 = 1500;

@@ -534,6 +534,36 @@ fn as_pid1_the_old_process_stays_on_as_init_for_its_successors() {
     assert_port_released(port, inode);
 }
 
+/// `docker stop` (SIGTERM to PID 1) at each step of a restart as PID 1 (issue 18, point 5):
+/// while the new process starts, once it is ready (the keeper's handlers are registered before
+/// the hand-off is committed: a signal in between reaches the keeper, not nobody), once the
+/// old process handed over, and once it is the keeper. Each time the signal is acted on: the
+/// restart is cancelled, or the signal is forwarded to the serving process; whatever serves
+/// drains and exits 0, and PID 1 exits 0 with it, with nothing left (no SIGKILL needed).
+#[test]
+fn as_pid1_a_stop_at_any_step_of_a_restart_stops_the_service() {
+    for step in [
+        "restart: new process started",
+        "restart: new process is ready and the service manager knows; handing over",
+        "handed over pid=",
+        "keeper: the serving process is now pid",
+    ] {
+        let port = free_port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let (mut unshare, pid1) = as_pid1(&example("hello"), addr, &[]);
+        signal(pid1, Signal::USR1);
+        unshare.lines.wait_for(step, SOON);
+        let inside = descendants(unshare.pid);
+        signal(pid1, Signal::TERM);
+        assert_eq!(
+            unshare.wait(SOON),
+            Some(0),
+            "SIGTERM to PID 1 after {step:?}: PID 1's exit code"
+        );
+        assert_none_left(inside.into_iter().chain([unshare.pid]));
+    }
+}
+
 /// `docker stop` (SIGTERM to PID 1) right after a hand-off, while PID 1 still drains a slow
 /// request: the request is answered by PID 1, the signal is forwarded to the serving process,
 /// which drains and exits 0, and PID 1 then exits 0 with it.
