@@ -39,11 +39,13 @@ const HEADER_READ: Duration = Duration::from_millis(1000);
 // ---------------------------------------------------------------------------------------------
 // Servers.
 
-/// The hello example on a free loopback port with `env`, once it reported `READY=1`.
+/// The hello example (with its `POST /early` route) on a free loopback port with `env`, once it
+/// reported `READY=1`.
 fn hello(notify: &NotifySocket, env: &[(&str, &str)]) -> (Proc, SocketAddr) {
     let mut spawn = Spawn::new(example("hello"))
         .arg(format!("127.0.0.1:{}", free_port()))
         .env("NOTIFY_SOCKET", &notify.path)
+        .env("HELLO_EARLY_ROUTE", "1")
         .env("HANDOVER_DRAIN_TIMEOUT_MS", DRAIN.as_millis().to_string());
     for (k, v) in env {
         spawn = spawn.env(k, v);
