@@ -28,10 +28,11 @@
 //! systemfd or the fd store keeps, one inherited from any service manager) never gets one:
 //! there, closing our copy resets nothing (the other copy keeps the queue for the next
 //! start), or, under `systemd-socket-activate`, the window of one task switch remains. Nor
-//! does a process whose handover parent still lives (it holds the socket too, and serves on it
-//! if this process was a restart being rolled back); if that parent drains instead, it closes
-//! its own copies the same way once this process is gone and the service stops. A process
-//! that serves again on a listener whose door a successor shut opens it again.
+//! does a process whose handover parent still holds the socket (it serves on it if this
+//! process was a restart being rolled back); if that parent drains instead, it closes its own
+//! copies the same way once this process is gone and the service stops (a parent that stays
+//! on as PID 1's keeper lets them go after its drain). A process that serves again on a
+//! listener whose door a successor shut opens it again.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -412,13 +413,13 @@ impl Stopped {
         else {
             return false;
         };
-        if crate::startup::get().predecessor_may_live() {
-            // It holds the socket too, and may be serving on it (this process was a restart
-            // that is being rolled back): a door would shut its clients out. If it is draining
-            // instead, it closes the socket itself once this process is gone.
+        use std::os::fd::AsFd;
+        if crate::startup::get().predecessor_may_hold(listener.as_fd()) {
+            // The handover parent holds the socket too, and may be serving on it (this process
+            // was a restart that is being rolled back): a door would shut its clients out. If
+            // it is draining instead, it closes the socket itself once this process is gone.
             return false;
         }
-        use std::os::fd::AsFd;
         match crate::sys::shut_door(listener.as_fd()) {
             Ok(()) => true,
             Err(e) => {

@@ -65,8 +65,8 @@ enum Predecessor {
     None,
     /// Started by one, whose pidfd could not be had: it may live.
     Unknown,
-    /// Its pidfd, taken at start-up while it waited for our `READY=1`.
-    Alive(OwnedFd),
+    /// Its pid, and its pidfd, taken at start-up while it waited for our `READY=1`.
+    Alive(u32, OwnedFd),
     /// It exited.
     Gone,
 }
@@ -120,19 +120,33 @@ impl Startup {
         !self.fds_taken.swap(true, Ordering::AcqRel)
     }
 
-    /// Whether the handover parent that started this process may still live: then it holds
-    /// the listeners too (and may serve on them), and no door may be shut on them (`accept`).
-    /// `true` when it is not known.
-    pub(crate) fn predecessor_may_live(&self) -> bool {
+    /// Whether the handover parent that started this process may still hold `socket`: then
+    /// it may serve on it (a restart rolled back) or serve again, and no door may be shut on
+    /// it (`accept`). It holds it while it drains after the hand-off; as PID 1 it stays on as
+    /// the keeper, and lets the listeners go once its drain is over. `true` when it is not
+    /// known.
+    pub(crate) fn predecessor_may_hold(&self, socket: std::os::fd::BorrowedFd<'_>) -> bool {
         let mut p = self.predecessor.lock().unwrap_or_else(|p| p.into_inner());
         match &*p {
             Predecessor::None | Predecessor::Gone => false,
             Predecessor::Unknown => true,
-            Predecessor::Alive(pidfd) if sys::has_exited(pidfd.as_fd()) => {
+            Predecessor::Alive(_, pidfd) if sys::has_exited(pidfd.as_fd()) => {
                 *p = Predecessor::Gone;
                 false
             }
-            Predecessor::Alive(_) => true,
+            // Alive (its pidfd says so, so the pid is still its own): unreadable fds count as
+            // held.
+            Predecessor::Alive(pid, _) => sys::holds_socket(*pid, socket) != Some(false),
+        }
+    }
+
+    /// Forgets the handover parent once its pidfd says it exited.
+    fn note_predecessor_exit(&self) {
+        let mut p = self.predecessor.lock().unwrap_or_else(|p| p.into_inner());
+        if let Predecessor::Alive(_, pidfd) = &*p {
+            if sys::has_exited(pidfd.as_fd()) {
+                *p = Predecessor::Gone;
+            }
         }
     }
 
@@ -142,14 +156,14 @@ impl Startup {
         &'static self,
     ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let watched = match &*self.predecessor.lock().unwrap_or_else(|p| p.into_inner()) {
-            Predecessor::Alive(pidfd) => pidfd.try_clone().ok()?,
+            Predecessor::Alive(_, pidfd) => pidfd.try_clone().ok()?,
             _ => return None,
         };
         let watched = sys::register(watched, tokio::io::Interest::READABLE).ok()?;
         Some(async move {
             let _ = watched.readable().await;
             drop(watched);
-            self.predecessor_may_live();
+            self.note_predecessor_exit();
         })
     }
 
@@ -213,7 +227,9 @@ fn capture() -> Startup {
             Some(Ok(fd)) => sys::dup_raw(*fd)
                 .ok()
                 .and_then(|dup| sys::peer_pidfd(dup.as_fd()))
-                .map_or(Predecessor::Unknown, Predecessor::Alive),
+                .map_or(Predecessor::Unknown, |(pid, pidfd)| {
+                    Predecessor::Alive(pid, pidfd)
+                }),
             Some(Err(_)) => Predecessor::Unknown,
             None => Predecessor::None,
         }),

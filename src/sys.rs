@@ -906,10 +906,10 @@ pub(crate) fn recv_with_credentials(
     Ok((n as usize, credentials))
 }
 
-/// A pidfd of the process at the other end of a Unix socket (`SO_PEERCRED`: for a socketpair,
+/// The pid and a pidfd of the process at the other end of a Unix socket (`SO_PEERCRED`: for a socketpair,
 /// the process that made it), taken while that process is known to live; `None` if it cannot
 /// be had (gone already, another PID namespace, no pidfd support).
-pub(crate) fn peer_pidfd(socket: BorrowedFd<'_>) -> Option<OwnedFd> {
+pub(crate) fn peer_pidfd(socket: BorrowedFd<'_>) -> Option<(u32, OwnedFd)> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -931,7 +931,8 @@ pub(crate) fn peer_pidfd(socket: BorrowedFd<'_>) -> Option<OwnedFd> {
     }
     // Pid 0: the peer is in a PID namespace we cannot see.
     let pid = rustix::process::Pid::from_raw(cred.pid)?;
-    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+    let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()?;
+    Some((pid.as_raw_nonzero().get().unsigned_abs(), pidfd))
 }
 
 /// Whether the process behind `pidfd` has exited (its pidfd polls readable).
@@ -1002,6 +1003,17 @@ pub(crate) fn exit_description(pid: u32) -> Option<crate::error::ChildExit> {
     } else {
         ChildExit::Signal(status & 0x7f)
     })
+}
+
+/// Whether process `pid` has `socket` open: `None` if its fds cannot be read (another user's,
+/// gone). From `/proc/PID/fd`.
+pub(crate) fn holds_socket(pid: u32, socket: BorrowedFd<'_>) -> Option<bool> {
+    let inode = format!("socket:[{}]", rustix::fs::fstat(socket).ok()?.st_ino);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    // Bounded by the process's fds, read once.
+    Some(fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == inode.as_str())
+    }))
 }
 
 /// A process other than this one and PID 1 (a service manager holding a socket unit's socket)
