@@ -58,6 +58,7 @@ use crate::restart::{Failed, HandedOver, Restarting, Rollback};
 use crate::server::{Config, Reason, Server, Shutdown};
 use crate::signals::{self, SignalEvents};
 use crate::startup::{self, Startup};
+use crate::sys::Holders;
 
 /// Runs `server` to the end of its life.
 pub(crate) async fn run(server: Server) -> Result<Shutdown, Error> {
@@ -115,12 +116,16 @@ pub(crate) enum Event {
 /// Where the server is; what it does now, with what belongs to that stage only.
 enum Stage {
     /// Accepting and serving; possibly with a successor starting.
-    Serving { restart: Option<InFlight> },
+    Serving {
+        restart: Option<InFlight>,
+        duties: Duties,
+    },
     /// Shutting down, still accepting until `until`.
     LameDuck {
         reason: Reason,
         began: Instant,
         until: Instant,
+        duties: Duties,
     },
     /// A successor serves; this process drains, keeping its listeners and watching it.
     HandedOver { drain: Drain, successor: Successor },
@@ -128,12 +133,24 @@ enum Stage {
     Draining(Drain),
 }
 
+/// What this process owes the service while it is its main process and has not drained yet:
+/// the hooks to run when it drains, and the watchdog's pings. A hand-off gives both up (the
+/// hooks run in the drain that follows it; the new process pings); a drain for good takes the
+/// hooks and keeps the pings going.
+#[derive(Default)]
+struct Duties {
+    hooks: Vec<Hook>,
+    watchdog: Option<AbortOnDropHandle<()>>,
+}
+
 impl Stage {
     /// What the handle shows for this stage.
     fn state(&self) -> State {
         match self {
-            Stage::Serving { restart: None } => State::Serving,
-            Stage::Serving { restart: Some(_) } => State::Restarting,
+            Stage::Serving { restart: None, .. } => State::Serving,
+            Stage::Serving {
+                restart: Some(_), ..
+            } => State::Restarting,
             Stage::LameDuck { .. } => State::LameDuck,
             Stage::HandedOver { successor, .. } => State::HandedOver { pid: successor.pid },
             Stage::Draining(_) => State::Draining,
@@ -167,6 +184,9 @@ struct Drain {
     hooks_done: Arc<std::sync::Mutex<Option<HooksReport>>>,
     /// The work's outcome, once done.
     done: Option<(HooksReport, Drained)>,
+    /// The watchdog's pings, while this process drains as the service's main process (none
+    /// after a hand-off: the new process pings).
+    _watchdog: Option<AbortOnDropHandle<()>>,
 }
 
 /// What drains given up for serving again did: counted into the final report.
@@ -209,11 +229,7 @@ struct Lifecycle {
     accepting: Option<Accepting>,
     /// Where connection tasks pass connections, once a successor takes them.
     switch: Arc<handoff::Switch>,
-    hooks: Vec<Hook>,
     watchdog_usec: Option<u64>,
-    watchdog: Option<AbortOnDropHandle<()>>,
-    /// `STOPPING=1` was sent (once per shutdown).
-    stopping_sent: bool,
     /// Children of failed restarts, finishing their requests before they stop.
     rollbacks: JoinSet<()>,
     given_up: GivenUp,
@@ -343,13 +359,17 @@ impl Lifecycle {
             services,
             accepting: Some(accepting),
             switch,
-            hooks,
             watchdog_usec,
-            watchdog: None,
-            stopping_sent: false,
             rollbacks: JoinSet::new(),
             given_up: GivenUp::default(),
-            stage: Stage::Serving { restart: None },
+            stage: Stage::Serving {
+                restart: None,
+                // The watchdog starts once READY=1 is out.
+                duties: Duties {
+                    hooks,
+                    watchdog: None,
+                },
+            },
             _tasks: tasks,
             _cut_on_drop: CutOnDrop(connections),
             _claim: claim,
@@ -399,13 +419,29 @@ impl Lifecycle {
             })));
     }
 
+    /// Starts the watchdog's pings (if the service manager asked for them) for the serving
+    /// stage.
     fn start_watchdog(&mut self) {
-        self.watchdog = self.watchdog_usec.map(|usec| {
+        let watchdog = self.watchdog_usec.map(|usec| {
             AbortOnDropHandle::new(crate::notify::spawn_watchdog(
                 Arc::clone(&self.notifier),
                 usec,
             ))
         });
+        if let Stage::Serving { duties, .. } = &mut self.stage {
+            duties.watchdog = watchdog;
+        }
+    }
+
+    /// Takes the duties of the main process out of the stage (serving or lame duck), for the
+    /// next stage; none from the others.
+    fn take_duties(&mut self) -> Duties {
+        match &mut self.stage {
+            Stage::Serving { duties, .. } | Stage::LameDuck { duties, .. } => {
+                std::mem::take(duties)
+            }
+            Stage::HandedOver { .. } | Stage::Draining(_) => Duties::default(),
+        }
     }
 
     /// The next thing that happened. Every source is cancel safe: dropping this future loses
@@ -450,7 +486,10 @@ impl Lifecycle {
             Event::DelayOver => self.end_lame_duck(false, None).await,
             Event::SuccessorExited => self.on_successor_exited(),
             Event::RollbackStopped => {}
-            Event::Drained => return Some(self.finish()),
+            Event::Drained => {
+                self.leave_no_queue().await;
+                return Some(self.finish());
+            }
         }
         None
     }
@@ -512,11 +551,13 @@ impl Lifecycle {
             _ if !self.config.restarts => {
                 tracing::info!(signal = %name, "restart signal ignored: restarts are disabled for this server");
             }
-            Stage::Serving { restart: None } => {
+            Stage::Serving { restart: None, .. } => {
                 tracing::info!(signal = %name, "restart signal received");
                 self.start_restart(None);
             }
-            Stage::Serving { restart: Some(_) } => {
+            Stage::Serving {
+                restart: Some(_), ..
+            } => {
                 tracing::info!(signal = %name, "restart signal received while a restart is in progress; coalesced");
             }
             Stage::HandedOver { successor, .. } => {
@@ -532,11 +573,13 @@ impl Lifecycle {
                 RestartErrorKind::Disabled,
                 "restarts are disabled for this server (Server::restarts(false))",
             ),
-            Stage::Serving { restart: None } => {
+            Stage::Serving { restart: None, .. } => {
                 tracing::info!("restart requested through the handle");
                 return self.start_restart(Some(reply));
             }
-            Stage::Serving { restart: Some(_) } => RestartError::new(
+            Stage::Serving {
+                restart: Some(_), ..
+            } => RestartError::new(
                 RestartErrorKind::AlreadyRestarting,
                 "already restarting: a restart is in progress",
             ),
@@ -584,7 +627,7 @@ impl Lifecycle {
     }
 
     async fn on_restart_done(&mut self, outcome: Result<HandedOver, Failed>) {
-        let Stage::Serving { restart } = &mut self.stage else {
+        let Stage::Serving { restart, .. } = &mut self.stage else {
             return;
         };
         let Some(in_flight) = restart.take() else {
@@ -654,11 +697,11 @@ impl Lifecycle {
             .unwrap_or(crate::error::ChildExit::Unknown);
         let how = exit.to_string();
         let stopping = successor.stopping;
-        let holder = self.listeners.as_ref().and_then(|listeners| {
+        let holders = self.listeners.as_ref().map(|listeners| {
             let fds: Vec<_> = listeners.iter().map(|l| l.as_fd()).collect();
             crate::sys::held_elsewhere(&fds)
         });
-        if let Some(holder) = holder {
+        if let Some(Holders::Found(holder)) = holders {
             // It had handed over in its turn: a later process serves.
             tracing::info!(
                 pid,
@@ -671,12 +714,14 @@ impl Lifecycle {
         if stopping || exit == crate::error::ChildExit::Code(0) {
             // Asked to stop (here, or, for an exit 0, a stop that reached only the main
             // process, `KillMode=mixed`; or its application decided to): not a death to make
-            // up for. This process holds the last copies of the listeners now.
-            self.close_last_copies();
+            // up for. This process holds the last copies of the listeners now, as far as it
+            // can tell: a door only if nobody else can.
+            let last = self.close_last_copies(holders == Some(Holders::Nobody));
+            tokio::spawn(last);
             tracing::info!(
                 pid,
                 %how,
-                "the new process ended in order while this one drains (the service stops): not serving again; closed the listeners"
+                "the new process ended in order while this one drains: not serving again; closed this process's copies of the listeners"
             );
             return;
         }
@@ -693,10 +738,11 @@ impl Lifecycle {
     /// its own (`accept`), so that no client queued on them since the successor closed its
     /// copies is reset: what is queued is accepted and answered, and a TCP listener only the
     /// service holds has its door shut first.
-    fn close_last_copies(&mut self) {
-        let Some(listeners) = self.listeners.take() else {
-            return;
-        };
+    ///
+    /// `doors`: whether a door may be shut, as far as this process can tell nobody else holds
+    /// them. Returns the last handshakes' future (a tenth of a second) to run.
+    fn close_last_copies(&mut self, doors: bool) -> impl Future<Output = ()> + Send + 'static {
+        let listeners = self.listeners.take().unwrap_or_default();
         let stopped: Vec<accept::Stopped> = listeners
             .iter()
             .zip(&self.services)
@@ -713,14 +759,55 @@ impl Lifecycle {
                 }
             })
             .collect();
-        let (doors, others): (Vec<_>, Vec<_>) = stopped.into_iter().partition(|s| s.shut_door());
+        let (doors, others): (Vec<_>, Vec<_>) =
+            stopped.into_iter().partition(|s| doors && s.shut_door());
         for s in doors.iter().chain(&others) {
             s.accept_queued();
         }
         drop(listeners);
         drop(others);
         let deadline = crate::instant_after(Instant::now(), self.config.drain_timeout);
-        tokio::spawn(accept::last_handshakes(doors, deadline));
+        accept::last_handshakes(doors, deadline)
+    }
+
+    /// The drain after a hand-off is over, and the successor still lives: if it no longer
+    /// holds the listeners (it stopped for good, and closed its copies, while this process
+    /// drained), this process holds the last copies, and clients queued on them since; they
+    /// are accepted and answered, and the copies closed as a stopping server closes its own,
+    /// before this process exits (which would reset them).
+    async fn leave_no_queue(&mut self) {
+        let Stage::HandedOver { successor, .. } = &self.stage else {
+            return;
+        };
+        let Some(listeners) = &self.listeners else {
+            return;
+        };
+        let Some(first) = listeners.first() else {
+            return;
+        };
+        if crate::sys::holds_socket(successor.pid, first.as_fd()) == Some(true) {
+            // It serves on them: dropping our copies loses nothing.
+            return;
+        }
+        let fds: Vec<_> = listeners.iter().map(|l| l.as_fd()).collect();
+        let holders = crate::sys::held_elsewhere(&fds);
+        if let Holders::Found(_) = holders {
+            return;
+        }
+        let pid = successor.pid;
+        let before = self.cx.connections.open();
+        self.close_last_copies(holders == Holders::Nobody).await;
+        let taken = self.cx.connections.open().saturating_sub(before);
+        if taken > 0 {
+            tracing::info!(
+                pid,
+                taken,
+                "the new process no longer holds the listeners (it stops), and this process held the last copies: answering the clients queued on them before exiting"
+            );
+            let deadline = crate::instant_after(Instant::now(), self.config.drain_timeout);
+            let grace = self.config.keep_alive_grace;
+            self.cx.connections.drain(deadline, grace, |_| {}).await;
+        }
     }
 
     /// Shutting down: a lame duck first if there is a delay, else straight to the drain.
@@ -736,10 +823,12 @@ impl Lifecycle {
         let began = Instant::now();
         self.extend_timeout(delay.saturating_add(self.config.drain_timeout));
         self.cx.connections.lame_duck();
+        let duties = self.take_duties();
         self.stage = Stage::LameDuck {
             reason,
             began,
             until: crate::instant_after(began, delay),
+            duties,
         };
         // Readiness fails from now on: published before anything else can see the lame duck.
         self.publish();
@@ -781,8 +870,10 @@ impl Lifecycle {
             pid,
             "stopped accepting; the new process accepts now (this process keeps its copies of the listeners while it drains, in case the new one dies first)"
         );
-        // The new process is the service now, and pings the watchdog itself.
-        self.watchdog = None;
+        // The new process is the service now, and pings the watchdog itself; the hooks run in
+        // the drain below.
+        let Duties { hooks, watchdog } = self.take_duties();
+        drop(watchdog);
         let sent = match handed.accepts_connections && self.config.connection_handoff {
             true => {
                 let (outbox, sent) = handoff::send(
@@ -808,7 +899,17 @@ impl Lifecycle {
                 None
             }
         };
-        let drain = self.drain(Reason::HandedOver { pid }, None, sent, None, Vec::new());
+        let drain = self.drain(
+            Reason::HandedOver { pid },
+            None,
+            sent,
+            None,
+            Vec::new(),
+            Duties {
+                hooks,
+                watchdog: None,
+            },
+        );
         self.stage = Stage::HandedOver {
             drain,
             successor: Successor {
@@ -850,7 +951,8 @@ impl Lifecycle {
             plural_connections(self.cx.connections.open())
         );
         self.send_stopping(&status);
-        let drain = self.drain(reason, after, None, failure, doors);
+        let duties = self.take_duties();
+        let drain = self.drain(reason, after, None, failure, doors, duties);
         self.stage = Stage::Draining(drain);
     }
 
@@ -886,7 +988,12 @@ impl Lifecycle {
             }
         };
         // The drain's remaining work stops here (its hooks have run); its connections stay.
-        let given_up = std::mem::replace(&mut self.stage, Stage::Serving { restart: None });
+        // No hooks any more: they ran when that drain began. The watchdog starts below.
+        let serving = Stage::Serving {
+            restart: None,
+            duties: Duties::default(),
+        };
+        let given_up = std::mem::replace(&mut self.stage, serving);
         let Stage::HandedOver { successor, drain } = given_up else {
             unreachable!("BUG: serving again from a stage other than handed over");
         };
@@ -914,7 +1021,6 @@ impl Lifecycle {
             acceptors,
             &self.cx,
         ));
-        self.stopping_sent = false;
         self.start_watchdog();
         // What a request sees before the service manager hears of it.
         self.publish();
@@ -1024,6 +1130,7 @@ impl Lifecycle {
         sent: Option<Arc<Sent>>,
         failure: Option<std::io::Error>,
         doors: Vec<accept::Stopped>,
+        duties: Duties,
     ) -> Drain {
         let handed_over = matches!(reason, Reason::HandedOver { .. });
         let (began, lame_duck, close_seen) = match after {
@@ -1041,7 +1148,7 @@ impl Lifecycle {
             true => self.config.restart_keep_alive_grace,
             false => self.config.keep_alive_grace,
         };
-        let hooks = std::mem::take(&mut self.hooks);
+        let Duties { hooks, watchdog } = duties;
         let notifier = Arc::clone(&self.notifier);
         let failed = sent.as_ref().map(|s| s.failed.clone());
         let hooks_done = Arc::new(std::sync::Mutex::new(None));
@@ -1087,6 +1194,7 @@ impl Lifecycle {
             work: Box::pin(work),
             hooks_done,
             done: None,
+            _watchdog: watchdog,
         }
     }
 
@@ -1110,12 +1218,12 @@ impl Lifecycle {
                     self.watchdog_usec,
                     self.config.drain_timeout,
                 );
-                self.stage = Stage::Serving {
-                    restart: Some(InFlight {
+                if let Stage::Serving { restart, .. } = &mut self.stage {
+                    *restart = Some(InFlight {
                         restarting,
                         waiters: waiter.into_iter().collect(),
-                    }),
-                };
+                    });
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "restart failed: could not duplicate the listeners; still serving");
@@ -1135,7 +1243,7 @@ impl Lifecycle {
     /// unless it became ready at this very moment, in which case it is returned (it serves
     /// now). Returns at once either way.
     async fn cancel_restart(&mut self) -> Option<HandedOver> {
-        let Stage::Serving { restart } = &mut self.stage else {
+        let Stage::Serving { restart, .. } = &mut self.stage else {
             return None;
         };
         let InFlight {
@@ -1175,9 +1283,11 @@ impl Lifecycle {
         }
     }
 
+    /// `STOPPING=1` with `status`, once per shutdown (the lame duck sent it already, if there
+    /// was one); later, the status alone.
     fn send_stopping(&mut self, status: &str) {
-        if !self.stopping_sent {
-            self.stopping_sent = true;
+        let sent = matches!(self.stage, Stage::LameDuck { .. } | Stage::Draining(_));
+        if !sent {
             self.notifier
                 .notify(&[NotifyState::Stopping, NotifyState::Status(status)]);
         } else {
@@ -1263,8 +1373,9 @@ async fn stage_event(stage: &mut Stage, rollbacks_left: bool) -> Event {
     match stage {
         Stage::Serving {
             restart: Some(in_flight),
+            ..
         } => Event::RestartDone(in_flight.restarting.outcome().await),
-        Stage::Serving { restart: None } => std::future::pending().await,
+        Stage::Serving { restart: None, .. } => std::future::pending().await,
         Stage::LameDuck { until, .. } => {
             tokio::time::sleep_until(*until).await;
             Event::DelayOver
@@ -1462,6 +1573,7 @@ mod tests {
             work: Box::pin(work),
             hooks_done: Default::default(),
             done: None,
+            _watchdog: None,
         }
     }
 
@@ -1500,12 +1612,19 @@ mod tests {
         let pid = child.id();
         let now = Instant::now();
         let stages = [
-            (Stage::Serving { restart: None }, State::Serving),
+            (
+                Stage::Serving {
+                    restart: None,
+                    duties: Duties::default(),
+                },
+                State::Serving,
+            ),
             (
                 Stage::LameDuck {
                     reason: Reason::Requested,
                     began: now,
                     until: now,
+                    duties: Duties::default(),
                 },
                 State::LameDuck,
             ),

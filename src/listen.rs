@@ -109,7 +109,8 @@ impl Listener {
         self.exclusive
     }
 
-    /// The socket is given to someone else too (the service manager's fd store).
+    /// Someone else may hold the socket too (the service manager's fd store, whoever gave it
+    /// to the application).
     pub(crate) fn share(&mut self) {
         self.exclusive = false;
     }
@@ -178,17 +179,25 @@ impl fmt::Debug for Listener {
 
 impl TryFrom<TcpListener> for Listener {
     type Error = Error;
-    /// Wraps a listener the application bound itself (made non-blocking here).
+    /// Wraps a listener the application bound itself (made non-blocking here). handover does
+    /// not know who else holds it (a socket manager the application took it from, worker
+    /// processes sharing it), so it never puts anything on the socket that would outlive this
+    /// process (no door when it stops: see [`crate::Server`]'s shutdown).
     fn try_from(listener: TcpListener) -> Result<Listener, Error> {
-        Listener::from_tcp(listener, Origin::Bound)
+        let mut listener = Listener::from_tcp(listener, Origin::Bound)?;
+        listener.share();
+        Ok(listener)
     }
 }
 
 impl TryFrom<UnixListener> for Listener {
     type Error = Error;
-    /// Wraps a listener the application bound itself (made non-blocking here).
+    /// Wraps a listener the application bound itself (made non-blocking here); as for TCP,
+    /// handover does not presume it is the only holder.
     fn try_from(listener: UnixListener) -> Result<Listener, Error> {
-        Listener::from_unix(listener, Origin::Bound)
+        let mut listener = Listener::from_unix(listener, Origin::Bound)?;
+        listener.share();
+        Ok(listener)
     }
 }
 
@@ -796,6 +805,21 @@ pub(crate) use untaken::check as check_untaken;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_listener_handover_bound_itself_is_the_service_s_alone() {
+        // The door (a socket filter that outlives this process in every other holder) is
+        // only for these: a listener the application hands in may be held elsewhere too.
+        let bound = Listeners::bind("127.0.0.1:0".parse().expect("address")).expect("bind");
+        assert!(bound.iter().all(Listener::is_exclusive));
+        let std = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        assert!(!Listener::try_from(std).expect("wrap").is_exclusive());
+        let dir = std::env::temp_dir().join(format!("handover-excl-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let unix = std::os::unix::net::UnixListener::bind(&dir).expect("bind");
+        assert!(!Listener::try_from(unix).expect("wrap").is_exclusive());
+        let _ = std::fs::remove_file(&dir);
+    }
     use proptest::prelude::*;
     use std::os::unix::ffi::OsStrExt;
 

@@ -1010,48 +1010,108 @@ pub(crate) fn exit_description(pid: u32) -> Option<crate::error::ChildExit> {
 pub(crate) fn holds_socket(pid: u32, socket: BorrowedFd<'_>) -> Option<bool> {
     let inode = format!("socket:[{}]", rustix::fs::fstat(socket).ok()?.st_ino);
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
-    // Bounded by the process's fds, read once.
-    Some(fds.flatten().any(|fd| {
-        std::fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == inode.as_str())
-    }))
+    // Bounded by the process's fds, read once. An fd listed but not readable (a process that
+    // is not dumpable) could be it: then it is not known.
+    let mut unreadable = false;
+    for fd in fds.flatten() {
+        match std::fs::read_link(fd.path()) {
+            Ok(target) if target.as_os_str() == inode.as_str() => return Some(true),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(_) => unreadable = true,
+        }
+    }
+    (!unreadable).then_some(false)
 }
 
-/// A process other than this one and PID 1 (a service manager holding a socket unit's socket)
-/// that has one of `sockets` open, if any: another process of the service can still accept on it.
-/// Read from `/proc/PID/fd`, best effort: processes whose fds cannot be read (another user's)
-/// are not ours.
-pub(crate) fn held_elsewhere(sockets: &[BorrowedFd<'_>]) -> Option<u32> {
+/// Who else has one of a set of sockets open, as far as `/proc` tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Holders {
+    /// Provably nobody: every other process's fds could be read.
+    Nobody,
+    /// None found, but some processes' fds could not be read (another user's, or a process
+    /// that is not dumpable): one of them may hold it.
+    Unknown,
+    /// This process (found first) holds one.
+    Found(u32),
+}
+
+/// Whether a process other than this one and its ancestors (a service manager holding a
+/// socket unit's socket or its fd store is one of them: PID 1, a user manager, systemfd) has
+/// one of `sockets` open: a later process of the service, which can still accept on it. Read
+/// from `/proc/PID/fd`.
+pub(crate) fn held_elsewhere(sockets: &[BorrowedFd<'_>]) -> Holders {
     let Ok(inodes) = sockets
         .iter()
         .map(|fd| rustix::fs::fstat(fd).map(|st| format!("socket:[{}]", st.st_ino)))
         .collect::<Result<Vec<_>, _>>()
     else {
-        return None;
+        return Holders::Unknown;
     };
     let me = std::process::id();
+    let ancestors = ancestors_of(me);
     let Ok(procs) = std::fs::read_dir("/proc") else {
-        return None;
+        return Holders::Unknown;
     };
+    let mut unreadable = false;
     // Bounded by the processes and their fds, read once.
     for entry in procs.flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
-        if pid == me || pid == 1 {
+        if pid == me || pid == 1 || ancestors.contains(&pid) {
             continue;
         }
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
+        let fds = match std::fs::read_dir(entry.path().join("fd")) {
+            Ok(fds) => fds,
+            // Gone meanwhile: holds nothing.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(_) => {
+                unreadable = true;
+                continue;
+            }
         };
         for fd in fds.flatten() {
-            if let Ok(target) = std::fs::read_link(fd.path()) {
-                if inodes.iter().any(|i| target.as_os_str() == i.as_str()) {
-                    return Some(pid);
+            match std::fs::read_link(fd.path()) {
+                Ok(target) if inodes.iter().any(|i| target.as_os_str() == i.as_str()) => {
+                    return Holders::Found(pid);
                 }
+                Ok(_) => {}
+                // Closed meanwhile.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                // Listed but not readable (a process that is not dumpable).
+                Err(_) => unreadable = true,
             }
         }
     }
-    None
+    match unreadable {
+        true => Holders::Unknown,
+        false => Holders::Nobody,
+    }
+}
+
+/// The parent, grandparent, ... of `pid` (at most 64, from `/proc/PID/stat`).
+fn ancestors_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut at = pid;
+    while out.len() < 64 {
+        let Some(parent) = std::fs::read_to_string(format!("/proc/{at}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let rest = stat.get(stat.rfind(')')? + 2..)?;
+                // Fields after the name: state, ppid.
+                rest.split(' ').nth(1)?.parse::<u32>().ok()
+            })
+        else {
+            break;
+        };
+        if parent <= 1 {
+            break;
+        }
+        out.push(parent);
+        at = parent;
+    }
+    out
 }
 
 /// Moves `fd` to a number >= `floor` (close-on-exec). The original is closed: a pipe end left

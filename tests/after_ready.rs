@@ -447,6 +447,41 @@ fn the_old_process_serves_again_when_its_successor_dies_after_ready() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The listener comes from a socket manager that keeps its own copy (here the test process, as
+/// a `systemd --user` socket unit or systemfd would: an ancestor of the server). A successor
+/// killed after `READY=1` leaves the old process to serve again: the manager's copy is not
+/// "a later process of the service holding the listeners". (Before, any holder but PID 1
+/// counted as one, and the service stayed dark while the old process lived.)
+#[test]
+fn a_socket_its_manager_also_holds_does_not_keep_the_old_process_from_serving_again() {
+    let manager = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = manager.local_addr().expect("address");
+    let notify = NotifySocket::new();
+    let mut server = Spawn::new(example("hello"))
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env("LISTEN_FDS", "1")
+        .env("HANDOVER_DRAIN_TIMEOUT_MS", "30000")
+        .fds_from_3(vec![manager.try_clone().expect("dup").into()])
+        .start();
+    notify.wait_line("READY=1", SOON);
+    let old = server.pid;
+    let slow = get_in_background(addr, "/?sleep_ms=3000", false);
+    server.lines.wait_for("slow request: sleeping", SOON);
+    let new = restart_once(&notify, old, 1);
+    signal(new, Signal::KILL);
+    assert_eq!(wait_exit(new, SOON), None, "killed");
+    server.lines.wait_for(
+        "the new process died while this one drains: serving again",
+        SOON,
+    );
+    assert_eq!(get(addr, "/").expect("served again").pid, old);
+    let reply = slow.join().expect("client").expect("the slow request");
+    assert_eq!((reply.status, reply.pid), (200, old));
+    server.signal(Signal::TERM);
+    assert_eq!(server.wait(SOON), Some(0));
+    assert_none_left([old, new]);
+}
+
 /// A successor that exits 0 has stopped in order (asked to, by a stop that reached only the main
 /// process with `KillMode=mixed`, or by its application): the old process finishes its drain
 /// and exits, it does not serve again.
@@ -461,7 +496,7 @@ fn a_successor_that_stops_in_order_is_not_replaced() {
     successor_with(&exe, "DIE_AFTER_READY_MS=300 DIE_WITH=0");
     let new = restart_once(&notify, old, 1);
     server.lines.wait_for(
-        "the new process ended in order while this one drains (the service stops): not serving again",
+        "the new process ended in order while this one drains: not serving again",
         SOON,
     );
     assert_eq!(wait_exit(new, SOON), Some(0));

@@ -963,7 +963,7 @@ fn a_client_arriving_after_the_last_accepting_process_stopped_is_answered_or_kep
     assert!(early.failed.is_empty(), "{:#?}", early.failed);
     assert_eq!(wait_exit(new, SOON), Some(0), "the new process stopped");
     server.lines.wait_for(
-        "the new process ended in order while this one drains (the service stops): not serving again; closed the listeners",
+        "the new process ended in order while this one drains: not serving again; closed this process's copies of the listeners",
         SOON,
     );
     assert!(
@@ -998,6 +998,76 @@ fn a_client_arriving_after_the_last_accepting_process_stopped_is_answered_or_kep
         refused.map_err(|e| e.kind()),
         Err(ErrorKind::ConnectionRefused)
     );
+    assert_none_left([old, new]);
+}
+
+/// The new process stops for good while the old one still drains (its slow request outlasts
+/// it, and the new one's own slow request keeps it alive longer still): the new process
+/// closes its copies without a door (the old one holds the socket too, and might be serving
+/// on it), so clients that connect now queue on the old process's copy, which nobody accepts
+/// from. When the old process's drain is over it holds the last copies: it must answer them
+/// before it exits, not reset them by exiting.
+#[test]
+fn an_old_process_that_outlives_its_stopped_successor_answers_the_clients_queued_on_its_copy() {
+    let notify = NotifySocket::new();
+    let (server, addr) = hello(&notify, &[("HANDOVER_DRAIN_TIMEOUT_MS", "30000")]);
+    let old = server.pid;
+    let mut slow_old = Raw::connect(addr);
+    slow_old
+        .write(b"GET /?tag=slow-old&sleep_ms=2500 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("the old process's slow request");
+    server.lines.wait_for("slow request: sleeping", SOON);
+    let new = restart_once(&notify, old, 1);
+    server.lines.wait_for(
+        &format!("[{old}]  INFO handover::lifecycle: stopped accepting"),
+        SOON,
+    );
+    let mut slow_new = Raw::connect(addr);
+    slow_new
+        .write(b"GET /?tag=slow-new&sleep_ms=6000 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("the new process's slow request");
+    server.lines.wait_for(
+        &format!("[{new}]  INFO hello::common: slow request: sleeping"),
+        SOON,
+    );
+    signal(new, Signal::TERM);
+    server.lines.wait_for(
+        &format!("[{new}]  INFO handover::lifecycle: stopped accepting"),
+        SOON,
+    );
+    // Only the old process's copy is left, and it does not accept: these queue on it.
+    let queued: Vec<Raw<TcpStream>> = (0..4)
+        .map(|i| {
+            let mut c = Raw::connect(addr);
+            c.write(
+                format!("GET /?tag=queued-{i} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .expect("a queued request");
+            c
+        })
+        .collect();
+    let a = slow_old.answer().expect("the old process's slow request");
+    assert_eq!((a.status, a.pid), (200, old), "{a:?}");
+    drop(slow_old);
+    for (i, mut c) in queued.into_iter().enumerate() {
+        let a = c
+            .answer()
+            .unwrap_or_else(|e| panic!("queued client {i}, on the old process's last copy: {e}"));
+        assert_eq!(
+            (a.status, a.pid, a.tag.as_str()),
+            (200, old, format!("queued-{i}").as_str()),
+            "{a:?}"
+        );
+    }
+    assert_eq!(
+        exits_calmly(old, Instant::now(), MARGIN, "after its drain"),
+        Some(0)
+    );
+    let b = slow_new.answer().expect("the new process's slow request");
+    assert_eq!((b.status, b.pid), (200, new), "{b:?}");
+    drop(slow_new);
+    assert_eq!(wait_exit(new, SOON), Some(0));
     assert_none_left([old, new]);
 }
 
