@@ -179,20 +179,30 @@ struct Drain {
     /// Why serving failed, if every listener was lost.
     failure: Option<std::io::Error>,
     work: Pin<Box<dyn Future<Output = (HooksReport, Drained)> + Send>>,
-    /// The hooks' report as soon as they are over (before the connections are): what a drain
-    /// given up for serving again leaves to the final report.
-    hooks_done: Arc<std::sync::Mutex<Option<HooksReport>>>,
+    /// The hooks, running: what a drain given up for serving again leaves to go on.
+    hooks: HooksRun,
     /// The work's outcome, once done.
     done: Option<(HooksReport, Drained)>,
     /// The watchdog's pings, while this process drains as the service's main process (none
     /// after a hand-off: the new process pings).
     _watchdog: Option<AbortOnDropHandle<()>>,
+    /// When the drain's time is over (`drain_timeout` after it began): what this process does
+    /// for the service ends there.
+    deadline: Instant,
+}
+
+/// The hooks of a drain, running on a task of their own, and their report once they are over.
+struct HooksRun {
+    /// Held so that dropping the server stops them.
+    _task: AbortOnDropHandle<()>,
+    report: tokio::sync::watch::Receiver<Option<HooksReport>>,
 }
 
 /// What drains given up for serving again did: counted into the final report.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct GivenUp {
-    hooks: HooksReport,
+    /// Their hooks, which run on (to their end, once) and are counted when serving is over.
+    hooks: Vec<HooksRun>,
     passed: usize,
     kept: usize,
 }
@@ -488,6 +498,11 @@ impl Lifecycle {
             Event::RollbackStopped => {}
             Event::Drained => {
                 self.leave_no_queue().await;
+                // Hooks of a drain given up for serving again, if still running: they end by
+                // that drain's deadline, which came before this one's.
+                for h in &mut self.given_up.hooks {
+                    let _ = h.report.wait_for(Option::is_some).await;
+                }
                 return Some(self.finish());
             }
         }
@@ -716,7 +731,11 @@ impl Lifecycle {
             // process, `KillMode=mixed`; or its application decided to): not a death to make
             // up for. This process holds the last copies of the listeners now, as far as it
             // can tell: a door only if nobody else can.
-            let last = self.close_last_copies(holders == Some(Holders::Nobody));
+            let deadline = match &self.stage {
+                Stage::HandedOver { drain, .. } => drain.deadline,
+                _ => Instant::now(),
+            };
+            let last = self.close_last_copies(holders == Some(Holders::Nobody), deadline);
             tokio::spawn(last);
             tracing::info!(
                 pid,
@@ -741,7 +760,11 @@ impl Lifecycle {
     ///
     /// `doors`: whether a door may be shut, as far as this process can tell nobody else holds
     /// them. Returns the last handshakes' future (a tenth of a second) to run.
-    fn close_last_copies(&mut self, doors: bool) -> impl Future<Output = ()> + Send + 'static {
+    fn close_last_copies(
+        &mut self,
+        doors: bool,
+        deadline: Instant,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let listeners = self.listeners.take().unwrap_or_default();
         let stopped: Vec<accept::Stopped> = listeners
             .iter()
@@ -766,7 +789,6 @@ impl Lifecycle {
         }
         drop(listeners);
         drop(others);
-        let deadline = crate::instant_after(Instant::now(), self.config.drain_timeout);
         accept::last_handshakes(doors, deadline)
     }
 
@@ -776,7 +798,7 @@ impl Lifecycle {
     /// are accepted and answered, and the copies closed as a stopping server closes its own,
     /// before this process exits (which would reset them).
     async fn leave_no_queue(&mut self) {
-        let Stage::HandedOver { successor, .. } = &self.stage else {
+        let Stage::HandedOver { successor, drain } = &self.stage else {
             return;
         };
         let Some(listeners) = &self.listeners else {
@@ -785,6 +807,12 @@ impl Lifecycle {
         let Some(first) = listeners.first() else {
             return;
         };
+        // Within the drain's time only: past it (the drain was cut), what is queued would be
+        // cut as soon as accepted; this process exits now, as promised.
+        let deadline = drain.deadline;
+        if Instant::now() >= deadline || self.cx.connections.force().is_cancelled() {
+            return;
+        }
         if crate::sys::holds_socket(successor.pid, first.as_fd()) == Some(true) {
             // It serves on them: dropping our copies loses nothing.
             return;
@@ -796,17 +824,39 @@ impl Lifecycle {
         }
         let pid = successor.pid;
         let before = self.cx.connections.open();
-        self.close_last_copies(holders == Holders::Nobody).await;
+        self.close_last_copies(holders == Holders::Nobody, deadline)
+            .await;
         let taken = self.cx.connections.open().saturating_sub(before);
-        if taken > 0 {
-            tracing::info!(
-                pid,
-                taken,
-                "the new process no longer holds the listeners (it stops), and this process held the last copies: answering the clients queued on them before exiting"
-            );
-            let deadline = crate::instant_after(Instant::now(), self.config.drain_timeout);
-            let grace = self.config.keep_alive_grace;
-            self.cx.connections.drain(deadline, grace, |_| {}).await;
+        if taken == 0 {
+            return;
+        }
+        tracing::info!(
+            pid,
+            taken,
+            "the new process no longer holds the listeners (it stops), and this process held the last copies: answering the clients queued on them before exiting"
+        );
+        // Still a drain: bounded by its deadline, and a close signal is heard (the second one
+        // cuts, as in any drain).
+        let grace = self.config.keep_alive_grace;
+        let connections = self.cx.connections.clone();
+        let wait = connections.drain(deadline, grace, |_| {});
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                _ = &mut wait => return,
+                event = self.signals.next(), if self.signals_open => match event {
+                    Some(signals::Event::Close(sig)) => {
+                        let name = signals::name(sig);
+                        if let Stage::HandedOver { drain, .. } = &mut self.stage {
+                            drain.close_signal(&name, &self.cx);
+                        }
+                    }
+                    Some(signals::Event::Restart(sig)) => {
+                        tracing::info!(signal = %signals::name(sig), "restart signal ignored: this process is handing over its last clients before it exits");
+                    }
+                    None => self.signals_open = false,
+                },
+            }
         }
     }
 
@@ -999,10 +1049,7 @@ impl Lifecycle {
         };
         // What it did stays in the final report: the hooks it ran (they do not run again) and
         // the connections it passed or kept.
-        let hooks_done = *drain.hooks_done.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(h) = hooks_done {
-            self.given_up.hooks = add_hooks(self.given_up.hooks, h);
-        }
+        self.given_up.hooks.push(drain.hooks);
         if let Some(sent) = &drain.sent {
             self.given_up.passed += sent.passed.load(Ordering::Relaxed);
             self.given_up.kept += sent.kept.load(Ordering::Relaxed);
@@ -1067,8 +1114,14 @@ impl Lifecycle {
                 s.kept.load(Ordering::Relaxed),
             )
         });
-        // Drains given up for serving again count too.
-        let hooks = add_hooks(hooks, self.given_up.hooks);
+        // Drains given up for serving again count too (their hooks are over by now: their
+        // deadline came first; one still running is abandoned with this process).
+        let hooks = self
+            .given_up
+            .hooks
+            .iter()
+            .filter_map(|h| *h.report.borrow())
+            .fold(hooks, add_hooks);
         let (passed, kept) = (passed + self.given_up.passed, kept + self.given_up.kept);
         // Losing every listener is not a reason anybody asked for: named as what it is.
         let reason = match &d.failure {
@@ -1151,17 +1204,28 @@ impl Lifecycle {
         let Duties { hooks, watchdog } = duties;
         let notifier = Arc::clone(&self.notifier);
         let failed = sent.as_ref().map(|s| s.failed.clone());
-        let hooks_done = Arc::new(std::sync::Mutex::new(None));
-        let hooks_slot = Arc::clone(&hooks_done);
+        // The hooks run on a task of their own: if this drain is given up (the successor died,
+        // this process serves again), they still run to their end, once, and their report
+        // still reaches the final one.
+        let (hooks_done, hooks_report) = tokio::sync::watch::channel(None);
+        let force = connections.force().clone();
+        let hooks_task = AbortOnDropHandle::new(tokio::spawn(async move {
+            let report = hooks::run(hooks, deadline, &force).await;
+            hooks_done.send_replace(Some(report));
+        }));
+        let mut hooks_awaited = hooks_report.clone();
         let work = async move {
             // The listeners with a shut door take their last handshakes while the hooks run,
             // and close before the connections drain (so that every one they accepted is
             // waited for).
-            let (hooks, ()) = tokio::join!(
-                hooks::run(hooks, deadline, connections.force()),
-                accept::last_handshakes(doors, deadline),
-            );
-            *hooks_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(hooks);
+            let hooks = async {
+                match hooks_awaited.wait_for(Option::is_some).await {
+                    Ok(report) => report.unwrap_or_default(),
+                    // The task ended without a report: it panicked or was aborted.
+                    Err(_) => HooksReport::default(),
+                }
+            };
+            let (hooks, ()) = tokio::join!(hooks, accept::last_handshakes(doors, deadline));
             let progress = |open| {
                 tracing::info!(open, "draining");
                 if !handed_over {
@@ -1192,9 +1256,13 @@ impl Lifecycle {
             sent,
             failure,
             work: Box::pin(work),
-            hooks_done,
+            hooks: HooksRun {
+                _task: hooks_task,
+                report: hooks_report,
+            },
             done: None,
             _watchdog: watchdog,
+            deadline,
         }
     }
 
@@ -1571,9 +1639,13 @@ mod tests {
             sent: None,
             failure: None,
             work: Box::pin(work),
-            hooks_done: Default::default(),
+            hooks: HooksRun {
+                _task: AbortOnDropHandle::new(tokio::spawn(async {})),
+                report: tokio::sync::watch::channel(None).1,
+            },
             done: None,
             _watchdog: None,
+            deadline: Instant::now(),
         }
     }
 

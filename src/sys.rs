@@ -1037,9 +1037,9 @@ pub(crate) enum Holders {
 }
 
 /// Whether a process other than this one and its ancestors (a service manager holding a
-/// socket unit's socket or its fd store is one of them: PID 1, a user manager, systemfd) has
-/// one of `sockets` open: a later process of the service, which can still accept on it. Read
-/// from `/proc/PID/fd`.
+/// socket unit's socket or its fd store is one of them: PID 1, a user manager, systemfd), and
+/// running as the same user, has one of `sockets` open: a later process of the service, which
+/// can still accept on it. Read from `/proc/PID/fd`.
 pub(crate) fn held_elsewhere(sockets: &[BorrowedFd<'_>]) -> Holders {
     let Ok(inodes) = sockets
         .iter()
@@ -1049,6 +1049,7 @@ pub(crate) fn held_elsewhere(sockets: &[BorrowedFd<'_>]) -> Holders {
         return Holders::Unknown;
     };
     let me = std::process::id();
+    let my_uid = rustix::process::geteuid().as_raw();
     let ancestors = ancestors_of(me);
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return Holders::Unknown;
@@ -1060,6 +1061,11 @@ pub(crate) fn held_elsewhere(sockets: &[BorrowedFd<'_>]) -> Holders {
             continue;
         };
         if pid == me || pid == 1 || ancestors.contains(&pid) {
+            continue;
+        }
+        // A later process of the service runs as this one does: another user's process is
+        // not one (and its fds could not be read anyway).
+        if effective_uid_of(pid).is_none_or(|uid| uid != my_uid) {
             continue;
         }
         let fds = match std::fs::read_dir(entry.path().join("fd")) {
@@ -1088,6 +1094,14 @@ pub(crate) fn held_elsewhere(sockets: &[BorrowedFd<'_>]) -> Holders {
         true => Holders::Unknown,
         false => Holders::Nobody,
     }
+}
+
+/// The effective uid of `pid` (`/proc/PID/status`, readable for every process, dumpable or
+/// not); `None` once it is gone.
+fn effective_uid_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let uids = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    uids.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The parent, grandparent, ... of `pid` (at most 64, from `/proc/PID/stat`).

@@ -447,6 +447,71 @@ fn the_old_process_serves_again_when_its_successor_dies_after_ready() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The successor dies while the old process's drain runs its hooks (the first one sleeps):
+/// the old process serves again at once, and the hooks still run to their end, each once: the
+/// second one too, and neither again at the final stop. (Before, the drain's hooks were dropped
+/// with the drain given up: the second hook never ran.)
+#[test]
+fn hooks_interrupted_by_serving_again_still_run_once_each() {
+    let dir = scratch_dir("hooks-serve-again");
+    let notify = NotifySocket::new();
+    let (mut server, addr, exe) = deployed_faults(
+        &dir,
+        &notify,
+        &[
+            ("HOOKS", "sleep:1500,ok"),
+            ("HANDOVER_DRAIN_TIMEOUT_MS", "10000"),
+        ],
+    );
+    let old = server.pid;
+    let slow = get_in_background(addr, "/?sleep_ms=2500", false);
+    server.lines.wait_for("slow request: sleeping", SOON);
+    successor_with(&exe, "");
+    let new = restart_once(&notify, old, 1);
+    server.lines.wait_for(
+        &format!("[{old}]  INFO faults: hook 1 (sleep) sleeping"),
+        SOON,
+    );
+    signal(new, Signal::KILL);
+    assert_eq!(wait_exit(new, SOON), None, "killed");
+    server.lines.wait_for(
+        "the new process died while this one drains: serving again",
+        SOON,
+    );
+    server
+        .lines
+        .wait_for(&format!("[{old}]  INFO faults: hook 2 (ok) done"), SOON);
+    assert_eq!(get(addr, "/").expect("served again").pid, old);
+    let reply = slow.join().expect("client").expect("the slow request");
+    assert_eq!((reply.status, reply.pid), (200, old));
+    server.signal(Signal::TERM);
+    assert_eq!(server.wait(SOON), Some(0));
+    let ran = |n: &str| {
+        server
+            .lines
+            .all()
+            .iter()
+            .filter(|l| {
+                l.contains(&format!("[{old}]  INFO faults: hook {n}")) && l.ends_with("done")
+            })
+            .count()
+    };
+    assert_eq!(
+        (ran("1 (sleep)"), ran("2 (ok)")),
+        (1, 1),
+        "each hook ran once"
+    );
+    let closed = server
+        .lines
+        .all()
+        .into_iter()
+        .find(|l| l.contains(&format!("[{old}]")) && l.contains("hooks_completed="))
+        .unwrap_or_else(|| panic!("pid {old} logged no report"));
+    assert!(closed.contains("hooks_completed=2"), "{closed}");
+    assert_none_left([old, new]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The listener comes from a socket manager that keeps its own copy (here the test process, as
 /// a `systemd --user` socket unit or systemfd would: an ancestor of the server). A successor
 /// killed after `READY=1` leaves the old process to serve again: the manager's copy is not
