@@ -1036,10 +1036,11 @@ pub(crate) enum Holders {
     Found(u32),
 }
 
-/// Whether a process other than this one and its ancestors (a service manager holding a
-/// socket unit's socket or its fd store is one of them: PID 1, a user manager, systemfd), and
-/// running as the same user, has one of `sockets` open: a later process of the service, which
-/// can still accept on it. Read from `/proc/PID/fd`.
+/// Whether a later process of the service has one of `sockets` open, and can still accept on
+/// it: a sibling of this process (or, as PID 1, a child) running as the same user. Not this
+/// process's ancestors (a service manager holding a socket unit's socket or its fd store is
+/// one of them: PID 1, a user manager, systemfd), nor strays that merely inherited the socket.
+/// Read from `/proc/PID/fd`.
 pub(crate) fn held_elsewhere(sockets: &[BorrowedFd<'_>]) -> Holders {
     let Ok(inodes) = sockets
         .iter()
@@ -1050,6 +1051,7 @@ pub(crate) fn held_elsewhere(sockets: &[BorrowedFd<'_>]) -> Holders {
     };
     let me = std::process::id();
     let my_uid = rustix::process::geteuid().as_raw();
+    let my_parent = parent_of(me).unwrap_or(0);
     let ancestors = ancestors_of(me);
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return Holders::Unknown;
@@ -1064,8 +1066,13 @@ pub(crate) fn held_elsewhere(sockets: &[BorrowedFd<'_>]) -> Holders {
             continue;
         }
         // A later process of the service runs as this one does: another user's process is
-        // not one (and its fds could not be read anyway).
+        // not one (and its fds could not be read anyway). And it is a sibling of this one
+        // (restarts start the new process as the old one's sibling) or, as PID 1, its child:
+        // a process that merely inherited the socket (a wrapper's background job) is not one.
         if effective_uid_of(pid).is_none_or(|uid| uid != my_uid) {
+            continue;
+        }
+        if parent_of(pid).is_none_or(|parent| parent != my_parent && parent != me) {
             continue;
         }
         let fds = match std::fs::read_dir(entry.path().join("fd")) {
@@ -1104,19 +1111,20 @@ fn effective_uid_of(pid: u32) -> Option<u32> {
     uids.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The parent of `pid` (`/proc/PID/stat`); `None` once it is gone.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    // Fields after the name: state, ppid.
+    rest.split(' ').nth(1)?.parse::<u32>().ok()
+}
+
 /// The parent, grandparent, ... of `pid` (at most 64, from `/proc/PID/stat`).
 fn ancestors_of(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
     let mut at = pid;
     while out.len() < 64 {
-        let Some(parent) = std::fs::read_to_string(format!("/proc/{at}/stat"))
-            .ok()
-            .and_then(|stat| {
-                let rest = stat.get(stat.rfind(')')? + 2..)?;
-                // Fields after the name: state, ppid.
-                rest.split(' ').nth(1)?.parse::<u32>().ok()
-            })
-        else {
+        let Some(parent) = parent_of(at) else {
             break;
         };
         if parent <= 1 {
