@@ -162,20 +162,26 @@ const SYN_DOOR: [libc::sock_filter; 5] = {
 /// outside this service's own handover processes holds; those reopen it ([`open_door`]) if
 /// they serve on it again.
 pub(crate) fn shut_door(listener: BorrowedFd<'_>) -> io::Result<()> {
-    let program = libc::sock_fprog {
-        len: SYN_DOOR.len() as u16,
+    attach_filter(listener, &SYN_DOOR)
+}
+
+/// Attaches the classic BPF `program` to `socket` (`SO_ATTACH_FILTER`), replacing any.
+fn attach_filter(socket: BorrowedFd<'_>, program: &[libc::sock_filter]) -> io::Result<()> {
+    let len = u16::try_from(program.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "BPF program too long"))?;
+    let fprog = libc::sock_fprog {
+        len,
         // The kernel copies the program during the call and never writes through the pointer.
-        filter: SYN_DOOR.as_ptr().cast_mut(),
+        filter: program.as_ptr().cast_mut(),
     };
     // SAFETY: SO_ATTACH_FILTER reads a `sock_fprog` of the given size, and the `len`
-    // instructions it points to, during the call only; both live on this stack frame / in a
-    // constant.
+    // instructions it points to, during the call only; both outlive the call.
     let r = unsafe {
         libc::setsockopt(
-            listener.as_raw_fd(),
+            socket.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_ATTACH_FILTER,
-            (&raw const program).cast(),
+            (&raw const fprog).cast(),
             std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
         )
     };
@@ -1384,21 +1390,7 @@ mod tests {
             jf: 0,
             k: u32::MAX,
         }];
-        let program = libc::sock_fprog {
-            len: 1,
-            filter: accept_all.as_ptr().cast_mut(),
-        };
-        // SAFETY: as in `shut_door`.
-        let r = unsafe {
-            libc::setsockopt(
-                listener.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_ATTACH_FILTER,
-                (&raw const program).cast(),
-                std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        attach_filter(listener.as_fd(), &accept_all).expect("attached");
         assert!(!open_door(listener.as_fd()).expect("not ours"));
         let mut len: libc::socklen_t = 0;
         // SAFETY: with a length of 0, SO_GET_FILTER writes only the count into `len`.
