@@ -736,7 +736,8 @@ impl Lifecycle {
                 _ => Instant::now(),
             };
             let last = self.close_last_copies(holders == Some(Holders::Nobody), deadline);
-            tokio::spawn(last);
+            // Stopped with the server, like everything it started.
+            self._tasks.push(AbortOnDropHandle::new(tokio::spawn(last)));
             tracing::info!(
                 pid,
                 %how,
