@@ -253,26 +253,23 @@ fn a_successor_killed_with_connections_unread_gives_them_back() {
 // ---------------------------------------------------------------------------------------------
 // Point 3: a rolled-back successor finishes what it accepted.
 
-/// The hand-off cannot be delivered (the service manager's queue is full and it does not
-/// read), so the restart is rolled back after the child has been accepting for a while. The
-/// child gets its drain deadline, not a SIGKILL a second after SIGTERM: every request it
-/// accepted (4.5 s long, each) is answered. Meanwhile the old process serves.
-#[test]
-fn a_rolled_back_successor_finishes_its_requests() {
-    let notify = NotifySocket::new();
-    let port = free_port();
-    let mut server = Spawn::new(example("faults"))
-        .arg(format!("127.0.0.1:{port}"))
-        .env("NOTIFY_SOCKET", &notify.path)
-        .env("HANDOVER_READY_TIMEOUT_MS", "1500")
-        .env("HANDOVER_DRAIN_TIMEOUT_MS", "8000")
-        .start();
+/// The faults example with `env`, restarted with the service manager's queue full (it does not
+/// read): the hand-off waits to deliver `MAINPID=` after the child's `READY=1`, while the child
+/// already accepts. The old process is then stopped (`SIGSTOP`), so that the child accepts every
+/// new connection. Returns the server, its address and the child's pid.
+fn restart_held_at_mainpid(notify: &NotifySocket, env: &[(&str, &str)]) -> (Proc, SocketAddr, u32) {
+    let mut spawn = Spawn::new(example("faults"))
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .env("NOTIFY_SOCKET", &notify.path);
+    for (k, v) in env {
+        spawn = spawn.env(k, v);
+    }
+    let server = spawn.start();
     let addr = addr_in(&server.listen_line());
     notify.wait_line("READY=1", SOON);
-    let old = server.pid;
     notify.pause();
     notify.fill();
-    signal(old, Signal::USR1);
+    signal(server.pid, Signal::USR1);
     let child: u32 = server
         .lines
         .wait_for("waiting for its READY=1 pid=", SOON)
@@ -284,9 +281,27 @@ fn a_rolled_back_successor_finishes_its_requests() {
         "restart: new process is ready; telling the service manager",
         SOON,
     );
+    signal(server.pid, Signal::STOP);
+    wait_stopped(server.pid);
+    (server, addr, child)
+}
+
+/// The hand-off cannot be delivered (the service manager's queue is full and it does not
+/// read), so the restart is rolled back after the child has been accepting for a while. The
+/// child gets its drain deadline, not a SIGKILL a second after SIGTERM: every request it
+/// accepted (4.5 s long, each) is answered. Meanwhile the old process serves.
+#[test]
+fn a_rolled_back_successor_finishes_its_requests() {
+    let notify = NotifySocket::new();
     // The old process stopped for a moment, so that the child accepts every request.
-    signal(old, Signal::STOP);
-    wait_stopped(old);
+    let (mut server, addr, child) = restart_held_at_mainpid(
+        &notify,
+        &[
+            ("HANDOVER_READY_TIMEOUT_MS", "1500"),
+            ("HANDOVER_DRAIN_TIMEOUT_MS", "8000"),
+        ],
+    );
+    let old = server.pid;
     let requests: Vec<_> = (0..12)
         .map(|_| get_in_background(addr, "/?sleep_ms=4500", false))
         .collect();
@@ -324,32 +339,10 @@ fn a_rolled_back_successor_finishes_its_requests() {
 #[test]
 fn a_close_signal_during_a_restart_leaves_the_child_its_drain_and_the_old_process_responsive() {
     let notify = NotifySocket::new();
-    let port = free_port();
-    let mut server = Spawn::new(example("faults"))
-        .arg(format!("127.0.0.1:{port}"))
-        .env("NOTIFY_SOCKET", &notify.path)
-        .env("HANDOVER_READY_TIMEOUT_MS", "20000")
-        .start();
-    let addr = addr_in(&server.listen_line());
-    notify.wait_line("READY=1", SOON);
-    let old = server.pid;
-    notify.pause();
-    notify.fill();
-    signal(old, Signal::USR1);
-    let child: u32 = server
-        .lines
-        .wait_for("waiting for its READY=1 pid=", SOON)
-        .rsplit("pid=")
-        .next()
-        .and_then(|p| p.trim().parse().ok())
-        .expect("child pid");
-    server.lines.wait_for(
-        "restart: new process is ready; telling the service manager",
-        SOON,
-    );
     // The child accepts a 3 s request (the old process is stopped meanwhile).
-    signal(old, Signal::STOP);
-    wait_stopped(old);
+    let (mut server, addr, child) =
+        restart_held_at_mainpid(&notify, &[("HANDOVER_READY_TIMEOUT_MS", "20000")]);
+    let old = server.pid;
     let request = get_in_background(addr, "/?sleep_ms=3000", false);
     server.lines.wait_for(
         &format!("[{child}]  INFO faults::common: slow request: sleeping"),
