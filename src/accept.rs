@@ -38,6 +38,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -205,13 +206,13 @@ impl<S: AppService> ServeConn for Handler<S> {
             // Set before the task runs: from accept on, the sweeper times the handshake.
             io.control().set_phase(conn::control::Phase::Handshake);
         }
-        Box::pin(conn::serve::serve(
+        conn::serve::serve(
             io,
             read,
             self.service.clone(),
             self.tls.clone(),
             cx.clone(),
-        ))
+        )
     }
 
     fn clone_box(&self) -> Box<dyn ServeConn> {
@@ -280,25 +281,31 @@ impl Acceptor {
         })
     }
 
-    async fn accept(&self) -> std::io::Result<(Sock, Peer, Local)> {
+    /// The next connection, once one is there. A poll of the listener's readiness, not
+    /// `accept().await`: that future queues a waiter with the runtime for each connection.
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<(Sock, Peer, Local)>> {
         match self {
             Acceptor::Tcp {
                 listener, local, ..
             } => {
-                let (s, peer) = listener.accept().await?;
+                let (s, peer) = ready!(listener.poll_accept(cx))?;
                 let _ = s.set_nodelay(true);
                 let local = match local {
                     Some(addr) => *addr,
                     None => s.local_addr()?,
                 };
-                Ok((Either::Left(s), Peer::Tcp(peer), Local::Tcp(local)))
+                Poll::Ready(Ok((Either::Left(s), Peer::Tcp(peer), Local::Tcp(local))))
             }
             Acceptor::Unix { listener, path } => {
-                let (s, peer) = listener.accept().await?;
+                let (s, peer) = ready!(listener.poll_accept(cx))?;
                 let peer = unix_peer(&s, peer.as_pathname());
-                Ok((Either::Right(s), peer, Local::Unix(path.clone())))
+                Poll::Ready(Ok((Either::Right(s), peer, Local::Unix(path.clone()))))
             }
         }
+    }
+
+    async fn accept(&self) -> std::io::Result<(Sock, Peer, Local)> {
+        std::future::poll_fn(|cx| self.poll_accept(cx)).await
     }
 }
 
@@ -501,12 +508,23 @@ pub(crate) async fn accept_loop(
 ) -> Stopped {
     let mut backoff = Duration::from_millis(5);
     let passable = service.passable();
+    // One wait for the stop, for the whole loop: polled only when no connection is waiting
+    // (a `select!` per connection would queue and unqueue a waiter on the token each time).
+    let mut stopped = std::pin::pin!(stop.cancelled());
     loop {
-        let accepted = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            accepted = acceptor.accept() => accepted,
-        };
+        let accepted = std::future::poll_fn(|cx| {
+            // Checked first: a connection accepted after the stop is a queued one, which
+            // `accept_queued` below takes (and marks as such).
+            if stop.is_cancelled() {
+                return Poll::Ready(None);
+            }
+            match acceptor.poll_accept(cx) {
+                Poll::Ready(accepted) => Poll::Ready(Some(accepted)),
+                Poll::Pending => stopped.as_mut().poll(cx).map(|()| None),
+            }
+        })
+        .await;
+        let Some(accepted) = accepted else { break };
         match accepted {
             Ok(accepted) => {
                 backoff = Duration::from_millis(5);

@@ -11,15 +11,16 @@
 //! # Encoding
 //! The directives are bits of one `AtomicU32`, raised with `fetch_or` (`Release`) and read with
 //! `Acquire`, then the task's waker is woken; only [`Directive::HandOff`] is ever withdrawn (a
-//! hand-off that failed). The phase is one `AtomicU64`: the phase in the low 8 bits, the coarse
+//! hand-off that failed). The waker stays registered when woken (`wake_by_ref`), so the task
+//! registers it once, not at every poll: a poll that finds the same waker registered costs two
+//! loads (see [`Control::poll_directives`]). The phase is one `AtomicU64`: the phase in the low 8 bits, the coarse
 //! tick it began in the high 32, written and read `Relaxed` (it is advice for the sweeper and
 //! for the task that owns the connection, which writes it itself).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::task::Context;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, RawWakerVTable, Waker};
 use std::time::{Duration, Instant};
-
-use atomic_waker::AtomicWaker;
 
 /// What the server can ask of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,7 +202,12 @@ pub(crate) struct Control {
     /// On its way to the successor: neither cut nor timed out here (a shutdown would end it
     /// for the successor too).
     in_flight: AtomicBool,
-    waker: AtomicWaker,
+    /// The waker of the task that acts on the directives: kept when woken, replaced when the
+    /// task polls with another one.
+    waker: Mutex<Option<Waker>>,
+    /// Which waker is in `waker` (its data and vtable pointers), so that a poll with the same
+    /// one skips the lock. Written under the lock, by the polling task only.
+    registered: (AtomicPtr<()>, AtomicPtr<RawWakerVTable>),
     /// A plaintext connection, which a successor can take over.
     passable: bool,
 }
@@ -214,7 +220,11 @@ impl Control {
             pending_write: AtomicBool::new(false),
             streams: AtomicU32::new(0),
             in_flight: AtomicBool::new(false),
-            waker: AtomicWaker::new(),
+            waker: Mutex::new(None),
+            registered: (
+                AtomicPtr::new(std::ptr::null_mut()),
+                AtomicPtr::new(std::ptr::null_mut()),
+            ),
             passable,
         }
     }
@@ -231,7 +241,12 @@ impl Control {
         let before = self.directives.fetch_or(ds.0, Ordering::Release);
         let new = before & ds.0 != ds.0;
         if new {
-            self.waker.wake();
+            // Under the lock, after the bits: a task registering at the same time either sees
+            // the bits when it loads them after registering, or is woken here.
+            let waker = self.waker.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(w) = waker.as_ref() {
+                w.wake_by_ref();
+            }
         }
         new
     }
@@ -248,9 +263,33 @@ impl Control {
 
     /// The directives raised so far; the task in `cx` is woken when one is raised. Register,
     /// then load: a directive raised in between is seen now or wakes the task.
+    ///
+    /// A waker stays registered once woken, so a task polled with the waker already there (a
+    /// task's waker does not change) registers nothing: two relaxed loads instead of a lock.
+    #[inline]
     pub(crate) fn poll_directives(&self, cx: &mut Context<'_>) -> Directives {
-        self.waker.register(cx.waker());
+        let w = cx.waker();
+        if self.registered.0.load(Ordering::Relaxed) != w.data().cast_mut()
+            || self.registered.1.load(Ordering::Relaxed)
+                != std::ptr::from_ref(w.vtable()).cast_mut()
+        {
+            self.register(w);
+        }
         self.directives()
+    }
+
+    /// Puts `w` in the waker slot: at a task's first poll (a task's waker does not change).
+    #[cold]
+    #[inline(never)]
+    fn register(&self, w: &Waker) {
+        let mut slot = self.waker.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = Some(w.clone());
+        self.registered
+            .0
+            .store(w.data().cast_mut(), Ordering::Relaxed);
+        self.registered
+            .1
+            .store(std::ptr::from_ref(w.vtable()).cast_mut(), Ordering::Relaxed);
     }
 
     // -- phase --------------------------------------------------------------------------------

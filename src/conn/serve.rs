@@ -128,24 +128,28 @@ pub(crate) enum NoTls {}
 
 /// Serves one connection until it ends, is cut, or is passed on. `read`: bytes already read
 /// from it (by the previous process), which means HTTP/1 in plaintext.
-pub(crate) async fn serve<S: AppService>(
+///
+/// The task's future is the plaintext or the TLS path itself, boxed here, not one future
+/// that holds either: each wake-up of a connection resumes one state machine less, and a
+/// plaintext connection's box is not sized for a TLS session.
+pub(crate) fn serve<S: AppService>(
     io: TrackedIo,
     read: Bytes,
     service: S,
     tls: Tls,
     cx: ConnContext,
-) {
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     match tls {
         #[cfg(feature = "rustls")]
         Some(acceptor) => {
             // Bytes read before the handshake would be a plaintext connection's: none come
             // here, because TLS connections are never passed on.
             debug_assert!(read.is_empty(), "BUG: read-ahead bytes on a TLS connection");
-            serve_tls(io, acceptor, service, cx).await;
+            Box::pin(serve_tls(io, acceptor, service, cx))
         }
         #[cfg(not(feature = "rustls"))]
         Some(never) => match never {},
-        None => serve_plain(io, read, service, cx).await,
+        None => Box::pin(serve_plain(io, read, service, cx)),
     }
 }
 

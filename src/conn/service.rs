@@ -52,10 +52,9 @@ pub(crate) struct DrainAware<S> {
     inner: Box<S>,
     control: Arc<Control>,
     shared: Arc<Shared>,
-    /// What every request of the connection carries, made once: a request gets a clone (a copy
-    /// of a one-entry table), cheaper than building the map anew for each. `None`: nothing
+    /// What every request of the connection carries. `None`: nothing
     /// (`Server::connection_info(false)`).
-    extensions: Option<hyper::http::Extensions>,
+    extensions: Option<ConnExtensions>,
 }
 
 impl<S> DrainAware<S> {
@@ -65,21 +64,64 @@ impl<S> DrainAware<S> {
         info: &ConnectionInfo,
         shared: Arc<Shared>,
     ) -> DrainAware<S> {
-        let extensions = shared.connection_info.then(|| {
-            let mut extensions = hyper::http::Extensions::new();
-            #[cfg(feature = "axum")]
-            if let Some(addr) = info.peer_addr() {
-                extensions.insert(axum::extract::ConnectInfo(addr));
-            }
-            extensions.insert(info.clone());
-            extensions
-        });
         DrainAware {
             inner: Box::new(service),
             control,
+            extensions: shared
+                .connection_info
+                .then(|| ConnExtensions::new(info.clone())),
             shared,
-            extensions,
         }
+    }
+}
+
+/// What every request of a connection carries in its extensions: its [`ConnectionInfo`] (and,
+/// with the `axum` feature, axum's `ConnectInfo`).
+///
+/// Either way a request's extensions cost three allocations (the map, its table, the value).
+/// Inserting the entries costs about 30 instructions more per request than cloning a map made
+/// once, but making that map costs as much as a dozen inserts: so a connection's first
+/// [`ConnExtensions::TEMPLATE_AFTER`] requests get the entries inserted, and only a connection
+/// that goes on (keep-alive) makes the map and clones it from then on. A connection per request
+/// (`Connection: close`) never pays for a map it would use once.
+struct ConnExtensions {
+    info: ConnectionInfo,
+    /// Requests served so far, up to [`ConnExtensions::TEMPLATE_AFTER`].
+    served: std::cell::Cell<u32>,
+    template: std::cell::OnceCell<hyper::http::Extensions>,
+}
+
+impl ConnExtensions {
+    const TEMPLATE_AFTER: u32 = 16;
+
+    fn new(info: ConnectionInfo) -> ConnExtensions {
+        ConnExtensions {
+            info,
+            served: std::cell::Cell::new(0),
+            template: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn put_in(&self, extensions: &mut hyper::http::Extensions) {
+        if let Some(template) = self.template.get() {
+            return extensions.extend(template.clone());
+        }
+        let served = self.served.get();
+        if served < Self::TEMPLATE_AFTER {
+            self.served.set(served + 1);
+            return self.insert(extensions);
+        }
+        let mut template = hyper::http::Extensions::new();
+        self.insert(&mut template);
+        extensions.extend(self.template.get_or_init(|| template).clone());
+    }
+
+    fn insert(&self, extensions: &mut hyper::http::Extensions) {
+        #[cfg(feature = "axum")]
+        if let Some(addr) = self.info.peer_addr() {
+            extensions.insert(axum::extract::ConnectInfo(addr));
+        }
+        extensions.insert(self.info.clone());
     }
 }
 
@@ -111,7 +153,7 @@ where
             self.shared.count_request_while_stopping();
         }
         if let Some(extensions) = &self.extensions {
-            req.extensions_mut().extend(extensions.clone());
+            extensions.put_in(req.extensions_mut());
         }
         DrainAwareFuture {
             connect: req.method() == Method::CONNECT,
@@ -160,19 +202,38 @@ where
     }
 }
 
+/// Why a [`Call`] failed: the service's own error is kept as it is (and converted into a
+/// [`BoxError`] only when there is one), so that a response is not moved into another `Result`
+/// on its way out.
+pub(crate) enum CallError<E> {
+    /// The service's future failed.
+    Service(E),
+    /// The service's `poll_ready` failed.
+    NotReady(BoxError),
+}
+
+impl<E: Into<BoxError>> From<CallError<E>> for BoxError {
+    fn from(e: CallError<E>) -> BoxError {
+        match e {
+            CallError::Service(e) => e.into(),
+            CallError::NotReady(e) => e,
+        }
+    }
+}
+
 impl<S> Future for Call<S>
 where
     S: tower_service::Service<Request<Incoming>>,
     S::Error: Into<BoxError>,
 {
-    type Output = Result<S::Response, BoxError>;
+    type Output = Result<S::Response, CallError<S::Error>>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             match self.as_mut().project() {
-                CallProj::Called { fut } => return fut.poll(cx).map_err(Into::into),
+                CallProj::Called { fut } => return fut.poll(cx).map_err(CallError::Service),
                 CallProj::Failed { error } => match error.take() {
-                    Some(e) => return Poll::Ready(Err(e)),
+                    Some(e) => return Poll::Ready(Err(CallError::NotReady(e))),
                     None => return Poll::Pending,
                 },
                 CallProj::NotReady { state } => {
@@ -211,8 +272,9 @@ pin_project_lite::pin_project! {
 impl<F, B, E> Future for DrainAwareFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
 {
-    type Output = Result<Response<TrackedBody<B>>, E>;
+    type Output = Result<Response<TrackedBody<B>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -220,7 +282,7 @@ where
             Ok(response) => response,
             Err(e) => {
                 // hyper closes the connection on a service error; no phase to keep.
-                return Poll::Ready(Err(e));
+                return Poll::Ready(Err(e.into()));
             }
         };
         let done = this.done.take();

@@ -134,12 +134,12 @@ fn parse(buf: &mut Vec<u8>) -> Vec<Answer> {
 }
 
 /// Counts the polls of a future.
-struct Counted<F> {
+struct Counted<F: ?Sized> {
     inner: Pin<Box<F>>,
     polls: Arc<AtomicUsize>,
 }
 
-impl<F: Future> Future for Counted<F> {
+impl<F: Future + ?Sized> Future for Counted<F> {
     type Output = F::Output;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         self.polls.fetch_add(1, Ordering::Relaxed);
@@ -211,7 +211,7 @@ impl Harness {
         });
         let polls = Arc::new(AtomicUsize::new(0));
         let task = tokio::spawn(Counted {
-            inner: Box::pin(super::serve::serve(io, Bytes::new(), service, None, cx)),
+            inner: super::serve::serve(io, Bytes::new(), service, None, cx),
             polls: Arc::clone(&polls),
         });
         Harness {
