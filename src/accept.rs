@@ -206,13 +206,7 @@ impl<S: AppService> ServeConn for Handler<S> {
             // Set before the task runs: from accept on, the sweeper times the handshake.
             io.control().set_phase(conn::control::Phase::Handshake);
         }
-        conn::serve::serve(
-            io,
-            read,
-            self.service.clone(),
-            self.tls.clone(),
-            cx.clone(),
-        )
+        conn::serve::serve(io, read, self.service.clone(), self.tls.clone(), cx.clone())
     }
 
     fn clone_box(&self) -> Box<dyn ServeConn> {

@@ -306,7 +306,17 @@ impl Control {
 
     /// Bytes arrived (from the socket, or replayed from a buffer): an idle connection is
     /// reading a request from now on; one with a request body pending made progress.
+    #[inline]
     pub(crate) fn note_read(&self) {
+        // The phase's byte compared as it is: every read of a request passes here.
+        let phase = self.phase.load(Ordering::Relaxed) as u8;
+        if phase == Phase::Idle as u8 || phase == Phase::BodyPending as u8 {
+            self.read_between_requests();
+        }
+    }
+
+    #[cold]
+    fn read_between_requests(&self) {
         match self.phase().0 {
             Phase::Idle => self.set_phase(Phase::Reading),
             Phase::BodyPending => self.set_phase(Phase::BodyPending),

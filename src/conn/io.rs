@@ -26,6 +26,15 @@ fn sock_fd(sock: &Sock) -> BorrowedFd<'_> {
     }
 }
 
+/// What a peek at a connection's first bytes found.
+#[derive(Debug)]
+pub(crate) enum Peeked<R> {
+    /// What the bytes were taken for.
+    Told(R),
+    /// The peer closed without sending a byte.
+    Eof,
+}
+
 /// Something that reports to a connection's control block.
 pub(crate) trait Tracked {
     /// The connection's control block.
@@ -80,31 +89,46 @@ impl TrackedIo {
         &self.info
     }
 
-    /// Peeks at the first bytes without consuming them (so, without reporting a read).
-    pub(crate) fn poll_peek(
+    /// Peeks at the first bytes without consuming them (so, without reporting a read), until
+    /// `told` makes something of them (`Some`). While it cannot (`None`: more bytes are
+    /// needed), the wait is for the socket's readiness, which the runtime clears only if no
+    /// new bytes arrived since the peek: so a peek that saw too few bytes is not repeated until
+    /// more arrive (a busy loop otherwise), and bytes that arrive meanwhile are not missed.
+    pub(crate) fn poll_peek_until<R>(
         &self,
         cx: &mut Context<'_>,
         buf: &mut [u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match &self.sock {
-            Either::Left(s) => {
-                let mut rb = ReadBuf::new(buf);
-                std::task::ready!(s.poll_peek(cx, &mut rb))?;
-                Poll::Ready(Ok(rb.filled().len()))
+        mut told: impl FnMut(&[u8]) -> Option<R>,
+    ) -> Poll<std::io::Result<Peeked<R>>> {
+        loop {
+            match &self.sock {
+                Either::Left(s) => std::task::ready!(s.poll_read_ready(cx))?,
+                Either::Right(s) => std::task::ready!(s.poll_read_ready(cx))?,
             }
-            Either::Right(s) => loop {
-                std::task::ready!(s.poll_read_ready(cx))?;
-                let peeked = s.try_io(tokio::io::Interest::READABLE, || {
-                    rustix::net::recv(s, &mut *buf, rustix::net::RecvFlags::PEEK)
-                        .map(|(n, _)| n)
-                        .map_err(std::io::Error::from)
-                });
-                match peeked {
-                    Ok(n) => return Poll::Ready(Ok(n)),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Poll::Ready(Err(e)),
+            let mut peek = || {
+                let (n, _) = rustix::net::recv(
+                    sock_fd(&self.sock),
+                    &mut *buf,
+                    rustix::net::RecvFlags::PEEK,
+                )?;
+                if n == 0 {
+                    return Ok(Peeked::Eof);
                 }
-            },
+                match told(&buf[..n]) {
+                    Some(r) => Ok(Peeked::Told(r)),
+                    // Clears the readiness seen before the peek (see above).
+                    None => Err(std::io::ErrorKind::WouldBlock.into()),
+                }
+            };
+            let peeked = match &self.sock {
+                Either::Left(s) => s.try_io(tokio::io::Interest::READABLE, &mut peek),
+                Either::Right(s) => s.try_io(tokio::io::Interest::READABLE, &mut peek),
+            };
+            match peeked {
+                Ok(p) => return Poll::Ready(Ok(p)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
         }
     }
 

@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::control::{Control, Directive, Directives, Phase};
-use super::io::{Replay, Tracked, TrackedIo};
+use super::io::{Peeked, Replay, Tracked, TrackedIo};
 use super::service::{AppService, DrainAware};
 use crate::conn_info::ConnectionInfo;
 use crate::error::BoxError;
@@ -162,8 +162,8 @@ async fn serve_plain<S: AppService>(
     let control = Arc::clone(io.control());
     // Withdrawn here once a hand-off of this connection failed.
     let mut ignore = ignore_for(&control);
-    // One call of `serve_known` below, not one per way out of the loop: then the compiler
-    // folds its future into this one, and each wake-up of the connection polls one future
+    // One call of each serve path below, not one per way out of the loop: then the compiler
+    // folds their futures into this one, and each wake-up of the connection polls one future
     // less (measured: about 30 instructions per request).
     let h2 = loop {
         if !read.is_empty() {
@@ -171,14 +171,8 @@ async fn serve_plain<S: AppService>(
         }
         match detect_plain(&mut io, ignore).await {
             Detected::Gone => return,
-            Detected::H1(head) => {
-                read = head;
-                break false;
-            }
-            Detected::H2(preface) => {
-                read = preface;
-                break true;
-            }
+            Detected::H1(_) => break false,
+            Detected::H2(_) => break true,
             Detected::Idle(ds) if ds.contains(Directive::HandOff) => {
                 match pass(&cx.hand_off, io, Bytes::new()).await {
                     Ok(()) => return,
@@ -194,7 +188,18 @@ async fn serve_plain<S: AppService>(
             Detected::Idle(_) => return close(io).await,
         }
     };
-    serve_known(io, read, h2, ignore, service, cx).await
+    if h2 {
+        // The preface was only peeked at: hyper reads it from the socket itself, with nothing
+        // in between.
+        let svc = DrainAware::new(
+            service,
+            Arc::clone(&control),
+            io.info(),
+            Arc::clone(cx.connections.shared()),
+        );
+        return serve_h2(io, svc, &control, &cx).await;
+    }
+    serve_h1(io, read, ignore, service, cx).await
 }
 
 /// What a connection task does not act upon: `HandOff` where the connection cannot be passed.
@@ -252,15 +257,22 @@ async fn serve_tls<S: AppService>(
     let ignore = ignore_for(&control);
     let mut stream = stream;
     if !h2 {
-        return serve_known(stream, Bytes::new(), false, ignore, service, cx).await;
+        return serve_h1(stream, Bytes::new(), ignore, service, cx).await;
     }
-    // HTTP/2 by ALPN: its preface and first SETTINGS are read here too, bounded by the
-    // header-read timeout; whatever they are, hyper's HTTP/2 gets them.
+    // HTTP/2 by ALPN: its preface and first SETTINGS are read here too (decrypted bytes cannot
+    // be peeked at), bounded by the header-read timeout; whatever they are, hyper's HTTP/2
+    // gets them, replayed.
     match detect(&mut stream, ignore).await {
         Detected::Gone => {}
         Detected::Idle(_) => close(stream).await,
         Detected::H1(read) | Detected::H2(read) => {
-            serve_known(stream, read, true, ignore, service, cx).await;
+            let svc = DrainAware::new(
+                service,
+                Arc::clone(&control),
+                stream.info(),
+                Arc::clone(cx.connections.shared()),
+            );
+            serve_h2(Replay::new(read, stream), svc, &control, &cx).await;
         }
     }
 }
@@ -348,25 +360,29 @@ async fn pass(slot: &HandOffSlot, io: TrackedIo, read: Bytes) -> Result<(), (Tra
     }
 }
 
-/// Serves a connection whose protocol is known (HTTP/2 if `h2`, else HTTP/1) until it ends,
-/// is cut, or is passed on. `read`: bytes already read from it, replayed first.
-async fn serve_known<T: Transport, S: AppService>(
+/// Serves an HTTP/2 connection until it ends or is cut (GOAWAY first when the server drains
+/// or the connection idled too long).
+async fn serve_h2<I, S>(io: I, svc: DrainAware<S>, control: &Control, cx: &ConnContext)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AppService,
+{
+    control.set_phase(Phase::H2Idle);
+    let c = cx.http.h2.serve_connection(TokioIo::new(io), svc);
+    drive_h2(c, control).await
+}
+
+/// Serves an HTTP/1 connection until it ends, is cut, or is passed on. `read`: bytes already
+/// read from it, replayed first.
+async fn serve_h1<T: Transport, S: AppService>(
     io: T,
     read: Bytes,
-    h2: bool,
     mut ignore: Directives,
     service: S,
     cx: ConnContext,
 ) {
     let control = Arc::clone(io.control());
     let shared = cx.connections.shared();
-    if h2 {
-        let svc = DrainAware::new(service, Arc::clone(&control), io.info(), Arc::clone(shared));
-        let io = Replay::new(read, io);
-        control.set_phase(Phase::H2Idle);
-        let c = cx.http.h2.serve_connection(TokioIo::new(io), svc);
-        return drive_h2(c, &control).await;
-    }
     let mut io = Replay::new(read, io);
     loop {
         let svc = DrainAware::new(
@@ -451,9 +467,10 @@ const MAX_FIRST_FRAME: usize = 16_384;
 
 #[derive(Debug)]
 enum Detected {
-    /// HTTP/1, with the bytes read to tell it.
+    /// HTTP/1, with the bytes read to tell it (none when they were only peeked at).
     H1(Bytes),
-    /// HTTP/2 (prior knowledge), with the preface and the first frame (the client's SETTINGS).
+    /// HTTP/2 (prior knowledge), with the preface and the first frame (the client's SETTINGS)
+    /// if they were read (not when they were only peeked at).
     H2(Bytes),
     /// Closed, or cut.
     Gone,
@@ -461,75 +478,101 @@ enum Detected {
     Idle(Directives),
 }
 
-/// What the first bytes of a connection say: `None` while more are needed.
-fn tell(buf: &[u8]) -> Option<Protocol> {
+/// What the first bytes of a connection say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Told {
+    H1,
+    H2,
+    /// Not yet: this many bytes are needed to tell.
+    Need(usize),
+}
+
+/// What the first bytes of a connection say.
+fn tell(buf: &[u8]) -> Told {
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] != H2_PREFACE[..n] {
-        return Some(Protocol::H1);
+        return Told::H1;
     }
     // `PRI * HTTP/2.0` is no HTTP/1 request (RFC 9113 3.4 reserves `PRI`); but the preface and
-    // the client's first SETTINGS are read here, so that the header-read timeout bounds them
+    // the client's first SETTINGS are awaited here, so that the header-read timeout bounds them
     // (hyper has none for HTTP/2).
-    let header = buf.get(H2_PREFACE.len()..H2_PREFACE.len() + FRAME_HEADER)?;
+    let Some(header) = buf.get(H2_PREFACE.len()..H2_PREFACE.len() + FRAME_HEADER) else {
+        return Told::Need(H2_PREFACE.len() + FRAME_HEADER);
+    };
     let len = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
     if header[3] != SETTINGS || len > MAX_FIRST_FRAME {
         // Not what a client must send first: hyper refuses it, with the right GOAWAY.
-        return Some(Protocol::H2);
+        return Told::H2;
     }
-    if buf.len() < H2_PREFACE.len() + FRAME_HEADER + len {
-        return None;
+    let need = H2_PREFACE.len() + FRAME_HEADER + len;
+    if buf.len() < need {
+        return Told::Need(need);
     }
-    Some(Protocol::H2)
+    Told::H2
 }
 
-enum Protocol {
-    H1,
-    H2,
-}
-
-/// How much one read takes while the protocol is told.
+/// How much one read or peek takes while the protocol is told: the preface and a usual first
+/// SETTINGS frame (a larger one gets a buffer of its size).
 const FIRST_READ: usize = 64;
 
-/// Tells a plaintext connection's protocol. The common case costs no buffer: a peek at the
-/// first bytes shows HTTP/1, and hyper reads them itself. Only bytes that may begin the HTTP/2
-/// preface (`P`, `PR`, `PRI`) are read here ([`detect`]), so that the wait for the rest is one
-/// for readiness (a peek would see the same bytes again at once, and re-peeking on a timer is
-/// a busy loop per connection).
+/// Tells a plaintext connection's protocol by peeking at its first bytes, without reading
+/// any: hyper reads them itself, from the socket, with no buffer in between (an HTTP/2
+/// connection's preface included). Bytes that cannot tell yet (`P`, the preface without its
+/// SETTINGS frame) make the connection `Reading` (so the sweeper bounds them) and wait for more
+/// to arrive: readiness, not a re-peek of the same bytes (see [`TrackedIo::poll_peek_until`]).
 async fn detect_plain(io: &mut TrackedIo, ignore: Directives) -> Detected {
-    let first = std::future::poll_fn(|cx| {
+    let mut heap = Vec::new();
+    std::future::poll_fn(|cx| {
         let ds = io.control().poll_directives(cx).without_all(ignore);
         if ds.contains(Directive::Cut) {
-            return Poll::Ready(Some(Detected::Gone));
+            return Poll::Ready(Detected::Gone);
         }
-        let mut buf = [0u8; 3];
-        match io.poll_peek(cx, &mut buf) {
-            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Some(Detected::Gone)),
-            Poll::Ready(Ok(n)) if buf[..n] != H2_PREFACE[..n] => {
-                Poll::Ready(Some(Detected::H1(Bytes::new())))
-            }
-            Poll::Ready(Ok(_)) => Poll::Ready(None),
-            Poll::Pending => {
-                let wanted = Directives::of(&[Directive::CloseIdle, Directive::HandOff]);
-                // `Reading` without a byte: a request is known to be on its way (a connection
-                // taken from the queue as the listener closed).
-                let idle = io.control().phase().0 == Phase::Idle;
-                match idle && ds.intersects(wanted) {
-                    true => Poll::Ready(Some(Detected::Idle(ds))),
-                    false => Poll::Pending,
+        loop {
+            let mut stack = [0u8; FIRST_READ];
+            let buf: &mut [u8] = match heap.is_empty() {
+                true => &mut stack,
+                false => &mut heap,
+            };
+            let room = buf.len();
+            let control = io.control();
+            let peeked = io.poll_peek_until(cx, buf, |seen| match tell(seen) {
+                Told::H1 => Some(Ok(false)),
+                Told::H2 => Some(Ok(true)),
+                // The buffer cannot hold what is needed: a larger one (bounded by
+                // `MAX_FIRST_FRAME`).
+                Told::Need(need) if need > room => Some(Err(need)),
+                Told::Need(_) => {
+                    control.note_read();
+                    None
                 }
-            }
+            });
+            return match peeked {
+                Poll::Ready(Ok(Peeked::Told(Ok(false)))) => Poll::Ready(Detected::H1(Bytes::new())),
+                Poll::Ready(Ok(Peeked::Told(Ok(true)))) => Poll::Ready(Detected::H2(Bytes::new())),
+                Poll::Ready(Ok(Peeked::Told(Err(need)))) => {
+                    heap = vec![0; need];
+                    continue;
+                }
+                Poll::Ready(Ok(Peeked::Eof) | Err(_)) => Poll::Ready(Detected::Gone),
+                Poll::Pending => {
+                    let wanted = Directives::of(&[Directive::CloseIdle, Directive::HandOff]);
+                    // `Reading` without a byte: a request is known to be on its way (a
+                    // connection taken from the queue as the listener closed).
+                    let idle = io.control().phase().0 == Phase::Idle;
+                    match idle && ds.intersects(wanted) {
+                        true => Poll::Ready(Detected::Idle(ds)),
+                        false => Poll::Pending,
+                    }
+                }
+            };
         }
     })
-    .await;
-    match first {
-        Some(told) => told,
-        None => detect(io, ignore).await,
-    }
+    .await
 }
 
-/// Reads a connection's first bytes until its protocol is told. A partial prefix (`P`, `PR`)
-/// waits for the socket's readiness like any read: no timer; the sweeper bounds it (the bytes
-/// make the connection `Reading`).
+/// Reads a TLS connection's first (decrypted) bytes until its protocol is told. A partial
+/// prefix (`P`, `PR`) waits for the socket's readiness like any read: no timer; the sweeper
+/// bounds it (the bytes make the connection `Reading`).
 async fn detect<T>(io: &mut T, ignore: Directives) -> Detected
 where
     T: AsyncRead + Tracked + Unpin,
@@ -550,13 +593,13 @@ where
             match polled {
                 Poll::Ready(Ok(())) if n == 0 => return Poll::Ready(Detected::Gone),
                 Poll::Ready(Ok(())) => match tell(&buf) {
-                    Some(Protocol::H1) => {
+                    Told::H1 => {
                         return Poll::Ready(Detected::H1(std::mem::take(&mut buf).freeze()));
                     }
-                    Some(Protocol::H2) => {
+                    Told::H2 => {
                         return Poll::Ready(Detected::H2(std::mem::take(&mut buf).freeze()));
                     }
-                    None => {}
+                    Told::Need(_) => {}
                 },
                 Poll::Ready(Err(_)) => return Poll::Ready(Detected::Gone),
                 Poll::Pending if buf.is_empty() => {

@@ -102,10 +102,16 @@ impl ConnExtensions {
         }
     }
 
+    #[inline]
     fn put_in(&self, extensions: &mut hyper::http::Extensions) {
-        if let Some(template) = self.template.get() {
-            return extensions.extend(template.clone());
+        match self.template.get() {
+            Some(template) => extensions.extend(template.clone()),
+            None => self.put_in_first(extensions),
         }
+    }
+
+    #[cold]
+    fn put_in_first(&self, extensions: &mut hyper::http::Extensions) {
         let served = self.served.get();
         if served < Self::TEMPLATE_AFTER {
             self.served.set(served + 1);
@@ -141,13 +147,19 @@ where
             // A body not known to be over yet: hyper may still be reading it after the
             // response, and until it has, the connection is not idle (or its rest would be
             // read as a request).
-            BodyDone::H1 {
+            BodyDone {
                 control: Arc::clone(&self.control),
-                body_pending: !req.body().is_end_stream(),
+                kind: match req.body().is_end_stream() {
+                    true => Done::H1,
+                    false => Done::H1BodyPending,
+                },
             }
         } else {
             self.control.stream_opened();
-            BodyDone::H2(Arc::clone(&self.control))
+            BodyDone {
+                control: Arc::clone(&self.control),
+                kind: Done::H2,
+            }
         };
         if self.control.directives().contains(Directive::Stopping) {
             self.shared.count_request_while_stopping();
@@ -228,6 +240,7 @@ where
 {
     type Output = Result<S::Response, CallError<S::Error>>;
 
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             match self.as_mut().project() {
@@ -276,6 +289,7 @@ where
 {
     type Output = Result<Response<TrackedBody<B>>, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut response = match ready!(this.inner.poll(cx)) {
@@ -286,7 +300,11 @@ where
             }
         };
         let done = this.done.take();
-        if let Some(BodyDone::H1 { control, .. }) = &done {
+        if let Some(BodyDone {
+            control,
+            kind: Done::H1 | Done::H1BodyPending,
+        }) = &done
+        {
             // Not on an upgrade (101, or a CONNECT tunnel): `Connection: close` there would
             // contradict `Connection: upgrade`, and the client must reject it (RFC 6455 4.1).
             // Upgraded connections are tracked anyway and cut at the deadline.
@@ -315,24 +333,28 @@ pin_project_lite::pin_project! {
 
 /// Reports a response done when dropped (hyper drops a response body once it has written it,
 /// or when the connection ends; the response future drops it if there is no response).
-pub(crate) enum BodyDone {
-    /// HTTP/1: idle from now on, unless the request's body may still be arriving.
-    H1 {
-        control: Arc<Control>,
-        body_pending: bool,
-    },
+pub(crate) struct BodyDone {
+    control: Arc<Control>,
+    kind: Done,
+}
+
+/// What a [`BodyDone`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Done {
+    /// HTTP/1: idle from now on.
+    H1,
+    /// HTTP/1, the request's body may still be arriving: idle once hyper has read it.
+    H1BodyPending,
     /// HTTP/2: one stream less.
-    H2(Arc<Control>),
+    H2,
 }
 
 impl Drop for BodyDone {
     fn drop(&mut self) {
-        match self {
-            BodyDone::H1 {
-                control,
-                body_pending,
-            } => control.response_done(*body_pending),
-            BodyDone::H2(control) => control.stream_closed(),
+        match self.kind {
+            Done::H1 => self.control.response_done(false),
+            Done::H1BodyPending => self.control.response_done(true),
+            Done::H2 => self.control.stream_closed(),
         }
     }
 }
