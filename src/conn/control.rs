@@ -172,6 +172,7 @@ static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 /// The unit of the coarse clock.
 pub(crate) const TICK: Duration = Duration::from_millis(100);
 
+#[inline]
 pub(crate) fn coarse_now() -> u32 {
     COARSE_NOW.load(Ordering::Relaxed)
 }
@@ -299,6 +300,7 @@ impl Control {
         (Phase::from_bits(bits), (bits >> 32) as u32)
     }
 
+    #[inline]
     pub(crate) fn set_phase(&self, phase: Phase) {
         self.phase
             .store(pack(phase, coarse_now()), Ordering::Relaxed);
@@ -310,21 +312,15 @@ impl Control {
     pub(crate) fn note_read(&self) {
         // The phase's byte compared as it is: every read of a request passes here.
         let phase = self.phase.load(Ordering::Relaxed) as u8;
-        if phase == Phase::Idle as u8 || phase == Phase::BodyPending as u8 {
-            self.read_between_requests();
-        }
-    }
-
-    #[cold]
-    fn read_between_requests(&self) {
-        match self.phase().0 {
-            Phase::Idle => self.set_phase(Phase::Reading),
-            Phase::BodyPending => self.set_phase(Phase::BodyPending),
-            _ => {}
+        if phase == Phase::Idle as u8 {
+            self.set_phase(Phase::Reading);
+        } else if phase == Phase::BodyPending as u8 {
+            self.set_phase(Phase::BodyPending);
         }
     }
 
     /// A write or flush returned (`pending`: it returned `Pending`).
+    #[inline]
     pub(crate) fn note_write(&self, pending: bool) {
         // Written only when it changes: the common case (writes that complete) stays a load.
         if self.pending_write.load(Ordering::Relaxed) != pending {

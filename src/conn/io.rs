@@ -157,15 +157,17 @@ impl AsRawFd for TrackedIo {
 }
 
 impl AsyncRead for TrackedIo {
+    #[inline]
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
+        // Room left, not the filled length: no slicing (and so no bounds check) per read.
+        let room = buf.remaining();
         let this = &mut *self;
         let result = Pin::new(&mut this.sock).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        if buf.remaining() < room {
             this.control.note_read();
         }
         result
@@ -173,6 +175,7 @@ impl AsyncRead for TrackedIo {
 }
 
 impl AsyncWrite for TrackedIo {
+    #[inline]
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -183,6 +186,7 @@ impl AsyncWrite for TrackedIo {
         result
     }
 
+    #[inline]
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -193,10 +197,12 @@ impl AsyncWrite for TrackedIo {
         result
     }
 
+    #[inline]
     fn is_write_vectored(&self) -> bool {
         self.sock.is_write_vectored()
     }
 
+    #[inline]
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let result = Pin::new(&mut self.sock).poll_flush(cx);
         self.control.note_write(result.is_pending());
@@ -243,6 +249,7 @@ impl<T: Tracked> Tracked for Replay<T> {
 }
 
 impl<T: AsyncRead + Tracked + Unpin> AsyncRead for Replay<T> {
+    #[inline]
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -262,6 +269,7 @@ impl<T: AsyncRead + Tracked + Unpin> AsyncRead for Replay<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Replay<T> {
+    #[inline]
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -270,6 +278,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Replay<T> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
+    #[inline]
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -278,10 +287,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Replay<T> {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
+    #[inline]
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
 
+    #[inline]
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }

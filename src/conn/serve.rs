@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::control::{Control, Directive, Directives, Phase};
 use super::io::{Peeked, Replay, Tracked, TrackedIo};
@@ -149,32 +149,43 @@ pub(crate) fn serve<S: AppService>(
         }
         #[cfg(not(feature = "rustls"))]
         Some(never) => match never {},
-        None => Box::pin(serve_plain(io, read, service, cx)),
+        None => Box::pin(serve_conn(io, read, service, cx)),
     }
 }
 
-async fn serve_plain<S: AppService>(
-    mut io: TrackedIo,
+/// Serves a connection until it ends, is cut, or is passed on: tells its protocol (unless
+/// `read`, bytes already read from it by the previous process, says HTTP/1), then drives
+/// hyper's HTTP/1 or HTTP/2 connection.
+///
+/// One state machine for a connection's whole life, plaintext or TLS: a wake-up resumes it and
+/// polls hyper's connection, with no nested state machine in between (each costs every
+/// request of the connection a few dozen instructions).
+async fn serve_conn<T: Transport, S: AppService>(
+    mut io: T,
     mut read: Bytes,
     service: S,
     cx: ConnContext,
 ) {
     let control = Arc::clone(io.control());
+    let shared = cx.connections.shared();
     // Withdrawn here once a hand-off of this connection failed.
     let mut ignore = ignore_for(&control);
-    // One call of each serve path below, not one per way out of the loop: then the compiler
-    // folds their futures into this one, and each wake-up of the connection polls one future
-    // less (measured: about 30 instructions per request).
     let h2 = loop {
         if !read.is_empty() {
             break false;
         }
-        match detect_plain(&mut io, ignore).await {
+        match io.detect(ignore).await {
             Detected::Gone => return,
-            Detected::H1(_) => break false,
-            Detected::H2(_) => break true,
+            Detected::H1(head) => {
+                read = head;
+                break false;
+            }
+            Detected::H2(preface) => {
+                read = preface;
+                break true;
+            }
             Detected::Idle(ds) if ds.contains(Directive::HandOff) => {
-                match pass(&cx.hand_off, io, Bytes::new()).await {
+                match io.pass(&cx.hand_off, Bytes::new()).await {
                     Ok(()) => return,
                     Err((back, back_read)) => {
                         // Served here after all, as without a successor that takes
@@ -189,17 +200,59 @@ async fn serve_plain<S: AppService>(
         }
     };
     if h2 {
-        // The preface was only peeked at: hyper reads it from the socket itself, with nothing
-        // in between.
-        let svc = DrainAware::new(
-            service,
-            Arc::clone(&control),
-            io.info(),
-            Arc::clone(cx.connections.shared()),
-        );
-        return serve_h2(io, svc, &control, &cx).await;
+        let svc = DrainAware::new(service, Arc::clone(&control), io.info(), Arc::clone(shared));
+        control.set_phase(Phase::H2Idle);
+        let c = cx
+            .http
+            .h2
+            .serve_connection(TokioIo::new(io.into_h2(read)), svc);
+        return DriveH2::new(c, &control).await;
     }
-    serve_h1(io, read, ignore, service, cx).await
+    let mut io = Replay::new(read, io);
+    loop {
+        let svc = DrainAware::new(
+            service.clone(),
+            Arc::clone(&control),
+            io.inner().info(),
+            Arc::clone(shared),
+        );
+        let c = cx
+            .http
+            .h1
+            .serve_connection(TokioIo::new(io), svc)
+            .with_upgrades();
+        let drive = DriveH1 {
+            control: &control,
+            c: Some(c),
+            ignore,
+        };
+        let Some((taken, hyper_read, ds)) = drive.await else {
+            return;
+        };
+        let (transport, replay_rest) = taken.into_parts();
+        let read = join(replay_rest, hyper_read);
+        if ds.contains(Directive::HandOff) {
+            match transport.pass(&cx.hand_off, read).await {
+                Ok(()) => return,
+                Err((back, read)) => {
+                    // Not passed after all (the successor's channel failed, or too much
+                    // read-ahead): served here to the end, as without a successor that takes
+                    // connections.
+                    ignore = ignore.with(Directive::HandOff);
+                    fall_back(&control, &cx);
+                    io = Replay::new(read, back);
+                    continue;
+                }
+            }
+        }
+        let mut transport = transport;
+        if read.is_empty() && !transport.bytes_waiting() {
+            return close(transport).await;
+        }
+        // A request is on its way after all: answer it (with `Connection: close`). The replay
+        // makes the connection `Reading` at once, so it is not taken apart again before.
+        io = Replay::new(read, transport);
+    }
 }
 
 /// What a connection task does not act upon: `HandOff` where the connection cannot be passed.
@@ -245,7 +298,6 @@ async fn serve_tls<S: AppService>(
         Some(Ok(stream)) => stream,
     };
     let info = crate::conn_info::TlsInfo::from_session(stream.get_ref().1);
-    let h2 = info.alpn_protocol() == Some(b"h2".as_slice());
     stream.get_ref().0.info().set_tls(info);
     // Idle from here, as a plaintext connection before its first bytes: closed at the end of a
     // drain's keep-alive grace if no request comes. But a handshake that ends after the grace
@@ -254,32 +306,22 @@ async fn serve_tls<S: AppService>(
     // header-read timeout, and cut at the deadline, either way.
     let late = control.directives().contains(Directive::CloseIdle);
     control.set_phase(if late { Phase::Reading } else { Phase::Idle });
-    let ignore = ignore_for(&control);
-    let mut stream = stream;
-    if !h2 {
-        return serve_h1(stream, Bytes::new(), ignore, service, cx).await;
-    }
-    // HTTP/2 by ALPN: its preface and first SETTINGS are read here too (decrypted bytes cannot
-    // be peeked at), bounded by the header-read timeout; whatever they are, hyper's HTTP/2
-    // gets them, replayed.
-    match detect(&mut stream, ignore).await {
-        Detected::Gone => {}
-        Detected::Idle(_) => close(stream).await,
-        Detected::H1(read) | Detected::H2(read) => {
-            let svc = DrainAware::new(
-                service,
-                Arc::clone(&control),
-                stream.info(),
-                Arc::clone(cx.connections.shared()),
-            );
-            serve_h2(Replay::new(read, stream), svc, &control, &cx).await;
-        }
-    }
+    serve_conn(stream, Bytes::new(), service, cx).await;
 }
 
 /// What sits under hyper: the tracked socket, or a TLS session over it.
 trait Transport: AsyncRead + AsyncWrite + Tracked + Unpin + Send + 'static {
+    /// What hyper's HTTP/2 serves: the transport, with the bytes read to tell the protocol
+    /// replayed first if there are any.
+    type H2Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
     fn info(&self) -> &ConnectionInfo;
+
+    /// Tells the protocol of a connection nothing was read from yet.
+    fn detect(&mut self, ignore: Directives) -> impl Future<Output = Detected> + Send;
+
+    /// The IO for hyper's HTTP/2, `read` (what [`Transport::detect`] read) replayed first.
+    fn into_h2(self, read: Bytes) -> Self::H2Io;
 
     /// Whether bytes wait that nobody has read yet: in the socket, or, for TLS, decrypted by
     /// the session and not yet read by hyper.
@@ -296,8 +338,23 @@ trait Transport: AsyncRead + AsyncWrite + Tracked + Unpin + Send + 'static {
 }
 
 impl Transport for TrackedIo {
+    // The socket itself: plaintext HTTP/2 is told by peeking, so hyper reads the preface from
+    // the socket, with nothing in between.
+    type H2Io = TrackedIo;
+
     fn info(&self) -> &ConnectionInfo {
         TrackedIo::info(self)
+    }
+
+    fn detect(&mut self, ignore: Directives) -> impl Future<Output = Detected> + Send {
+        detect_plain(self, ignore)
+    }
+
+    fn into_h2(self, read: Bytes) -> TrackedIo {
+        // Only a connection passed by the previous process comes with bytes read, and those
+        // are served as HTTP/1.
+        debug_assert!(read.is_empty(), "BUG: plaintext HTTP/2 with bytes read");
+        self
     }
 
     fn bytes_waiting(&mut self) -> bool {
@@ -322,8 +379,28 @@ impl Tracked for tokio_rustls::server::TlsStream<TrackedIo> {
 
 #[cfg(feature = "rustls")]
 impl Transport for tokio_rustls::server::TlsStream<TrackedIo> {
+    type H2Io = Replay<Self>;
+
     fn info(&self) -> &ConnectionInfo {
         self.get_ref().0.info()
+    }
+
+    fn detect(&mut self, ignore: Directives) -> impl Future<Output = Detected> + Send {
+        let h2 = self.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+        async move {
+            match h2 {
+                // HTTP/2 by ALPN: its preface and first SETTINGS are read here too (decrypted
+                // bytes cannot be peeked at), bounded by the header-read timeout; whatever
+                // they are, hyper's HTTP/2 gets them, replayed.
+                true => detect(self, ignore).await,
+                // No prior knowledge over TLS: HTTP/1 unless ALPN said otherwise.
+                false => Detected::H1(Bytes::new()),
+            }
+        }
+    }
+
+    fn into_h2(self, read: Bytes) -> Replay<Self> {
+        Replay::new(read, self)
     }
 
     fn bytes_waiting(&mut self) -> bool {
@@ -357,76 +434,6 @@ async fn pass(slot: &HandOffSlot, io: TrackedIo, read: Bytes) -> Result<(), (Tra
         Ok(PassOutcome::Kept(io, read)) => Err((io, read)),
         // The hand-off task is gone without a word; the connection went with it.
         Err(_) => Ok(()),
-    }
-}
-
-/// Serves an HTTP/2 connection until it ends or is cut (GOAWAY first when the server drains
-/// or the connection idled too long).
-async fn serve_h2<I, S>(io: I, svc: DrainAware<S>, control: &Control, cx: &ConnContext)
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: AppService,
-{
-    control.set_phase(Phase::H2Idle);
-    let c = cx.http.h2.serve_connection(TokioIo::new(io), svc);
-    drive_h2(c, control).await
-}
-
-/// Serves an HTTP/1 connection until it ends, is cut, or is passed on. `read`: bytes already
-/// read from it, replayed first.
-async fn serve_h1<T: Transport, S: AppService>(
-    io: T,
-    read: Bytes,
-    mut ignore: Directives,
-    service: S,
-    cx: ConnContext,
-) {
-    let control = Arc::clone(io.control());
-    let shared = cx.connections.shared();
-    let mut io = Replay::new(read, io);
-    loop {
-        let svc = DrainAware::new(
-            service.clone(),
-            Arc::clone(&control),
-            io.inner().info(),
-            Arc::clone(shared),
-        );
-        let c = cx
-            .http
-            .h1
-            .serve_connection(TokioIo::new(io), svc)
-            .with_upgrades();
-        let drive = DriveH1 {
-            control: &control,
-            c: Some(c),
-            ignore,
-        };
-        let Some((taken, hyper_read, ds)) = drive.await else {
-            return;
-        };
-        let (transport, replay_rest) = taken.into_parts();
-        let read = join(replay_rest, hyper_read);
-        if ds.contains(Directive::HandOff) {
-            match transport.pass(&cx.hand_off, read).await {
-                Ok(()) => return,
-                Err((back, read)) => {
-                    // Not passed after all (the successor's channel failed, or too much
-                    // read-ahead): served here to the end, as without a successor that takes
-                    // connections.
-                    ignore = ignore.with(Directive::HandOff);
-                    fall_back(&control, &cx);
-                    io = Replay::new(read, back);
-                    continue;
-                }
-            }
-        }
-        let mut transport = transport;
-        if read.is_empty() && !transport.bytes_waiting() {
-            return close(transport).await;
-        }
-        // A request is on its way after all: answer it (with `Connection: close`). The replay
-        // makes the connection `Reading` at once, so it is not taken apart again before.
-        io = Replay::new(read, transport);
     }
 }
 
@@ -573,6 +580,7 @@ async fn detect_plain(io: &mut TrackedIo, ignore: Directives) -> Detected {
 /// Reads a TLS connection's first (decrypted) bytes until its protocol is told. A partial
 /// prefix (`P`, `PR`) waits for the socket's readiness like any read: no timer; the sweeper
 /// bounds it (the bytes make the connection `Reading`).
+#[cfg(feature = "rustls")]
 async fn detect<T>(io: &mut T, ignore: Directives) -> Detected
 where
     T: AsyncRead + Tracked + Unpin,
@@ -586,7 +594,7 @@ where
         loop {
             let filled = buf.len();
             buf.resize(filled + FIRST_READ.max(filled), 0);
-            let mut rb = ReadBuf::new(&mut buf[filled..]);
+            let mut rb = tokio::io::ReadBuf::new(&mut buf[filled..]);
             let polled = Pin::new(&mut *io).poll_read(cx, &mut rb);
             let n = rb.filled().len();
             buf.truncate(filled + n);
@@ -685,30 +693,50 @@ impl<C: H1> Future for DriveH1<'_, C> {
     }
 }
 
-/// Drives an HTTP/2 connection: GOAWAY (hyper's graceful shutdown) as soon as the server
-/// drains or the connection idled too long, dropped when it is cut.
-async fn drive_h2<C>(c: C, control: &Control)
+pin_project_lite::pin_project! {
+    /// Drives an HTTP/2 connection: GOAWAY (hyper's graceful shutdown) as soon as the server
+    /// drains or the connection idled too long, dropped when it is cut.
+    struct DriveH2<'a, C> {
+        #[pin]
+        c: C,
+        control: &'a Control,
+        shutting_down: bool,
+    }
+}
+
+impl<'a, C> DriveH2<'a, C> {
+    fn new(c: C, control: &'a Control) -> DriveH2<'a, C> {
+        DriveH2 {
+            c,
+            control,
+            shutting_down: false,
+        }
+    }
+}
+
+impl<C> Future for DriveH2<'_, C>
 where
     C: Future<Output = hyper::Result<()>> + GracefulShutdown,
 {
-    let mut c = std::pin::pin!(c);
-    let mut shutting_down = false;
-    let go_away = Directives::of(&[
-        Directive::Drain,
-        Directive::CloseIdle,
-        Directive::HandOff,
-        Directive::GoAwayIdle,
-    ]);
-    std::future::poll_fn(|cx| {
-        let ds = control.poll_directives(cx);
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        const GO_AWAY: Directives = Directives::of(&[
+            Directive::Drain,
+            Directive::CloseIdle,
+            Directive::HandOff,
+            Directive::GoAwayIdle,
+        ]);
+        let mut this = self.project();
+        let ds = this.control.poll_directives(cx);
         if ds.contains(Directive::Cut) {
             return Poll::Ready(());
         }
-        if !shutting_down && ds.intersects(go_away) {
-            shutting_down = true;
-            c.as_mut().graceful_shutdown();
+        if !*this.shutting_down && ds.intersects(GO_AWAY) {
+            *this.shutting_down = true;
+            this.c.as_mut().graceful_shutdown();
         }
-        match c.as_mut().poll(cx) {
+        match this.c.poll(cx) {
             Poll::Ready(Err(e)) => {
                 log_end(e.into());
                 Poll::Ready(())
@@ -716,8 +744,7 @@ where
             Poll::Ready(Ok(())) => Poll::Ready(()),
             Poll::Pending => Poll::Pending,
         }
-    })
-    .await
+    }
 }
 
 /// hyper's graceful shutdown, for the connection types that have one.

@@ -183,15 +183,44 @@ pin_project_lite::pin_project! {
     /// request is not stored and moved in a future of ours first (`tower::util::Oneshot` moves
     /// it several times per request). A service that is not ready is asked again from this
     /// future, with the task's waker (the state for that rare case is boxed, so it does not
-    /// make every call's future larger).
+    /// make every call's future larger, or its drop longer).
     #[project = CallProj]
     pub(crate) enum Call<S>
     where
         S: tower_service::Service<Request<Incoming>>,
     {
         Called { #[pin] fut: S::Future },
-        NotReady { state: Option<Box<(S, Request<Incoming>)>> },
-        Failed { error: Option<BoxError> },
+        Waiting { rest: Option<Box<Waiting<S>>> },
+    }
+}
+
+/// A call not made yet: the service was not ready, or its readiness failed.
+pub(crate) enum Waiting<S> {
+    NotReady(S, Request<Incoming>),
+    Failed(BoxError),
+}
+
+/// The call of a service that was not ready once it is (or its failure); `rest` is left empty.
+#[cold]
+fn poll_waiting<S>(
+    rest: &mut Option<Box<Waiting<S>>>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<S::Future, BoxError>>
+where
+    S: tower_service::Service<Request<Incoming>>,
+    S::Error: Into<BoxError>,
+{
+    if let Some(Waiting::NotReady(svc, _)) = rest.as_deref_mut()
+        && let Err(e) = ready!(svc.poll_ready(cx))
+    {
+        *rest = None;
+        return Poll::Ready(Err(e.into()));
+    }
+    match rest.take().map(|w| *w) {
+        Some(Waiting::NotReady(mut svc, req)) => Poll::Ready(Ok(svc.call(req))),
+        Some(Waiting::Failed(e)) => Poll::Ready(Err(e)),
+        // Polled after it failed.
+        None => Poll::Pending,
     }
 }
 
@@ -204,11 +233,11 @@ where
         let mut cx = Context::from_waker(std::task::Waker::noop());
         match svc.poll_ready(&mut cx) {
             Poll::Ready(Ok(())) => Call::Called { fut: svc.call(req) },
-            Poll::Ready(Err(e)) => Call::Failed {
-                error: Some(e.into()),
+            Poll::Ready(Err(e)) => Call::Waiting {
+                rest: Some(Box::new(Waiting::Failed(e.into()))),
             },
-            Poll::Pending => Call::NotReady {
-                state: Some(Box::new((svc, req))),
+            Poll::Pending => Call::Waiting {
+                rest: Some(Box::new(Waiting::NotReady(svc, req))),
             },
         }
     }
@@ -245,27 +274,10 @@ where
         loop {
             match self.as_mut().project() {
                 CallProj::Called { fut } => return fut.poll(cx).map_err(CallError::Service),
-                CallProj::Failed { error } => match error.take() {
-                    Some(e) => return Poll::Ready(Err(CallError::NotReady(e))),
-                    None => return Poll::Pending,
+                CallProj::Waiting { rest } => match ready!(poll_waiting(rest, cx)) {
+                    Ok(fut) => self.set(Call::Called { fut }),
+                    Err(e) => return Poll::Ready(Err(CallError::NotReady(e))),
                 },
-                CallProj::NotReady { state } => {
-                    let Some(pending) = state.as_mut() else {
-                        return Poll::Pending;
-                    };
-                    if let Err(e) = ready!(pending.0.poll_ready(cx)) {
-                        self.set(Call::Failed {
-                            error: Some(e.into()),
-                        });
-                        continue;
-                    }
-                    let Some(pending) = state.take() else {
-                        return Poll::Pending;
-                    };
-                    let (mut svc, req) = *pending;
-                    let fut = svc.call(req);
-                    self.set(Call::Called { fut });
-                }
             }
         }
     }
