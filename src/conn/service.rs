@@ -195,6 +195,8 @@ pin_project_lite::pin_project! {
 }
 
 /// A call not made yet: the service was not ready, or its readiness failed.
+// Always boxed (in `Call::Waiting`): the variants' sizes cost nothing.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Waiting<S> {
     NotReady(S, Request<Incoming>),
     Failed(BoxError),
