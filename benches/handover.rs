@@ -59,9 +59,11 @@
 //! keep-alive connections (and concurrent `Connection: close` clients),
 //! `HANDOVER_BENCH_CG_H2_CONNS` [2] × `HANDOVER_BENCH_CG_H2_STREAMS` [5] concurrent HTTP/2
 //! streams, `HANDOVER_BENCH_CG_SCENARIOS` [h1,h2,close] {h1},
-//! `HANDOVER_BENCH_CG_CLOSE_RUNS` [3] {1} runs of each server for `Connection: close` (its
-//! per-connection buffer growth costs what glibc's heap layout makes it, which varies between
-//! runs; the median is reported), `HANDOVER_BENCH_CG_DIR`
+//! `HANDOVER_BENCH_CG_RUNS` [3] {1} runs of each server for keep-alive and HTTP/2 (how the
+//! runtime's workers interleave the connections moves the count a little between runs; the
+//! median is reported), `HANDOVER_BENCH_CG_CLOSE_RUNS` [3] {1} runs of each server for
+//! `Connection: close` (its per-connection buffer growth costs what glibc's heap layout makes
+//! it, which varies between runs; the median is reported), `HANDOVER_BENCH_CG_DIR`
 //! [target/callgrind] {target/callgrind-quick} where the callgrind files are kept for
 //! `callgrind_annotate`,
 //! `HANDOVER_BENCH_CG_TIMEOUT_S` [300] bound on each phase;
@@ -231,6 +233,7 @@ impl Config {
                         s
                     })
                     .collect(),
+                runs: env_or("HANDOVER_BENCH_CG_RUNS", q(3, 1) as usize).max(1),
                 close_runs: env_or("HANDOVER_BENCH_CG_CLOSE_RUNS", q(3, 1) as usize).max(1),
                 dir: std::env::var_os("HANDOVER_BENCH_CG_DIR")
                     .map(PathBuf::from)

@@ -83,6 +83,8 @@ pub(crate) struct Settings {
     /// Concurrent streams per HTTP/2 connection.
     pub(crate) h2_streams: usize,
     pub(crate) scenarios: Vec<Scenario>,
+    /// Runs of each server for HTTP/1.1 keep-alive and HTTP/2 (median reported).
+    pub(crate) runs: usize,
     /// Runs of each server for `Connection: close` (median reported).
     pub(crate) close_runs: usize,
     /// Where callgrind writes its files (kept for `callgrind_annotate`).
@@ -112,11 +114,13 @@ pub(crate) fn rows(ctx: &Ctx, s: &Settings) -> Result<Vec<Row>, String> {
     let mut plain_h1 = None;
     for &scenario in &s.scenarios {
         // Per-connection costs include glibc's realloc of hyper's read buffer, which is cheap or
-        // a copy depending on the heap's layout, which differs from run to run: several runs.
+        // a copy depending on the heap's layout, which differs from run to run; and how the
+        // runtime's two workers interleave the connections' tasks (wake-ups and polls per
+        // request) moves HTTP/2's count by up to ±0.3 % between runs: several runs, interleaved.
         let runs = if scenario == Scenario::Close {
             s.close_runs
         } else {
-            1
+            s.runs
         };
         let mut per_request: [Vec<f64>; 2] = Default::default();
         for run in 0..runs {

@@ -408,6 +408,28 @@ mod tests {
     }
 
     #[test]
+    fn a_waker_stays_registered_when_woken_until_another_replaces_it() {
+        let c = Control::new(true, Directives::NONE);
+        let (first, w1) = waker();
+        c.poll_directives(&mut Context::from_waker(&w1));
+        // Two raises, no poll in between: both wake the task (the waker is kept).
+        c.raise(Directive::Drain);
+        c.raise(Directive::CloseIdle);
+        assert_eq!(first.0.load(Ordering::SeqCst), 2);
+        // A poll with the same waker registers nothing new; one with another replaces it.
+        c.poll_directives(&mut Context::from_waker(&w1));
+        let (second, w2) = waker();
+        c.poll_directives(&mut Context::from_waker(&w2));
+        c.raise(Directive::HandOff);
+        assert_eq!(
+            first.0.load(Ordering::SeqCst),
+            2,
+            "the replaced waker is not woken"
+        );
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
     fn a_withdrawn_hand_off_is_gone_and_others_stay() {
         let c = Control::new(
             true,

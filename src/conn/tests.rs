@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::either::Either;
 
 use super::control::Directive;
+use super::service::AppService;
 use super::{ConnContext, TrackedIo};
 use crate::conn_info::{ConnectionInfo, Local, Peer};
 use crate::registry::Connections;
@@ -160,30 +161,6 @@ struct Harness {
 impl Harness {
     /// `header_timeout`: the sweeper runs with it (not zero).
     fn start(header_timeout: Duration, hand_off: Option<Arc<dyn super::HandOff>>) -> Harness {
-        let connections = Connections::new(header_timeout, true);
-        if !header_timeout.is_zero() {
-            tokio::spawn(connections.sweeper());
-        }
-        let (handle, _commands) = crate::handle::Handle::new();
-        let slot = Arc::new(OnceLock::new());
-        if let Some(h) = hand_off {
-            let _ = slot.set(h);
-        }
-        let cx = ConnContext::new(
-            crate::conn::Http::default(),
-            connections.clone(),
-            handle.clone(),
-            slot,
-        );
-        let (server, client) = tokio::net::UnixStream::pair().expect("socket pair");
-        let info = ConnectionInfo::new(
-            Arc::from("t"),
-            Peer::unix(None, None),
-            Local::Unix(None),
-            handle,
-        );
-        let io = TrackedIo::register(&connections, Either::Right(server), info, true);
-        let control = Arc::clone(io.control());
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = Arc::clone(&seen);
         let service = tower::service_fn(move |req: Request<Incoming>| {
@@ -209,6 +186,40 @@ impl Harness {
                 )))))
             }
         });
+        Harness::start_with(header_timeout, hand_off, seen, service)
+    }
+
+    /// [`Harness::start`] with another service; `seen` is what it records.
+    fn start_with<S: AppService>(
+        header_timeout: Duration,
+        hand_off: Option<Arc<dyn super::HandOff>>,
+        seen: Arc<Mutex<Vec<String>>>,
+        service: S,
+    ) -> Harness {
+        let connections = Connections::new(header_timeout, true);
+        if !header_timeout.is_zero() {
+            tokio::spawn(connections.sweeper());
+        }
+        let (handle, _commands) = crate::handle::Handle::new();
+        let slot = Arc::new(OnceLock::new());
+        if let Some(h) = hand_off {
+            let _ = slot.set(h);
+        }
+        let cx = ConnContext::new(
+            crate::conn::Http::default(),
+            connections.clone(),
+            handle.clone(),
+            slot,
+        );
+        let (server, client) = tokio::net::UnixStream::pair().expect("socket pair");
+        let info = ConnectionInfo::new(
+            Arc::from("t"),
+            Peer::unix(None, None),
+            Local::Unix(None),
+            handle,
+        );
+        let io = TrackedIo::register(&connections, Either::Right(server), info, true);
+        let control = Arc::clone(io.control());
         let polls = Arc::new(AtomicUsize::new(0));
         let task = tokio::spawn(Counted {
             inner: super::serve::serve(io, Bytes::new(), service, None, cx),
@@ -480,6 +491,153 @@ async fn a_connection_given_back_by_a_failed_hand_off_is_served_not_closed() {
     let a = h.answers(&mut buf, 1).await.expect("answer");
     assert_eq!(a[0].body, "/a:0");
     assert!(a[0].close, "Connection: close after a failed hand-off");
+}
+
+/// A service that is not ready until its gate opens, or whose readiness fails.
+#[derive(Clone)]
+struct Gate {
+    open: Arc<std::sync::atomic::AtomicBool>,
+    waker: Arc<Mutex<Option<std::task::Waker>>>,
+    fail: bool,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Gate {
+    fn new(fail: bool, seen: &Arc<Mutex<Vec<String>>>) -> Gate {
+        Gate {
+            open: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            waker: Arc::new(Mutex::new(None)),
+            fail,
+            seen: Arc::clone(seen),
+        }
+    }
+
+    fn open(&self) {
+        self.open.store(true, Ordering::SeqCst);
+        if let Some(w) = self.waker.lock().expect("waker").take() {
+            w.wake();
+        }
+    }
+}
+
+impl tower::Service<Request<Incoming>> for Gate {
+    type Response = Response<Full<Bytes>>;
+    type Error = std::io::Error;
+    type Future = std::future::Ready<Result<Response<Full<Bytes>>, std::io::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), std::io::Error>> {
+        if self.fail {
+            return Poll::Ready(Err(std::io::Error::other("not today")));
+        }
+        *self.waker.lock().expect("waker") = Some(cx.waker().clone());
+        match self.open.load(Ordering::SeqCst) {
+            true => Poll::Ready(Ok(())),
+            false => Poll::Pending,
+        }
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let path = req.uri().path().to_string();
+        self.seen.lock().expect("log").push(path.clone());
+        std::future::ready(Ok(Response::new(Full::new(Bytes::from(format!(
+            "{path}:0"
+        ))))))
+    }
+}
+
+/// A service that is not ready is called once it is (tower's contract), and its answer sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_not_ready_is_called_once_it_is() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let gate = Gate::new(false, &seen);
+    let mut h = Harness::start_with(Duration::ZERO, None, seen, gate.clone());
+    h.client
+        .write_all(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    // The request is parsed and waits for the service.
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while gate.waker.lock().expect("waker").is_none() {
+        assert!(tokio::time::Instant::now() < until, "readiness asked");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(h.seen().is_empty(), "called before it was ready");
+    gate.open();
+    let mut buf = Vec::new();
+    let a = h.answers(&mut buf, 1).await.expect("answer");
+    assert_eq!(a[0].body, "/a:0");
+    assert_eq!(h.seen(), ["/a"]);
+}
+
+/// A service whose readiness fails is never called; hyper ends the connection (its error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_whose_readiness_fails_is_not_called_and_the_connection_ends() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let gate = Gate::new(true, &seen);
+    let mut h = Harness::start_with(Duration::ZERO, None, seen, gate);
+    h.client
+        .write_all(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    assert!(h.closed_within(Duration::from_secs(10)).await, "ended");
+    assert!(h.seen().is_empty(), "called although not ready");
+    tokio::time::timeout(Duration::from_secs(10), h.task)
+        .await
+        .expect("the connection's task ended")
+        .expect("no panic");
+}
+
+/// A plaintext HTTP/2 connection whose preface and first SETTINGS arrive one byte at a time:
+/// they are only peeked at, each byte waits for the next without polling, and hyper then reads
+/// them from the socket itself and serves the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_preface_split_at_every_byte_is_served() {
+    let mut h = Harness::start(Duration::from_secs(10), None);
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS, empty, on stream 0.
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    for b in &hello {
+        h.client.write_all(&[*b]).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let polls = h.polls.load(Ordering::Relaxed);
+    assert!(
+        polls <= 3 * hello.len(),
+        "{polls} polls for {} bytes",
+        hello.len()
+    );
+    // HEADERS on stream 1, END_STREAM | END_HEADERS: GET, http, authority `t` and path `/h2`
+    // (HPACK: static entries, and literals with incremental indexing).
+    let block = [0x82, 0x86, 0x41, 0x01, b't', 0x44, 0x03, b'/', b'h', b'2'];
+    let mut frame = vec![0, 0, block.len() as u8, 1, 0x5, 0, 0, 0, 1];
+    frame.extend_from_slice(&block);
+    h.client.write_all(&frame).await.expect("write");
+    let mut body = Vec::new();
+    let read = async {
+        loop {
+            let mut head = [0u8; 9];
+            h.client.read_exact(&mut head).await.expect("a frame");
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            h.client
+                .read_exact(&mut payload)
+                .await
+                .expect("its payload");
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            // DATA on stream 1; END_STREAM ends the answer.
+            if head[3] == 0 && stream == 1 {
+                body.extend_from_slice(&payload);
+                if head[4] & 0x1 != 0 {
+                    break;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("answered within 10 s");
+    assert_eq!(body, b"/h2:0");
+    assert_eq!(h.seen(), ["/h2"]);
 }
 
 proptest! {
