@@ -31,8 +31,26 @@ fn sock_fd(sock: &Sock) -> BorrowedFd<'_> {
 pub(crate) enum Peeked<R> {
     /// What the bytes were taken for.
     Told(R),
-    /// The peer closed without sending a byte.
+    /// The peer closed its sending side before its bytes told anything (or without a byte).
     Eof,
+}
+
+/// Whether the peer has shut down its sending side (`POLLRDHUP`): bytes still queued are all
+/// that will come. Asked only while a connection's first bytes cannot tell its protocol yet.
+fn peer_done_sending(fd: BorrowedFd<'_>) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(&fd, PollFlags::RDHUP)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match rustix::event::poll(&mut fds, Some(&now)) {
+        Ok(n) if n > 0 => fds[0]
+            .revents()
+            .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR),
+        // Not known: treated as still sending; a socket in error fails the next peek.
+        _ => false,
+    }
 }
 
 /// Something that reports to a connection's control block.
@@ -116,6 +134,9 @@ impl TrackedIo {
                 }
                 match told(&buf[..n]) {
                     Some(r) => Ok(Peeked::Told(r)),
+                    // The peer sent all it will: no more bytes can tell anything (and the
+                    // runtime never clears a closed socket's readiness: waiting would spin).
+                    None if peer_done_sending(sock_fd(&self.sock)) => Ok(Peeked::Eof),
                     // Clears the readiness seen before the peek (see above).
                     None => Err(std::io::ErrorKind::WouldBlock.into()),
                 }

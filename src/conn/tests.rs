@@ -430,6 +430,27 @@ async fn one_byte_waits_without_polling_and_the_header_read_timeout_ends_it() {
     assert_eq!(h.connections.timed_out(), 1);
 }
 
+/// Point 4, and a client that then stops sending: `P` and the end of its bytes (its sending
+/// side shut down) can never become a request; the connection ends at once, without waiting
+/// for bytes that cannot come (the socket stays readable for good: waiting would spin).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_byte_then_the_end_of_the_clients_bytes_ends_the_connection_without_spinning() {
+    let mut h = Harness::start(Duration::from_secs(30), None);
+    h.client.write_all(b"PRI * HTTP/2").await.expect("write");
+    h.client.shutdown().await.expect("shutdown");
+    assert!(
+        h.closed_within(Duration::from_secs(5)).await,
+        "ended without waiting for the header-read timeout"
+    );
+    tokio::time::timeout(Duration::from_secs(5), &mut h.task)
+        .await
+        .expect("the connection's task ended")
+        .expect("no panic");
+    let polls = h.polls.load(Ordering::Relaxed);
+    assert!(polls <= 4, "{polls} polls");
+    assert_eq!(h.connections.timed_out(), 0);
+}
+
 /// Point 3: the HTTP/2 preface without a SETTINGS frame is bounded by the header-read timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_preface_without_settings_is_cut_by_the_header_read_timeout() {
