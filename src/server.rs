@@ -474,7 +474,7 @@ impl Server {
     /// feature, axum's `ConnectInfo<SocketAddr>`) in its extensions (default `true`).
     ///
     /// Putting a value in a request's extensions allocates its map (`http::Extensions`): about
-    /// 680 instructions per request with glibc's allocator, some 8 % of what hyper spends on a
+    /// 700 instructions per request with glibc's allocator, some 8 % of what hyper spends on a
     /// minimal request (see docs/benchmarks.md; axum's `ConnectInfo` costs the same). A service that never looks
     /// at the connection can save that with `false`; handlers then find no `ConnectionInfo`.
     pub fn connection_info(mut self, enabled: bool) -> Self {
