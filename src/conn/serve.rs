@@ -508,7 +508,9 @@ fn tell(buf: &[u8]) -> Told {
     };
     let len = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
     if header[3] != SETTINGS || len > MAX_FIRST_FRAME {
-        // Not what a client must send first: hyper refuses it, with the right GOAWAY.
+        // Not what a client must send first; hyper's HTTP/2 takes it from here (an oversized
+        // frame gets a GOAWAY; h2 serves a HEADERS frame sent before any SETTINGS). From here on
+        // the connection is HTTP/2's, bounded by its idle timeout, not the header-read timeout.
         return Told::H2;
     }
     let need = H2_PREFACE.len() + FRAME_HEADER + len;
