@@ -840,7 +840,7 @@ impl Lifecycle {
         // cuts, as in any drain).
         let grace = self.config.keep_alive_grace;
         let connections = self.cx.connections.clone();
-        let wait = connections.drain(deadline, grace, |_| {});
+        let wait = connections.drain(deadline, grace, std::future::ready(()), |_| {});
         tokio::pin!(wait);
         loop {
             tokio::select! {
@@ -1215,18 +1215,21 @@ impl Lifecycle {
             hooks_done.send_replace(Some(report));
         }));
         let mut hooks_awaited = hooks_report.clone();
+        // The listeners with a shut door take their last handshakes from now on, while the
+        // hooks run and then while the connections drain (its keep-alive grace runs at the same
+        // time); the drain waits for every connection they accepted. Stopped with the drain.
+        let handshakes =
+            AbortOnDropHandle::new(tokio::spawn(accept::last_handshakes(doors, deadline)));
         let work = async move {
-            // The listeners with a shut door take their last handshakes while the hooks run,
-            // and close before the connections drain (so that every one they accepted is
-            // waited for).
-            let hooks = async {
-                match hooks_awaited.wait_for(Option::is_some).await {
-                    Ok(report) => report.unwrap_or_default(),
-                    // The task ended without a report: it panicked or was aborted.
-                    Err(_) => HooksReport::default(),
-                }
+            let hooks = match hooks_awaited.wait_for(Option::is_some).await {
+                Ok(report) => report.unwrap_or_default(),
+                // The task ended without a report: it panicked or was aborted.
+                Err(_) => HooksReport::default(),
             };
-            let (hooks, ()) = tokio::join!(hooks, accept::last_handshakes(doors, deadline));
+            let accepting = async {
+                // Ended either way: done, or gone (aborted, panicked) with its listeners.
+                let _ = handshakes.await;
+            };
             let progress = |open| {
                 tracing::info!(open, "draining");
                 if !handed_over {
@@ -1243,7 +1246,11 @@ impl Lifecycle {
                         .drain_handing_off(deadline, grace, failed, progress)
                         .await
                 }
-                None => connections.drain(deadline, grace, progress).await,
+                None => {
+                    connections
+                        .drain(deadline, grace, accepting, progress)
+                        .await
+                }
             };
             (hooks, drained)
         };

@@ -389,16 +389,29 @@ impl Connections {
     /// the last connection to close, and cuts what is left at `deadline` (or as soon as
     /// [`Connections::force`] is cancelled). `progress` is called about once a second with
     /// the number of connections left.
+    ///
+    /// `accepting`: done when no connection can be registered any more (the listeners' last
+    /// handshakes, see `accept`); the drain ends only after it, once every connection closed,
+    /// so that it also waits for those accepted meanwhile. The keep-alive grace runs at the same
+    /// time.
     pub(crate) async fn drain(
         &self,
         deadline: Instant,
         grace: Duration,
+        accepting: impl Future<Output = ()>,
         progress: impl FnMut(usize),
     ) -> Drained {
         self.broadcast_all(STOPPING);
         let close_idle = Directives::from(Directive::CloseIdle);
-        self.wait(deadline, grace, (close_idle, close_idle), None, progress)
-            .await
+        self.wait(
+            deadline,
+            grace,
+            (close_idle, close_idle),
+            None,
+            accepting,
+            progress,
+        )
+        .await
     }
 
     /// Drains after a hand-off to a successor that takes connections (`handoff`): plaintext
@@ -429,6 +442,7 @@ impl Connections {
                 grace,
                 (Directives::NONE, Directive::CloseIdle.into()),
                 Some(failed),
+                std::future::ready(()),
                 progress,
             )
             .await;
@@ -441,17 +455,20 @@ impl Connections {
     /// Waits until every connection has closed (or was passed), raising the `after_grace`
     /// bits (for plaintext connections, for the others) once `grace` is over, and cutting what
     /// is left at `deadline` (or on a forced cut). When `fallback` is cancelled, plaintext
-    /// connections get `Connection: close`, and are closed when idle a grace later.
+    /// connections get `Connection: close`, and are closed when idle a grace later. Not before
+    /// `accepting` is done: connections registered until then are waited for too.
     async fn wait(
         &self,
         deadline: Instant,
         grace: Duration,
         after_grace: (Directives, Directives),
         fallback: Option<CancellationToken>,
+        accepting: impl Future<Output = ()>,
         mut progress: impl FnMut(usize),
     ) -> Drained {
         let open_at_start = self.shared.tracker.len();
-        self.shared.tracker.close();
+        let mut accepting = pin!(accepting);
+        let mut accepting_done = false;
         let mut tick = tokio::time::interval_at(
             Instant::now() + Duration::from_secs(1),
             Duration::from_secs(1),
@@ -468,6 +485,11 @@ impl Connections {
             tokio::select! {
                 biased;
                 () = &mut wait => break,
+                () = &mut accepting, if !accepting_done => {
+                    accepting_done = true;
+                    // The tracker's wait ends once it is closed and empty.
+                    self.shared.tracker.close();
+                }
                 () = self.shared.force.cancelled(), if give_up.is_none() => {
                     give_up = Some(Instant::now() + Duration::from_secs(1));
                 }
