@@ -249,8 +249,12 @@ async fn serve_conn<T: Transport, S: AppService>(
         if read.is_empty() && !transport.bytes_waiting() {
             return close(transport).await;
         }
-        // A request is on its way after all: answer it (with `Connection: close`). The replay
-        // makes the connection `Reading` at once, so it is not taken apart again before.
+        // A request is on its way after all: answer it (with `Connection: close`). It is
+        // `Reading` from now on (the replay does that for bytes hyper had read), so it is not
+        // taken apart again before: bytes still in the socket may not have reached the
+        // runtime's readiness yet (its driver runs between polls), and hyper would then see
+        // none, and the connection be taken apart again at once, in a loop that never yields.
+        control.note_read();
         io = Replay::new(read, transport);
     }
 }
@@ -524,6 +528,23 @@ fn tell(buf: &[u8]) -> Told {
 /// SETTINGS frame (a larger one gets a buffer of its size).
 const FIRST_READ: usize = 64;
 
+/// Whether a connection that has shown no byte yet is to be closed or passed as idle now: the
+/// server asks (`ds`), and it is `Idle`. `Reading` without a byte means a request is known to
+/// be on its way (a connection taken from the queue as the listener closed); and bytes in the
+/// socket that the runtime has not reported yet (its driver runs between polls, and a
+/// directive's wake-up can come first) are one too: the connection is `Reading` from then on.
+fn idle_now<T: Transport>(io: &mut T, ds: Directives) -> bool {
+    let wanted = Directives::of(&[Directive::CloseIdle, Directive::HandOff]);
+    if !ds.intersects(wanted) || io.control().phase().0 != Phase::Idle {
+        return false;
+    }
+    if io.bytes_waiting() {
+        io.control().note_read();
+        return false;
+    }
+    true
+}
+
 /// Tells a plaintext connection's protocol by peeking at its first bytes, without reading
 /// any: hyper reads them itself, from the socket, with no buffer in between (an HTTP/2
 /// connection's preface included). Bytes that cannot tell yet (`P`, the preface without its
@@ -563,16 +584,10 @@ async fn detect_plain(io: &mut TrackedIo, ignore: Directives) -> Detected {
                     continue;
                 }
                 Poll::Ready(Ok(Peeked::Eof) | Err(_)) => Poll::Ready(Detected::Gone),
-                Poll::Pending => {
-                    let wanted = Directives::of(&[Directive::CloseIdle, Directive::HandOff]);
-                    // `Reading` without a byte: a request is known to be on its way (a
-                    // connection taken from the queue as the listener closed).
-                    let idle = io.control().phase().0 == Phase::Idle;
-                    match idle && ds.intersects(wanted) {
-                        true => Poll::Ready(Detected::Idle(ds)),
-                        false => Poll::Pending,
-                    }
-                }
+                Poll::Pending => match idle_now(io, ds) {
+                    true => Poll::Ready(Detected::Idle(ds)),
+                    false => Poll::Pending,
+                },
             };
         }
     })
@@ -583,10 +598,7 @@ async fn detect_plain(io: &mut TrackedIo, ignore: Directives) -> Detected {
 /// prefix (`P`, `PR`) waits for the socket's readiness like any read: no timer; the sweeper
 /// bounds it (the bytes make the connection `Reading`).
 #[cfg(feature = "rustls")]
-async fn detect<T>(io: &mut T, ignore: Directives) -> Detected
-where
-    T: AsyncRead + Tracked + Unpin,
-{
+async fn detect<T: Transport>(io: &mut T, ignore: Directives) -> Detected {
     let mut buf = bytes::BytesMut::new();
     std::future::poll_fn(|cx| {
         let ds = io.control().poll_directives(cx).without_all(ignore);
@@ -613,11 +625,7 @@ where
                 },
                 Poll::Ready(Err(_)) => return Poll::Ready(Detected::Gone),
                 Poll::Pending if buf.is_empty() => {
-                    let wanted = Directives::of(&[Directive::CloseIdle, Directive::HandOff]);
-                    // `Reading` without a byte: a request is known to be on its way (a
-                    // connection taken from the queue as the listener closed).
-                    let idle = io.control().phase().0 == Phase::Idle;
-                    if idle && ds.intersects(wanted) {
+                    if idle_now(io, ds) {
                         return Poll::Ready(Detected::Idle(ds));
                     }
                     return Poll::Pending;

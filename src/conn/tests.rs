@@ -514,6 +514,62 @@ async fn a_connection_given_back_by_a_failed_hand_off_is_served_not_closed() {
     assert!(a[0].close, "Connection: close after a failed hand-off");
 }
 
+/// A request whose bytes are in the socket before the runtime has reported them (its driver
+/// runs between polls), when a directive's wake-up comes first: the connection is not closed
+/// as idle under it (the request would be lost); it is answered.
+#[tokio::test(flavor = "current_thread")]
+async fn a_request_the_runtime_has_not_reported_yet_is_not_closed_as_idle() {
+    let mut h = Harness::start(Duration::ZERO, None);
+    // The connection's task polls once: nothing to read, idle.
+    tokio::task::yield_now().await;
+    tokio::task::yield_now().await;
+    // Written without yielding, then the directive at once: the task is woken by the
+    // directive and polled before the runtime's driver sees the bytes.
+    let request = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n";
+    assert_eq!(h.client.try_write(request).expect("write"), request.len());
+    h.control.raise(Directive::CloseIdle);
+    let mut buf = Vec::new();
+    let a = h.answers(&mut buf, 1).await.expect("answered, not closed");
+    assert_eq!(a[0].body, "/a:0");
+    assert_eq!(h.seen(), ["/a"]);
+}
+
+/// The same after a request, on a keep-alive connection: the next request's bytes are in the
+/// socket, not yet reported, when the directive comes. The connection is taken apart with
+/// nothing read, and bytes waiting: it is `Reading` from then on (it was taken apart again at
+/// once, in a loop inside one poll that never yielded to the runtime's driver: a hang at 100 %
+/// CPU). On a runtime of its own, so that such a hang fails the test instead of hanging it.
+#[test]
+fn a_request_not_reported_yet_when_a_keep_alive_connection_is_taken_apart_is_answered() {
+    let (done, outcome) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let answers = rt.block_on(async {
+            let mut h = Harness::start(Duration::ZERO, None);
+            let mut buf = Vec::new();
+            h.client
+                .write_all(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+                .await
+                .expect("write");
+            let mut answers = h.answers(&mut buf, 1).await.expect("first answer");
+            let request = b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n";
+            assert_eq!(h.client.try_write(request).expect("write"), request.len());
+            h.control.raise(Directive::CloseIdle);
+            answers.extend(h.answers(&mut buf, 1).await.expect("second answer"));
+            answers
+        });
+        let _ = done.send(answers);
+    });
+    let answers = outcome
+        .recv_timeout(Duration::from_secs(20))
+        .expect("both answered within 20 s (not stuck in a loop that never yields)");
+    assert_eq!(answers[0].body, "/a:0");
+    assert_eq!(answers[1].body, "/b:0");
+}
+
 /// A service that is not ready until its gate opens, or whose readiness fails.
 #[derive(Clone)]
 struct Gate {
