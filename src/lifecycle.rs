@@ -1350,7 +1350,8 @@ impl Lifecycle {
     /// gets its drain deadline; meanwhile this process goes on handling events. Serving is not
     /// over before it has stopped.
     fn roll_back(&mut self, rollback: Option<Rollback>) {
-        if let Some(rollback) = rollback {
+        // One that exited already is reaped, and its pidfd closed, here and now.
+        if let Some(rollback) = rollback.and_then(Rollback::still_running) {
             tracing::info!(
                 pid = rollback.pid(),
                 "stopping the new process of the failed restart: SIGTERM, then SIGKILL only after its drain deadline"

@@ -143,6 +143,15 @@ pub(crate) struct Rollback {
 }
 
 impl Rollback {
+    /// The rollback still to run, or `None` if the child has exited already: then it is reaped
+    /// (if ours) and its pidfd closed now, before the failure is reported (whoever learns of it
+    /// may count this process's fds, or restart again at once).
+    pub(crate) fn still_running(self) -> Option<Rollback> {
+        let exited =
+            self.child.exited.load(Ordering::Relaxed) || self.child.exit_status_now().is_some();
+        (!exited).then_some(self)
+    }
+
     /// Stops it: SIGTERM, SIGKILL only once `grace` (its drain deadline) and a second more
     /// have passed; reaped if it is ours.
     pub(crate) async fn stop(self) {
