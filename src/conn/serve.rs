@@ -489,7 +489,7 @@ enum Detected {
     Idle(Directives),
 }
 
-/// What the first bytes of a connection say.
+/// The protocol a connection's first bytes show, or how many bytes it takes to tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Told {
     H1,
