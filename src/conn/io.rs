@@ -45,11 +45,14 @@ fn peer_done_sending(fd: BorrowedFd<'_>) -> bool {
         tv_nsec: 0,
     };
     match rustix::event::poll(&mut fds, Some(&now)) {
-        Ok(n) if n > 0 => fds[0]
+        Ok(0) => false,
+        Ok(_) => fds[0]
             .revents()
             .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR),
-        // Not known: treated as still sending; a socket in error fails the next peek.
-        _ => false,
+        // Not known (`poll` refused, by a seccomp filter say): taken as done, so that the
+        // connection ends rather than wait on a readiness that may never clear (a spin); a
+        // client that sent half a preface then loses its connection, not the server a CPU.
+        Err(_) => true,
     }
 }
 
